@@ -1,0 +1,43 @@
+"""optax_lowrank: memory-efficient training by linear gradient transformations.
+
+Project gradients into a small space, run any optax optimizer there, project
+back (``low_rank``); or train the dual linear adapter ``Θ0 + SᵀΛ``
+(``adapters``).  See ``docs/`` and the README.
+"""
+
+from optax_lowrank.bases import Basis, project, project_back
+from optax_lowrank.low_rank import LowRankState, low_rank
+from optax_lowrank.projections import (
+    Projection,
+    dense,
+    gaussian,
+    rademacher,
+    randomized_svd,
+    semi_orthogonal,
+    svd,
+    tucker,
+    two_sided,
+)
+from optax_lowrank.recipes import adam_in_subspace, flora, galore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Basis",
+    "LowRankState",
+    "Projection",
+    "adam_in_subspace",
+    "dense",
+    "flora",
+    "galore",
+    "gaussian",
+    "low_rank",
+    "project",
+    "project_back",
+    "rademacher",
+    "randomized_svd",
+    "semi_orthogonal",
+    "svd",
+    "tucker",
+    "two_sided",
+]

@@ -1,0 +1,272 @@
+"""Adam with block-wise 8-bit optimizer state (8-bit Adam).
+
+Between steps, Adam's two moments are stored block-wise quantized with one byte
+per element and one float32 scale per block of ``block_size`` elements
+(Dettmers et al. 2022). Each step decodes them to float32, performs the ordinary
+Adam update in float32, and re-encodes them:
+
+.. math::
+
+  m_t &= \\beta_1 \\hat m_{t-1} + (1 - \\beta_1) g_t, \\qquad
+  v_t = \\beta_2 \\hat v_{t-1} + (1 - \\beta_2) g_t^2, \\\\
+  u_t &= \\frac{m_t / (1 - \\beta_1^t)}{\\sqrt{v_t / (1 - \\beta_2^t)} + \\epsilon}, \\qquad
+  \\hat m_t = Q_s(m_t), \\quad \\hat v_t = Q_u(\\sqrt{v_t})^2,
+
+where ``Q_s`` is the signed 8-bit dynamic tree code (format ``"dynamic8"`` in
+:mod:`optax_lowrank.quantization`) and ``Q_u`` the unsigned one
+(``"dynamic8_unsigned"``), each with a per-block absmax scale.
+
+Why these codes. Both moments are heavy-tailed inside a block: a few entries are
+orders of magnitude larger than most. A linear int8 code has a fixed absolute step
+``a_b / 127`` and rounds every entry below ``a_b / 254`` to zero; for the second
+moment this is destructive, because ``v`` then becomes 0 while ``m`` is not, and
+the update ``m / (sqrt(v) + eps)`` explodes to ``m / eps``. The dynamic tree code
+spends its bits on a decimal exponent plus a linear fraction, so relative
+resolution is kept over 6 (signed) or 7 (unsigned) decades below the block
+maximum (non-zero levels down to ``1e-6 a_b`` and ``1e-7 a_b``).
+
+Why ``sqrt(v)`` rather than ``v``. The second moment is stored as ``sqrt(v)``:
+(i) the denominator of the update is ``sqrt(v)``, so this is the quantity whose
+relative error matters; (ii) the square root halves the dynamic range in log
+space, so an entry whose gradient scale is ``10^{-k}`` of the block maximum sits
+in decade ``k`` of the code instead of decade ``2k``, where the code has ``2^k``
+times more levels (``v`` itself would need twice as many decades for the same
+relative accuracy); (iii) ``sqrt(v)`` only rounds to zero below ``5e-8`` of the
+block maximum of ``sqrt(v)`` (``v`` below ``2.5e-15`` of the block maximum of
+``v``), and because ``|m_t| <= sqrt(v_t) * (1 - beta_1) / sqrt(1 - beta_2) *
+1 / (1 - beta_1 / sqrt(beta_2))``-type bounds keep ``m`` comparably small there,
+the ``m / eps`` blow-up is confined to negligible entries.
+
+Small leaves. As in bitsandbytes, leaves with fewer than ``min_8bit_size``
+elements (default 4096: biases, norms, small projections) keep both moments in
+float32; their share of memory is small and they are often the most sensitive.
+Set ``min_8bit_size=0`` to quantize every leaf.
+
+Memory. For a leaf of ``n`` elements with ``n >= min_8bit_size`` and
+``k = ceil(n / block_size)`` blocks, the state holds
+``2 * (k * block_size + 4 * k)`` bytes (two 1-byte codes per element incl. the
+zero padding of the last block, two float32 scales per block); smaller leaves hold
+``8 * n`` bytes. Plus 4 bytes for the int32 step count. Float32 Adam holds
+``8 * n`` per leaf, so for large leaves the ratio is
+``(block_size + 4) / (4 * block_size)`` = 0.2539 at ``block_size = 256``
+(0.25 for the codes and 0.0039 for the scales). :func:`adam_8bit_state_nbytes`
+evaluates this formula.
+
+During an update the decoded float32 moments of the leaves exist transiently
+(as in any dequantize-update-quantize scheme without a fused kernel); only the
+state carried between steps is 8-bit.
+
+Reference:
+  Dettmers, Lewis, Shleifer, Zettlemoyer, "8-bit Optimizers via Block-wise
+  Quantization", ICLR 2022. https://arxiv.org/abs/2110.02861
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+import optax.tree
+
+from optax_lowrank import quantization
+
+__all__ = [
+    "MU_FORMAT",
+    "NU_FORMAT",
+    "ScaleByAdam8bitState",
+    "adam_8bit",
+    "adam_8bit_state_nbytes",
+    "scale_by_adam_8bit",
+]
+
+MU_FORMAT = "dynamic8"  # signed dynamic tree code for the first moment
+NU_FORMAT = "dynamic8_unsigned"  # unsigned dynamic tree code for sqrt(second moment)
+
+
+class ScaleByAdam8bitState(NamedTuple):
+    """State of :func:`scale_by_adam_8bit`.
+
+    ``mu`` and ``nu`` have the structure of the params; each leaf of ``n`` elements
+    is a :class:`~optax_lowrank.quantization.QuantizedArray` when
+    ``n >= min_8bit_size`` and a float32 array of the param's shape otherwise.
+    """
+
+    count: jax.Array  # shape=(), dtype=jnp.int32.
+    mu: optax.Updates  # leaf: QuantizedArray("dynamic8") of m, or float32[*shape] m.
+    # leaf: QuantizedArray("dynamic8_unsigned") of sqrt(v), or float32[*shape] v.
+    nu: optax.Updates
+
+
+def _is_quantized(x: Any) -> bool:
+    return isinstance(x, quantization.QuantizedArray)
+
+
+def _check_decay(name: str, value: Any) -> None:
+    if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
+        raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")
+
+
+def _check_nonnegative_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{name}` must be a non-negative int, got {value!r}.")
+
+
+def _check_float_leaves(params: Any, caller: str) -> None:
+    """Raises naming the first leaf that is not a real floating-point array."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(
+                f"{caller}: leaf {jax.tree_util.keystr(path)} with shape "
+                f"{tuple(jnp.shape(leaf))} has dtype {dtype}; only real floating-point "
+                "leaves are supported."
+            )
+
+
+def scale_by_adam_8bit(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+) -> optax.GradientTransformation:
+    """Rescales updates by Adam with 8-bit block-wise quantized moments.
+
+    Same update rule and bias correction as :func:`optax.scale_by_adam` (with
+    ``eps_root = 0``), computed in float32; the moments carried between steps are
+    quantized as described in the module docstring (first moment: signed dynamic
+    tree code; second moment: ``sqrt(v)`` in the unsigned dynamic tree code; one
+    float32 absmax scale per block). Updates are returned in each gradient's dtype.
+
+    Args:
+      b1: decay rate of the first moment, in [0, 1).
+      b2: decay rate of the second moment, in [0, 1).
+      eps: term added to the denominator, ``>= 0``.
+      block_size: elements per quantization block (positive int).
+      min_8bit_size: leaves with fewer elements keep float32 moments
+        (non-negative int; 0 quantizes every leaf).
+
+    Returns:
+      A :class:`optax.GradientTransformation` whose state is a
+      :class:`ScaleByAdam8bitState`. State bytes:
+      ``4 + sum over leaves of (2 * ceil(n / block_size) * (block_size + 4)`` if
+      ``n >= min_8bit_size`` else ``8 * n)``; see :func:`adam_8bit_state_nbytes`.
+
+    Raises:
+      ValueError: at construction for out-of-range arguments (named); at init for a
+        non-floating or complex leaf (named by its path and shape).
+    """
+    _check_decay("b1", b1)
+    _check_decay("b2", b2)
+    if isinstance(eps, (int, float)) and eps < 0:
+        raise ValueError(f"`eps` must be >= 0, got {eps!r}.")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"`block_size` must be a positive int, got {block_size!r}.")
+    _check_nonnegative_int("min_8bit_size", min_8bit_size)
+
+    def use_8bit(x: jax.Array) -> bool:
+        return x.size >= min_8bit_size
+
+    def encode_mu(m: jax.Array) -> Any:
+        return quantization.quantize(m, MU_FORMAT, block_size) if use_8bit(m) else m
+
+    def encode_nu(v: jax.Array) -> Any:
+        return quantization.quantize(jnp.sqrt(v), NU_FORMAT, block_size) if use_8bit(v) else v
+
+    def decode_mu(m: Any) -> jax.Array:
+        return quantization.dequantize(m) if _is_quantized(m) else m
+
+    def decode_nu(v: Any) -> jax.Array:
+        return jnp.square(quantization.dequantize(v)) if _is_quantized(v) else v
+
+    def init_fn(params: optax.Params) -> ScaleByAdam8bitState:
+        _check_float_leaves(params, "scale_by_adam_8bit")
+        zeros = optax.tree.zeros_like(params, dtype=jnp.float32)
+        return ScaleByAdam8bitState(
+            count=jnp.zeros([], jnp.int32),
+            mu=jax.tree.map(encode_mu, zeros),
+            nu=jax.tree.map(encode_nu, zeros),
+        )
+
+    def update_fn(
+        updates: optax.Updates, state: ScaleByAdam8bitState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, ScaleByAdam8bitState]:
+        del params
+        grads = optax.tree.cast(updates, jnp.float32)
+        mu = jax.tree.map(decode_mu, state.mu, is_leaf=_is_quantized)
+        nu = jax.tree.map(decode_nu, state.nu, is_leaf=_is_quantized)
+        mu = optax.tree.update_moment(grads, mu, b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(grads, nu, b2, 2)
+        count_inc = optax.safe_increment(state.count)
+        mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
+        nu_hat = optax.tree.bias_correction(nu, b2, count_inc)
+        new_updates = jax.tree.map(
+            lambda m, v, g: (m / (jnp.sqrt(v) + eps)).astype(g.dtype), mu_hat, nu_hat, updates
+        )
+        new_state = ScaleByAdam8bitState(
+            count=count_inc,
+            mu=jax.tree.map(encode_mu, mu),
+            nu=jax.tree.map(encode_nu, nu),
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adam_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    mask: Any | None = None,
+) -> optax.GradientTransformation:
+    """8-bit Adam (AdamW when ``weight_decay > 0``).
+
+    ``chain(scale_by_adam_8bit(...), add_decayed_weights(weight_decay, mask),
+    scale_by_learning_rate(learning_rate))``: the update is
+    ``-lr * (u_t + weight_decay * params)`` with ``u_t`` from
+    :func:`scale_by_adam_8bit`, i.e. decoupled weight decay as in
+    :func:`optax.adamw` (then ``update`` needs ``params``). With
+    ``weight_decay == 0`` the weight-decay stage is omitted and the result
+    mirrors :func:`optax.adam`.
+
+    Args:
+      learning_rate: a float or an :data:`optax.Schedule`.
+      b1, b2, eps, block_size, min_8bit_size: see :func:`scale_by_adam_8bit`.
+      weight_decay: decoupled weight-decay coefficient, ``>= 0``.
+      mask: optional pytree/callable selecting leaves to decay, as in
+        :func:`optax.add_decayed_weights`.
+
+    Returns:
+      A :class:`optax.GradientTransformation`. Its state memory is that of
+      :func:`scale_by_adam_8bit` (the other stages are stateless).
+    """
+    if isinstance(weight_decay, (int, float)) and weight_decay < 0:
+        raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}.")
+    stages = [scale_by_adam_8bit(b1, b2, eps, block_size, min_8bit_size)]
+    if callable(weight_decay) or weight_decay != 0:
+        stages.append(optax.add_decayed_weights(weight_decay, mask))
+    stages.append(optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*stages)
+
+
+def adam_8bit_state_nbytes(
+    params: Any, block_size: int = 256, min_8bit_size: int = 4096
+) -> int:
+    """Analytic bytes of the :func:`scale_by_adam_8bit` state for ``params``.
+
+    ``4 + sum_leaves (2 * ceil(n / block_size) * (block_size + 4) if n >= min_8bit_size
+    else 8 * n)``, with ``n`` the leaf size. ``params`` may hold arrays or
+    :class:`jax.ShapeDtypeStruct`. Equals ``quantization.nbytes(state)``.
+    """
+    sizes = [int(jnp.size(x)) if not hasattr(x, "size") else int(x.size)
+             for x in jax.tree.leaves(params)]
+    return 4 + sum(
+        2 * -(-n // block_size) * (block_size + 4) if n >= min_8bit_size else 8 * n
+        for n in sizes
+    )

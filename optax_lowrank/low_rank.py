@@ -1,0 +1,174 @@
+"""``low_rank``: run any optax transformation in a small projected space.
+
+For every projected leaf ``W ∈ R^{m×n}`` with gradient ``G`` and basis ``S``:
+
+    c_t = S_t · vec(G_t)                 (project: r-sized coefficients)
+    Δ_t, ξ_t = inner(c_t, ξ_{t-1})       (any optax transformation, small state)
+    u_t = α · unvec(S_tᵀ Δ_t)            (project back, scaled)
+
+Leaves that are not projected (biases, norms, anything ``where`` leaves out)
+go through the same ``inner`` at full size, in the same inner state.  The basis
+is re-made every ``refresh_every`` steps (the first at step 0) inside a
+``lax.cond``, so decompositions run only on refresh steps; ``on_refresh``
+decides what happens to the inner statistics then (see
+:mod:`optax_lowrank.refresh`).
+
+References: Zhao et al. 2024 (GaLore, paper 003, Alg. 1); Hao et al. 2024
+(Flora); Torroba-Hennigen et al. 2025 (paper 000: the gradient map ``S`` and
+the adapter ``Θ0 + SᵀΛ`` give the same trajectory, see ``olr.adapters``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax._src import numerics
+
+from optax_lowrank import leaves as leaves_lib
+from optax_lowrank import projections as proj
+from optax_lowrank import refresh as refresh_lib
+from optax_lowrank.bases import project, project_back
+from optax_lowrank.leaves import map_plans
+
+__all__ = ["LowRankState", "low_rank"]
+
+
+class LowRankState(NamedTuple):
+  """State of :func:`low_rank`.
+
+  Attributes:
+    count: int32 ``()``, the number of updates taken; a refresh happens when
+      ``count % refresh_every == 0``.
+    key: uint32 ``(2,)``, the base PRNG key of random bases (from ``seed``); a
+      leaf's key at refresh ``k`` is ``fold_in(fold_in(key, k), leaf_index)``.
+    bases: a tree shaped like the params holding the stored
+      :class:`~optax_lowrank.bases.Basis` of every projected leaf whose spec is
+      stored (SVD, randomized SVD, semi-orthogonal, two-sided SVD, Tucker) and
+      ``None`` elsewhere: random sketches are rebuilt from ``key`` each step.
+    inner_state: the inner transformation's state over the coefficient tree
+      (coefficient-shaped at projected leaves, full-size elsewhere).
+  """
+
+  count: jax.Array
+  key: jax.Array
+  bases: Any
+  inner_state: optax.OptState
+
+
+def low_rank(
+    inner: optax.GradientTransformation,
+    projection: proj.Projection,
+    refresh_every: int = 200,
+    on_refresh: str = "keep",
+    scale: float | jax.Array = 1.0,
+    where: Any = None,
+    seed: int = 0,
+    *,
+    reshape: leaves_lib.ReshapeRule | Callable[..., Any] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Run ``inner`` on projected gradients and map its updates back.
+
+  Args:
+    inner: any optax transformation, applied to the coefficient tree (the
+      params' structure, with each projected leaf replaced by its coefficients).
+      It is called with ``params=None``: put transformations that need the
+      weights (decoupled weight decay) outside ``low_rank`` in the chain, where
+      they act on the full weights.  Extra keyword arguments of ``update`` are
+      forwarded to it.
+    projection: a spec such as ``olr.svd(128)`` or ``olr.gaussian(64)``.
+    refresh_every: steps between new bases; the first basis is made at step 0.
+    on_refresh: ``"keep"`` (GaLore), ``"reset"`` (ReLoRA) or ``"transport"``
+      (statistics carried into the new basis), see :mod:`optax_lowrank.refresh`.
+    scale: ``α``, multiplies the back-projected updates of projected leaves only
+      (GaLore's scale; may be a traced hyper-parameter).
+    where: which leaves to project: ``None`` (every 2-D leaf for matrix specs,
+      every leaf with ≥ 2 axes for ``tucker``/``dense``), a pytree of bools like
+      the params, or a callable ``(path: tuple[str, ...], leaf) -> bool``.
+    seed: random bases are a deterministic function of ``(seed, refresh index,
+      leaf index)``; the gradient path and ``olr.adapters`` agree on it.
+    reshape: how leaves with more than two axes are seen as matrices, e.g.
+      ``1`` for an attention kernel ``(embed, heads, head_dim)`` →
+      ``(embed, heads·head_dim)``; an int split, ``(row_axes, col_axes)``, or a
+      callable ``(path, leaf) -> rule | None``.
+
+  Returns:
+    A ``GradientTransformationExtraArgs``; its state is :class:`LowRankState`.
+
+  Memory (per projected ``m×n`` leaf, one-sided rank ``r``, right side):
+  inner state on ``m·r`` coefficients (Adam: ``2·m·r`` floats) plus ``n·r``
+  floats for a stored basis, nothing for ``gaussian``/``rademacher``.
+
+  Raises:
+    ValueError / TypeError at construction (bad ``refresh_every``,
+    ``on_refresh``, spec) or at ``init`` (a ``where`` tree that does not match
+    the params, a leaf that cannot be projected), naming the leaf and argument.
+  """
+  if not isinstance(projection, proj.Projection):
+    raise TypeError(
+        f"`projection` must be a projection spec such as olr.svd(128), got {projection!r}"
+    )
+  if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
+    raise ValueError(f"`refresh_every` must be an int >= 1, got {refresh_every!r}")
+  refresh_lib.check_policy(on_refresh)
+  if isinstance(seed, bool) or not isinstance(seed, int):
+    raise TypeError(f"`seed` must be an int, got {seed!r}")
+  inner = optax.with_extra_args_support(inner)
+
+  def make_plans(tree):
+    return leaves_lib.plan(tree, projection, where, reshape)
+
+  def init_fn(params):
+    plans = make_plans(params)
+    return LowRankState(
+        count=jnp.zeros([], jnp.int32),
+        key=jax.random.PRNGKey(seed),
+        bases=leaves_lib.zero_bases(plans),
+        inner_state=inner.init(leaves_lib.coefficient_zeros(plans, params)),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params
+    plans = make_plans(updates)
+    count = state.count
+    refresh_index = count // refresh_every
+    is_refresh = count % refresh_every == 0
+
+    def refresh(operand):
+      stored, inner_state = operand
+      new_stored = leaves_lib.make_bases(plans, state.key, refresh_index, updates, stored=True)
+      if on_refresh != "keep":
+        old = leaves_lib.current_bases(plans, stored, state.key, refresh_index - 1)
+        new = leaves_lib.current_bases(plans, new_stored, state.key, refresh_index)
+        inner_state = jax.lax.cond(
+            count > 0,
+            lambda s: refresh_lib.apply_policy(on_refresh, inner, s, plans, old, new),
+            lambda s: s,
+            inner_state,
+        )
+      return new_stored, inner_state
+
+    stored, inner_state = jax.lax.cond(
+        is_refresh, refresh, lambda operand: operand, (state.bases, state.inner_state)
+    )
+    bases = leaves_lib.current_bases(plans, stored, state.key, refresh_index)
+    coeffs = map_plans(
+        lambda p, g, b: project(b, g) if p.projected else g, plans, updates, bases
+    )
+    inner_updates, inner_state = inner.update(coeffs, inner_state, None, **extra_args)
+    new_updates = map_plans(
+        lambda p, g, u, b: (scale * project_back(b, u)).astype(g.dtype) if p.projected else u,
+        plans, updates, inner_updates, bases,
+    )
+    new_state = LowRankState(
+        count=numerics.safe_increment(count),
+        key=state.key,
+        bases=stored,
+        inner_state=inner_state,
+    )
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

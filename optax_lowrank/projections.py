@@ -1,0 +1,460 @@
+"""Projection specs: frozen, hashable descriptions of how to make a basis.
+
+A spec says *which* linear map a leaf gets; :mod:`optax_lowrank.bases` applies
+it.  Specs are immutable dataclasses, so they can be closed over by jitted
+functions and compared for equality (an adapter remembers the spec it was
+built with).
+
+======================  ========================================  ==================  ===========
+spec                    basis                                     scaling             stored?
+======================  ========================================  ==================  ===========
+``svd(r)``              top-``r`` singular vectors of the         orthonormal         yes
+                        gradient at each refresh (GaLore)
+``randomized_svd(r)``   the same subspace, randomized range       orthonormal         yes
+                        finder with power iterations
+``gaussian(r)``         i.i.d. ``N(0, 1/r)`` entries (Flora)      ``E[SᵀS] = I``      no (key)
+``rademacher(r)``       i.i.d. ``±1/√r`` entries                  ``E[SᵀS] = I``      no (key)
+``semi_orthogonal(r)``  QR of a Gaussian matrix                   orthonormal rows    yes
+``two_sided(rl, rr)``   one factor per side, ``kind`` gaussian    as its kind         svd: yes
+                        or svd
+``tucker(ranks)``       HOSVD of the gradient, one factor/mode    orthonormal         yes
+``dense(k)``            a general ``k × mn`` map on ``vec(W)``    as its kind         gaussian: no
+======================  ========================================  ==================  ===========
+
+*Stored* bases are kept in the optimizer state (``r·n`` floats per leaf for a
+one-sided basis); the others are rebuilt on every step from a PRNG key derived
+from ``(seed, refresh index, leaf index)``, so the state holds no projector at
+all — the point of Flora.  Semi-orthogonal bases are stored because their QR
+(``O(n r²)``) is not free on an accelerator's hot path; it runs only at a
+refresh.
+
+``side`` for one-sided specs: ``"left"`` projects the rows (``C = P G``,
+``P ∈ R^{r×m}``), ``"right"`` the columns (``C = G Q``, ``Q ∈ R^{n×r}``), and
+``"auto"`` follows the reference GaLore code: right when ``m ≥ n``, else left,
+i.e. the projector spans the smaller dimension and the coefficients are
+``max(m, n) × r``.
+
+Ranks larger than the dimension they reduce are clamped to it (a rank-``n``
+projection of an ``n``-dimensional axis): the library documents this instead
+of raising, because one spec is usually shared by leaves of many shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from optax_lowrank.bases import Basis
+
+Array = jax.Array
+Side = Literal["auto", "left", "right"]
+
+__all__ = [
+    "Projection",
+    "svd",
+    "randomized_svd",
+    "gaussian",
+    "rademacher",
+    "semi_orthogonal",
+    "two_sided",
+    "tucker",
+    "dense",
+]
+
+_SIDES = ("auto", "left", "right")
+_RANDOM_KINDS = ("gaussian", "rademacher", "semi_orthogonal")
+
+
+def _check_rank(name: str, rank) -> int:
+  if isinstance(rank, bool) or not isinstance(rank, int):
+    raise TypeError(f"`{name}` must be an int > 0, got {rank!r}")
+  if rank <= 0:
+    raise ValueError(f"`{name}` must be an int > 0, got {rank}")
+  return rank
+
+
+def _check_side(side) -> str:
+  if side not in _SIDES:
+    raise ValueError(f"`side` must be one of {_SIDES}, got {side!r}")
+  return side
+
+
+# ----------------------------------------------------------------------------
+# Factor makers (shared by every spec; float32 or wider).
+
+
+def random_factor(kind: str, key: Array, n: int, r: int, dtype) -> Array:
+  """An ``n × r`` random factor with ``E[U Uᵀ] = I_n`` (or orthonormal columns)."""
+  if kind == "gaussian":
+    return jax.random.normal(key, (n, r), dtype) / jnp.sqrt(jnp.asarray(r, dtype))
+  if kind == "rademacher":
+    signs = jax.random.rademacher(key, (n, r), dtype)
+    return signs / jnp.sqrt(jnp.asarray(r, dtype))
+  if kind == "semi_orthogonal":
+    q, rr = jnp.linalg.qr(jax.random.normal(key, (n, r), dtype))
+    # Fix the signs so the factor is a deterministic function of the key.
+    return q * jnp.where(jnp.diagonal(rr) < 0, -1.0, 1.0).astype(dtype)
+  raise ValueError(f"unknown random kind {kind!r}; expected one of {_RANDOM_KINDS}")
+
+
+def _top_singular(g: Array, r_left: int, r_right: int) -> tuple[Array, Array]:
+  """Top left (m×r_left) and right (n×r_right) singular vectors of ``g``."""
+  u, _, vh = jnp.linalg.svd(g, full_matrices=False)
+  return u[:, :r_left], vh[:r_right].T
+
+
+def randomized_range(
+    g: Array, r: int, key: Array, oversample: int, power_iters: int
+) -> Array:
+  """Orthonormal ``m × r`` basis of the dominant column space of ``g`` (m×n).
+
+  Halko–Martinsson–Tropp: ``Y = (G Gᵀ)^q G Ω`` with a Gaussian ``Ω ∈ R^{n×(r+p)}``,
+  re-orthonormalised by QR after every multiplication, then the top ``r`` left
+  singular vectors of the small ``(r+p) × n`` matrix ``Qᵀ G`` lifted by ``Q``.
+  Cost ``O(m n (r+p) (2q+2))`` — GEMMs — plus QRs of tall thin matrices.
+  """
+  m, n = g.shape
+  k = min(r + oversample, m, n)
+  omega = jax.random.normal(key, (n, k), g.dtype)
+  q, _ = jnp.linalg.qr(g @ omega)
+  for _ in range(power_iters):
+    z, _ = jnp.linalg.qr(g.T @ q)
+    q, _ = jnp.linalg.qr(g @ z)
+  ub, _, _ = jnp.linalg.svd(q.T @ g, full_matrices=False)
+  return q @ ub[:, :r]
+
+
+# ----------------------------------------------------------------------------
+# Specs.
+
+
+@dataclasses.dataclass(frozen=True)
+class Projection:
+  """Base class of projection specs.
+
+  A spec answers three questions about a leaf, all from static shapes:
+  ``view`` (how the leaf is seen: ``"matrix"``, ``"tensor"`` or ``"vector"``),
+  ``axis_ranks(view_shape)`` (the clamped rank of each view axis, ``None`` where the
+  axis is not reduced), and ``stored`` (whether the basis lives in the state).
+  ``make(view_shape, key, grad)`` builds the factors; ``grad`` is the leaf's
+  gradient in the view, in float32 or wider (``None`` when not needed).
+  """
+
+  view = "matrix"
+
+  @property
+  def stored(self) -> bool:  # pragma: no cover - overridden
+    raise NotImplementedError
+
+  @property
+  def needs_grad(self) -> bool:
+    return False
+
+  def axis_ranks(self, view_shape: tuple[int, ...]) -> tuple[int | None, ...]:  # pragma: no cover
+    raise NotImplementedError
+
+  def make(self, view_shape, key, grad, dtype) -> tuple[Array | None, ...]:  # pragma: no cover
+    raise NotImplementedError
+
+  def basis(self, shape, view_shape, perm, key, grad, dtype) -> Basis:
+    """Build the :class:`Basis` of one leaf (float32 or wider ``dtype``)."""
+    factors = self.make(tuple(view_shape), key, grad, dtype)
+    return Basis(factors, tuple(shape), tuple(view_shape), perm)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OneSided(Projection):
+  rank: int
+  side: Side = "auto"
+
+  def __post_init__(self):
+    _check_rank("rank", self.rank)
+    _check_side(self.side)
+
+  def resolved_side(self, view_shape: tuple[int, int]) -> str:
+    m, n = view_shape
+    if self.side == "auto":
+      return "right" if m >= n else "left"
+    return self.side
+
+  def axis_ranks(self, view_shape):
+    m, n = view_shape
+    if self.resolved_side(view_shape) == "left":
+      return (min(self.rank, m), None)
+    return (None, min(self.rank, n))
+
+  def _factor(self, view_shape, key, grad, dtype, r, n, side) -> Array:
+    raise NotImplementedError
+
+  def make(self, view_shape, key, grad, dtype):
+    side = self.resolved_side(view_shape)
+    rl, rr = self.axis_ranks(view_shape)
+    if side == "left":
+      return (self._factor(view_shape, key, grad, dtype, rl, view_shape[0], side), None)
+    return (None, self._factor(view_shape, key, grad, dtype, rr, view_shape[1], side))
+
+
+@dataclasses.dataclass(frozen=True)
+class SVD(_OneSided):
+  """Top-``rank`` singular vectors of the gradient at each refresh (GaLore)."""
+
+  stored = True
+  needs_grad = True
+
+  def _factor(self, view_shape, key, grad, dtype, r, n, side):
+    del key, n
+    u, v = _top_singular(grad.astype(dtype), r, r)
+    return u if side == "left" else v
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomizedSVD(_OneSided):
+  """The top-``rank`` singular subspace from a randomized range finder."""
+
+  oversample: int = 8
+  power_iters: int = 2
+
+  stored = True
+  needs_grad = True
+
+  def __post_init__(self):
+    super().__post_init__()
+    for name in ("oversample", "power_iters"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{name}` must be an int >= 0, got {value!r}")
+
+  def _factor(self, view_shape, key, grad, dtype, r, n, side):
+    del n
+    g = grad.astype(dtype)
+    if side == "right":
+      g = g.T
+    return randomized_range(g, r, key, self.oversample, self.power_iters)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomSketch(_OneSided):
+  """A random one-sided sketch rebuilt from a key (gaussian, rademacher, semi-orthogonal)."""
+
+  kind: str = "gaussian"
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.kind not in _RANDOM_KINDS:
+      raise ValueError(f"`kind` must be one of {_RANDOM_KINDS}, got {self.kind!r}")
+
+  @property
+  def stored(self) -> bool:
+    return self.kind == "semi_orthogonal"
+
+  def _factor(self, view_shape, key, grad, dtype, r, n, side):
+    del grad, side
+    return random_factor(self.kind, key, n, r, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoSided(Projection):
+  """``S = Rᵀ ⊗ L``: ``C = L G R`` with ``L ∈ R^{r_l×m}``, ``R ∈ R^{n×r_r}`` (paper 000 Prop. 2)."""
+
+  left_rank: int
+  right_rank: int
+  kind: str = "gaussian"
+
+  def __post_init__(self):
+    _check_rank("left_rank", self.left_rank)
+    _check_rank("right_rank", self.right_rank)
+    if self.kind not in ("gaussian", "svd"):
+      raise ValueError(f"`kind` must be 'gaussian' or 'svd', got {self.kind!r}")
+
+  @property
+  def stored(self) -> bool:
+    return self.kind == "svd"
+
+  @property
+  def needs_grad(self) -> bool:
+    return self.kind == "svd"
+
+  def axis_ranks(self, view_shape):
+    m, n = view_shape
+    return (min(self.left_rank, m), min(self.right_rank, n))
+
+  def make(self, view_shape, key, grad, dtype):
+    rl, rr = self.axis_ranks(view_shape)
+    if self.kind == "svd":
+      return _top_singular(grad.astype(dtype), rl, rr)
+    kl, kr = jax.random.split(key)
+    m, n = view_shape
+    return (random_factor("gaussian", kl, m, rl, dtype), random_factor("gaussian", kr, n, rr, dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class Tucker(Projection):
+  """One orthonormal factor per mode from the gradient's HOSVD (paper 002).
+
+  ``ranks`` is one int per mode of the leaf (or a single int for every mode).
+  """
+
+  ranks: tuple[int, ...] | int = 8
+  view = "tensor"
+  stored = True
+  needs_grad = True
+
+  def __post_init__(self):
+    r = self.ranks
+    if isinstance(r, int) and not isinstance(r, bool):
+      _check_rank("ranks", r)
+    else:
+      if not isinstance(r, tuple) or not r:
+        raise ValueError(f"`ranks` must be an int or a non-empty tuple of ints, got {r!r}")
+      for x in r:
+        _check_rank("ranks", x)
+
+  def axis_ranks(self, view_shape):
+    r = self.ranks
+    if isinstance(r, int):
+      r = (r,) * len(view_shape)
+    if len(r) != len(view_shape):
+      raise ValueError(
+          f"`ranks` has {len(r)} entries but the leaf has {len(view_shape)} modes"
+      )
+    return tuple(min(ri, n) for ri, n in zip(r, view_shape))
+
+  def make(self, view_shape, key, grad, dtype):
+    del key
+    g = grad.astype(dtype)
+    factors = []
+    for i, r in enumerate(self.axis_ranks(view_shape)):
+      unfold = jnp.moveaxis(g, i, 0).reshape(view_shape[i], -1)
+      u, _, _ = jnp.linalg.svd(unfold, full_matrices=False)
+      factors.append(u[:, :r])
+    return tuple(factors)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense(Projection):
+  """A general ``k × mn`` map on ``vec(W)`` (row-major); for small leaves only."""
+
+  rank: int
+  kind: str = "gaussian"
+  view = "vector"
+
+  def __post_init__(self):
+    _check_rank("rank", self.rank)
+    if self.kind not in _RANDOM_KINDS:
+      raise ValueError(f"`kind` must be one of {_RANDOM_KINDS}, got {self.kind!r}")
+
+  @property
+  def stored(self) -> bool:
+    return self.kind == "semi_orthogonal"
+
+  def axis_ranks(self, view_shape):
+    return (min(self.rank, view_shape[0]),)
+
+  def make(self, view_shape, key, grad, dtype):
+    del grad
+    (k,) = self.axis_ranks(view_shape)
+    return (random_factor(self.kind, key, view_shape[0], k, dtype),)
+
+
+# ----------------------------------------------------------------------------
+# Public constructors (the names of the contract).
+
+
+def svd(rank: int, side: Side = "auto") -> Projection:
+  """GaLore's projection: the top-``rank`` singular vectors of the gradient.
+
+  Computed (``jnp.linalg.svd`` in float32 or wider) only at a refresh, from the
+  gradient of that step; stored in the state (``n·r`` floats per leaf, ``n`` the
+  projected dimension).  Orthonormal: ``P Pᵀ = I_r``.  Paper 003, Alg. 1.
+  """
+  return SVD(rank, side)
+
+
+def randomized_svd(
+    rank: int, side: Side = "auto", oversample: int = 8, power_iters: int = 2
+) -> Projection:
+  """The same subspace as :func:`svd` from a randomized range finder.
+
+  ``power_iters`` subspace iterations on ``G Gᵀ`` with ``oversample`` extra
+  columns (Halko, Martinsson & Tropp 2011).  Cost ``O(m n (r+p)(2q+2))`` GEMM
+  FLOPs instead of a full SVD's ``O(m n min(m, n))``.  Orthonormal, stored.
+  """
+  return RandomizedSVD(rank, side, oversample, power_iters)
+
+
+def gaussian(rank: int, side: Side = "auto") -> Projection:
+  """A Gaussian sketch with ``N(0, 1/rank)`` entries, so ``E[SᵀS] = I`` (Flora).
+
+  Rebuilt from ``(seed, refresh index, leaf index)`` on every step and never
+  stored: the optimizer state holds only a PRNG key.
+  """
+  return RandomSketch(rank, side, "gaussian")
+
+
+def rademacher(rank: int, side: Side = "auto") -> Projection:
+  """A random ``±1/√rank`` sketch, ``E[SᵀS] = I``; rebuilt from a key, not stored."""
+  return RandomSketch(rank, side, "rademacher")
+
+
+def semi_orthogonal(rank: int, side: Side = "auto") -> Projection:
+  """A random basis with orthonormal rows (QR of a Gaussian matrix).
+
+  Made from the key at each refresh and stored (its ``O(n r²)`` QR then runs only
+  on refresh steps).
+  """
+  return RandomSketch(rank, side, "semi_orthogonal")
+
+
+def two_sided(left_rank: int, right_rank: int, kind: str = "gaussian") -> Projection:
+  """A Kronecker map ``S = Rᵀ ⊗ L``: coefficients ``L G R`` of shape ``(left_rank, right_rank)``.
+
+  ``kind="gaussian"``: both sides Gaussian sketches rebuilt from the key (not
+  stored); ``kind="svd"``: top singular vectors on both sides, stored.  The
+  adapter form is ``W0 + Lᵀ Λ Rᵀ`` (MoRA / LoRA-XS).  Paper 000, Prop. 2.
+  """
+  return TwoSided(left_rank, right_rank, kind)
+
+
+def tucker(ranks: Sequence[int] | int) -> Projection:
+  """Tucker projection of N-d leaves: ``C = G ×_1 U_1ᵀ … ×_N U_Nᵀ`` (paper 002).
+
+  Each ``U_i`` holds the top ``ranks[i]`` left singular vectors of the mode-``i``
+  unfolding of the gradient at a refresh (HOSVD); stored,
+  ``Σ_i n_i r_i`` floats per leaf.
+  """
+  if isinstance(ranks, int) and not isinstance(ranks, bool):
+    return Tucker(ranks)
+  return Tucker(tuple(ranks))
+
+
+def dense(rank: int, kind: str = "gaussian") -> Projection:
+  """A general linear map ``S ∈ R^{k×mn}`` on ``vec(W)`` (paper 000, Theorem 1).
+
+  ``k = rank`` outputs; the factor has ``mn·k`` entries, so use it for small
+  leaves.  ``kind`` as for one-sided random sketches.
+  """
+  return Dense(rank, kind)
+
+
+def leaf_key(base_key: Array, refresh_index: Array, leaf_index: int) -> Array:
+  """The PRNG key of one leaf's basis at one refresh (shared by both paths)."""
+  return jax.random.fold_in(jax.random.fold_in(base_key, refresh_index), leaf_index)
+
+
+def basis_dtype(dtype) -> jnp.dtype:
+  """Bases are computed and kept in float32, or float64 for float64 leaves."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def num_factor_elements(spec: Projection, view_shape: tuple[int, ...]) -> int:
+  """Number of factor entries of a basis for a view (stored or not)."""
+  return sum(n * r for n, r in zip(view_shape, spec.axis_ranks(view_shape)) if r is not None)
+
+
+def coefficient_shape(spec: Projection, view_shape: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(n if r is None else r for n, r in zip(view_shape, spec.axis_ranks(view_shape)))
+

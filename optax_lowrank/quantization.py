@@ -1,0 +1,454 @@
+"""Block-wise quantization of arrays and pytrees, in pure JAX.
+
+An array ``x`` with ``n = x.size`` elements is flattened, zero-padded to
+``n_blocks * block_size`` elements with ``n_blocks = ceil(n / block_size)``, and
+cut into ``n_blocks`` contiguous blocks. Every block ``b`` gets one float32 scale
+``s_b`` and every element one small integer code ``c_i``; the reconstruction is
+
+.. math::
+
+  \\hat{x}_i = s_{b(i)} \\cdot \\ell(c_i),
+
+where ``ell`` maps a code to a level in ``[-1, 1]``. The scale is derived from
+the block absolute maximum ``a_b = max_{i in b} |x_i|`` so that the largest
+element of each block is represented exactly and small blocks keep their own
+resolution (block-wise quantization; Dettmers et al. 2022).
+
+Formats
+-------
+``"int8"``
+  Linear absmax code: ``s_b = a_b / 127``, ``c_i = round(x_i / s_b)`` stored as
+  int8 in ``[-127, 127]``, ``ell(c) = c``. Per-element error
+  ``|x_i - x̂_i| <= s_b / 2 = a_b / 254``. 1 byte per element.
+``"nf4"``
+  NormalFloat-4 (Dettmers et al. 2023, QLoRA): ``s_b = a_b`` and each
+  ``x_i / a_b`` is rounded to the nearest of the 16 levels in :data:`NF4_LEVELS`.
+  Two 4-bit codes are packed into one uint8 byte (low nibble first), so storage
+  is 4 bits per element. Per-element error
+  ``<= a_b * max_gap / 2 = 0.1519 * a_b`` where ``max_gap = 1 - 0.69619``.
+``"dynamic8"``
+  Signed 8-bit dynamic tree code (Dettmers 2016; Dettmers et al. 2022), used by
+  :mod:`optax_lowrank.eight_bit` for Adam's first moment. ``s_b = a_b``; levels
+  are ``0`` and ``±10^{-e} (0.1 + 0.9 j / 2^{6-e})`` for ``e = 0..6`` and
+  ``j = 1..2^{6-e}`` (255 levels, smallest non-zero magnitude ``1e-6``). The
+  number of leading zero bits of the 7-bit magnitude is the decimal exponent
+  ``e``, the first one bit is the indicator, and the remaining ``6 - e`` bits
+  are a linear fraction, so resolution is spent where values are large
+  relative to the block maximum while tiny values are still representable.
+  Per-element error ``<= a_b * 0.9 / 128``. 1 byte per element.
+``"dynamic8_unsigned"``
+  The same construction for non-negative data with the sign bit reused as an
+  extra fraction bit: ``0`` and ``10^{-e} (0.1 + 0.9 j / 2^{7-e})`` for
+  ``e = 0..7`` (256 levels, smallest non-zero ``1e-7``). Negative inputs are
+  mapped to zero. Per-element error ``<= a_b * 0.9 / 256``. 1 byte per element.
+
+For every codebook format (all but ``"int8"``) elements are rounded to the
+nearest level, so the error of an element is at most half the gap between the two
+levels that bracket ``x_i / s_b``, times ``s_b``. Zero is a level of every
+format, so exact zeros (and all-zero blocks, whose scale is 0) stay exactly zero.
+
+Memory
+------
+``nbytes(q) = codes bytes + 4 * n_blocks`` with codes bytes
+``n_blocks * block_size`` for the 8-bit formats and
+``ceil(n_blocks * block_size / 2)`` for ``"nf4"``. The zero padding of the last
+block is stored (it is at most ``block_size - 1`` elements) and stripped again by
+:func:`dequantize`.
+
+All functions trace under :func:`jax.jit`; ``format`` and ``block_size`` are
+static Python values. Non-finite inputs are not checked by :func:`quantize`
+(a NaN or inf poisons the scale and therefore its whole block);
+:func:`quantize_tree` checks concrete inputs eagerly and raises.
+
+References:
+  Dettmers, Lewis, Shleifer, Zettlemoyer, "8-bit Optimizers via Block-wise
+  Quantization", ICLR 2022. https://arxiv.org/abs/2110.02861
+  Dettmers, Pagnoni, Holtzman, Zettlemoyer, "QLoRA: Efficient Finetuning of
+  Quantized LLMs", NeurIPS 2023. https://arxiv.org/abs/2305.14314
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "DYNAMIC8_LEVELS",
+    "DYNAMIC8_UNSIGNED_LEVELS",
+    "FORMATS",
+    "NF4_LEVELS",
+    "QuantizedArray",
+    "dequantize",
+    "dequantize_tree",
+    "format_levels",
+    "max_abs_error_factor",
+    "nbytes",
+    "nf4_levels_from_definition",
+    "quantize",
+    "quantize_tree",
+    "quantized_nbytes",
+]
+
+FORMATS: tuple[str, ...] = ("int8", "nf4", "dynamic8", "dynamic8_unsigned")
+
+# The 16 NormalFloat-4 levels as published with QLoRA (Dettmers et al. 2023,
+# Appendix E), in increasing order. They are quantiles of N(0, 1) rescaled to
+# [-1, 1] with an exact zero: with delta = (1 - 1/(2*15) + 1 - 1/(2*16)) / 2,
+# the 8 positive levels are Phi^{-1}(p) for 8 equispaced p in (0.5, delta] and
+# the 7 negative levels are -Phi^{-1}(p) for 7 equispaced p in (0.5, delta];
+# all are divided by Phi^{-1}(delta). `nf4_levels_from_definition` recomputes
+# them from this definition (the test suite checks agreement to 2e-6).
+NF4_LEVELS: np.ndarray = np.array(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=np.float32,
+)
+
+
+def nf4_levels_from_definition() -> jax.Array:
+    """Recomputes the 16 NF4 levels from their quantile definition.
+
+    Uses ``jax.scipy.stats.norm.ppf``; see the comment on :data:`NF4_LEVELS`.
+
+    Returns:
+      float32[16], sorted increasingly, from -1 to 1 with an exact 0.
+    """
+    delta = 0.5 * ((1.0 - 1.0 / 30.0) + (1.0 - 1.0 / 32.0))
+    ppf = jax.scipy.stats.norm.ppf
+    positive = ppf(jnp.linspace(0.5, delta, 9)[1:])
+    negative = -ppf(jnp.linspace(0.5, delta, 8)[1:])
+    levels = jnp.sort(jnp.concatenate([negative, jnp.zeros((1,)), positive]))
+    return (levels / ppf(delta)).astype(jnp.float32)
+
+
+def _dynamic_tree_levels(magnitude_bits: int, signed: bool) -> np.ndarray:
+    """Sorted levels of a dynamic tree code with ``magnitude_bits`` bits.
+
+    A magnitude code with ``e`` leading zero bits (``e < magnitude_bits``)
+    followed by the indicator bit leaves ``k = magnitude_bits - 1 - e`` fraction
+    bits; it encodes ``10^{-e} * (0.1 + 0.9 * j / 2^k)`` for ``j = 1..2^k``, i.e.
+    the decade ``(10^{-e-1}, 10^{-e}]`` split into ``2^k`` equal steps with its top
+    included (so the block maximum maps to exactly 1). The all-zero code is 0.
+    """
+    decades = [
+        10.0 ** (-e) * (0.1 + 0.9 * np.arange(1, 2**k + 1) / 2**k)
+        for e, k in ((e, magnitude_bits - 1 - e) for e in range(magnitude_bits))
+    ]
+    magnitudes = np.concatenate(decades)
+    parts = [-magnitudes, np.zeros(1), magnitudes] if signed else [np.zeros(1), magnitudes]
+    return np.sort(np.concatenate(parts)).astype(np.float32)
+
+
+# 255 signed levels in [-1, 1]: 7 magnitude bits + sign.
+DYNAMIC8_LEVELS: np.ndarray = _dynamic_tree_levels(7, signed=True)
+# 256 non-negative levels in [0, 1]: 8 magnitude bits.
+DYNAMIC8_UNSIGNED_LEVELS: np.ndarray = _dynamic_tree_levels(8, signed=False)
+
+_CODEBOOKS: dict[str, np.ndarray] = {
+    "nf4": NF4_LEVELS,
+    "dynamic8": DYNAMIC8_LEVELS,
+    "dynamic8_unsigned": DYNAMIC8_UNSIGNED_LEVELS,
+}
+
+
+def format_levels(format: str) -> np.ndarray:
+    """Levels ``ell(c)`` of a format, sorted, as a float32 numpy array.
+
+    For ``"int8"`` these are ``c / 127`` for ``c = -127..127`` (in units of the
+    block absmax), so that all formats can be compared on the same ``[-1, 1]`` scale.
+    """
+    _check_format(format)
+    if format == "int8":
+        return (np.arange(-127, 128) / 127.0).astype(np.float32)
+    return _CODEBOOKS[format]
+
+
+def max_abs_error_factor(format: str) -> float:
+    """Worst-case ``|x - x̂| / a_b`` (``a_b`` the block absmax) of a format.
+
+    Half the largest gap between adjacent levels: ``1/254`` for ``"int8"``,
+    ``0.1519`` for ``"nf4"``, ``0.9/128`` and ``0.9/256`` for the dynamic codes.
+    """
+    return float(np.max(np.diff(format_levels(format).astype(np.float64)))) / 2.0
+
+
+def _check_format(format: Any) -> None:
+    if not isinstance(format, str) or format not in FORMATS:
+        raise ValueError(f"`format` must be one of {FORMATS}, got {format!r}.")
+
+
+def _check_block_size(block_size: Any) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
+        raise ValueError(f"`block_size` must be a positive int, got {block_size!r}.")
+    if block_size <= 0:
+        raise ValueError(f"`block_size` must be a positive int, got {block_size!r}.")
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["codes", "scales"],
+    meta_fields=["shape", "dtype", "format", "block_size"],
+)
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantizedArray:
+    """A block-wise quantized array (a pytree; only ``codes``/``scales`` are leaves).
+
+    Attributes:
+      codes: flat integer codes. ``"int8"``: int8[n_blocks * block_size];
+        ``"nf4"``: uint8[ceil(n_blocks * block_size / 2)], two codes per byte,
+        element ``2i`` in the low nibble of byte ``i``; ``"dynamic8"`` and
+        ``"dynamic8_unsigned"``: uint8[n_blocks * block_size], indices into the
+        sorted level table.
+      scales: float32[n_blocks], the per-block multiplier ``s_b`` (``a_b / 127``
+        for ``"int8"``, ``a_b`` for the codebook formats).
+      shape: static shape of the original array.
+      dtype: static dtype of the original array (restored by :func:`dequantize`).
+      format: static format name, one of :data:`FORMATS`.
+      block_size: static number of elements per block.
+    """
+
+    codes: jax.Array
+    scales: jax.Array
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    format: str
+    block_size: int
+
+    @property
+    def size(self) -> int:
+        """Number of elements of the original array."""
+        return math.prod(self.shape)
+
+    @property
+    def n_blocks(self) -> int:
+        """Number of blocks, ``ceil(size / block_size)``."""
+        return -(-self.size // self.block_size)
+
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes held by ``codes`` and ``scales``."""
+        return nbytes(self)
+
+
+def quantized_nbytes(size: int, format: str = "int8", block_size: int = 256) -> int:
+    """Analytic bytes of ``quantize(x, format, block_size)`` for ``x.size == size``.
+
+    ``n_blocks = ceil(size / block_size)``; codes take ``n_blocks * block_size``
+    bytes (``ceil(n_blocks * block_size / 2)`` for ``"nf4"``) and scales
+    ``4 * n_blocks`` bytes.
+    """
+    _check_format(format)
+    _check_block_size(block_size)
+    n_blocks = -(-int(size) // int(block_size))
+    padded = n_blocks * int(block_size)
+    code_bytes = -(-padded // 2) if format == "nf4" else padded
+    return code_bytes + 4 * n_blocks
+
+
+def nbytes(tree: Any) -> int:
+    """Exact bytes of all array leaves of ``tree`` (e.g. a :class:`QuantizedArray`).
+
+    For a :class:`QuantizedArray` this is the bytes of its codes plus its scales;
+    for any pytree (such as an optimizer state) the sum over its array leaves.
+    """
+    return sum(
+        math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)
+    )
+
+
+def quantize(x: jax.typing.ArrayLike, format: str = "int8", block_size: int = 256) -> QuantizedArray:
+    """Quantizes a floating-point array block-wise.
+
+    Args:
+      x: array of any shape and floating dtype. It is flattened (row-major) and the
+        last block is zero-padded when ``block_size`` does not divide ``x.size``.
+      format: ``"int8"``, ``"nf4"``, ``"dynamic8"`` or ``"dynamic8_unsigned"`` (see
+        the module docstring for levels and error bounds).
+      block_size: elements per block (positive int; any value, it need not divide
+        ``x.size`` nor be even).
+
+    Returns:
+      A :class:`QuantizedArray`; :func:`dequantize` inverts it up to the format's
+      rounding error.
+
+    Raises:
+      ValueError: unknown ``format`` or non-positive ``block_size``.
+      TypeError: ``x`` is not a real floating-point array.
+    """
+    _check_format(format)
+    _check_block_size(block_size)
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"`x` must be a real floating-point array, got dtype {x.dtype}.")
+    return _quantize(x, format, int(block_size))
+
+
+def _blocks(x: jax.Array, block_size: int) -> jax.Array:
+    """float32[n_blocks, block_size] view of ``x``, zero-padded at the end."""
+    n = x.size
+    n_blocks = -(-n // block_size)
+    flat = jnp.ravel(x).astype(jnp.float32)
+    flat = jnp.pad(flat, (0, n_blocks * block_size - n))
+    return flat.reshape(n_blocks, block_size)
+
+
+@functools.partial(jax.jit, static_argnames=("format", "block_size"))
+def _quantize(x: jax.Array, format: str, block_size: int) -> QuantizedArray:
+    blocks = _blocks(x, block_size)
+    absmax = jnp.max(jnp.abs(blocks), axis=1)  # [n_blocks]
+    if format == "int8":
+        scales = absmax / 127.0
+        divisor = jnp.where(scales > 0, scales, 1.0)[:, None]
+        codes = jnp.clip(jnp.round(blocks / divisor), -127, 127).astype(jnp.int8).ravel()
+    else:
+        scales = absmax
+        levels = _CODEBOOKS[format]
+        midpoints = jnp.asarray((levels[1:] + levels[:-1]) / 2.0)
+        normalized = blocks / jnp.where(absmax > 0, absmax, 1.0)[:, None]
+        codes = jnp.searchsorted(midpoints, normalized.ravel()).astype(jnp.uint8)
+        if format == "nf4":
+            codes = _pack_nibbles(codes, zero_code=int(np.flatnonzero(levels == 0)[0]))
+    return QuantizedArray(
+        codes=codes,
+        scales=scales.astype(jnp.float32),
+        shape=tuple(x.shape),
+        dtype=np.dtype(x.dtype),
+        format=format,
+        block_size=block_size,
+    )
+
+
+def _pack_nibbles(codes: jax.Array, zero_code: int) -> jax.Array:
+    """uint8[m] with values < 16 -> uint8[ceil(m/2)], element 2i in the low nibble."""
+    if codes.size % 2:
+        codes = jnp.concatenate([codes, jnp.full((1,), zero_code, jnp.uint8)])
+    pairs = codes.reshape(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def _unpack_nibbles(packed: jax.Array) -> jax.Array:
+    """Inverse of :func:`_pack_nibbles` (keeps the odd pad code, if any)."""
+    return jnp.stack([packed & 0x0F, packed >> 4], axis=-1).ravel()
+
+
+@jax.jit
+def dequantize(q: QuantizedArray) -> jax.Array:
+    """Reconstructs ``x̂`` (original shape and dtype) from a :class:`QuantizedArray`.
+
+    ``x̂_i = scales[i // block_size] * ell(codes[i])``, computed in float32 and
+    cast to ``q.dtype``; the zero padding of the last block is removed.
+    """
+    padded = q.n_blocks * q.block_size
+    if q.format == "int8":
+        values = q.codes.astype(jnp.float32)
+    else:
+        codes = _unpack_nibbles(q.codes)[:padded] if q.format == "nf4" else q.codes
+        values = jnp.asarray(_CODEBOOKS[q.format])[codes.astype(jnp.int32)]
+    values = values.reshape(q.n_blocks, q.block_size) * q.scales[:, None]
+    return values.ravel()[: q.size].reshape(q.shape).astype(q.dtype)
+
+
+def _is_quantized(x: Any) -> bool:
+    return isinstance(x, QuantizedArray)
+
+
+def _resolve_where(tree: Any, where: Any) -> list[bool | None]:
+    """Flattened mask aligned with ``tree``'s leaves; None means 'floating leaves'."""
+    leaves, treedef = jax.tree.flatten(tree)
+    if where is None:
+        return [None] * len(leaves)
+    mask = where(tree) if callable(where) else where
+    mask_leaves, mask_def = jax.tree.flatten(mask)
+    if mask_def != treedef:
+        raise ValueError(
+            "`where` must be a pytree of bools with the same structure as `tree` (or a "
+            f"callable returning one); got structure {mask_def}, expected {treedef}."
+        )
+    return [bool(m) for m in mask_leaves]
+
+
+def quantize_tree(
+    tree: Any,
+    format: str = "int8",
+    block_size: int = 256,
+    where: Any | Callable[[Any], Any] | None = None,
+) -> Any:
+    """Quantizes the leaves of a pytree with :func:`quantize`.
+
+    Args:
+      tree: a pytree of arrays.
+      format: see :func:`quantize`.
+      block_size: see :func:`quantize`.
+      where: which leaves to quantize. ``None`` quantizes every real floating-point
+        leaf and passes other leaves (integers, bools, ...) through unchanged.
+        Otherwise a pytree of bools with the structure of ``tree``, or a callable
+        ``tree -> such a pytree`` (as ``mask`` in :func:`optax.masked`); selected
+        leaves must be floating point.
+
+    Returns:
+      A pytree of the same structure in which each selected leaf is replaced by a
+      :class:`QuantizedArray` (whose own leaves are ``codes`` and ``scales``).
+
+    Raises:
+      ValueError: bad ``format``/``block_size``/``where``, or a selected leaf with
+        concrete values contains NaN or inf (the message names the leaf path and
+        shape). Under :func:`jax.jit` values are abstract and this check is skipped.
+      TypeError: a leaf selected by ``where`` is not floating point.
+    """
+    _check_format(format)
+    _check_block_size(block_size)
+    mask = _resolve_where(tree, where)
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+
+    def convert(path_leaf: tuple[Any, Any], selected: bool | None) -> Any:
+        path, leaf = path_leaf
+        is_float = jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+        if selected is None:
+            selected = is_float
+        if not selected:
+            return leaf
+        name = jax.tree_util.keystr(path)
+        shape = tuple(jnp.shape(leaf))
+        if not is_float:
+            raise TypeError(
+                f"quantize_tree: leaf {name} with shape {shape} has non-floating dtype "
+                f"{jnp.result_type(leaf)}; exclude it with `where`."
+            )
+        if not isinstance(leaf, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(leaf))):
+            raise ValueError(
+                f"quantize_tree: leaf {name} with shape {shape} contains non-finite "
+                "values (NaN or inf); block-wise absmax quantization cannot represent them."
+            )
+        return quantize(leaf, format, block_size)
+
+    return jax.tree.unflatten(treedef, list(map(convert, path_leaves, mask)))
+
+
+def dequantize_tree(tree: Any) -> Any:
+    """Replaces every :class:`QuantizedArray` in ``tree`` by :func:`dequantize` of it."""
+    return jax.tree.map(
+        lambda x: dequantize(x) if _is_quantized(x) else x, tree, is_leaf=_is_quantized
+    )

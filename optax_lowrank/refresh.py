@@ -1,0 +1,138 @@
+"""What a refresh does to the inner optimizer's state ("keep", "reset", "transport").
+
+A refresh replaces the basis of every projected leaf, so the coordinates the
+inner optimizer's statistics are expressed in change.  The policy decides what
+to do with them; the same function serves the gradient path (inside
+``olr.low_rank``) and the adapter path (``olr.adapters.refresh_state`` after a
+merge), which is what keeps the two paths identical under every policy.
+
+The inner state is opaque, so per-leaf statistics are found structurally: a
+sub-tree of the inner state whose tree structure equals the parameter tree's
+(e.g. Adam's ``mu`` and ``nu``, momentum's ``trace``, MultiSteps' accumulated
+gradients) holds, at each projected position, a statistic of that leaf.
+
+* ``"keep"`` (GaLore): leave every statistic as it is.
+* ``"reset"`` (ReLoRA): set the projected leaves' statistics to their value in
+  a freshly initialised inner state (zeros for moments).  Step counters and the
+  statistics of non-projected leaves are kept.
+* ``"transport"``: carry each statistic into the new basis with the per-axis
+  least-squares change of coordinates ``T_i = pinv(U_i^new) U_i^old``
+  (``U^newᵀ U^old`` for orthonormal bases).  Statistics shaped like the
+  coefficients are mapped linearly, ``c ×_i T_i``; those whose field name marks
+  them as second moments (``nu``, ``v``, ``exp_avg_sq``, ``sum_of_squares``,
+  ``acc``...) with the element-wise squared map ``c ×_i (T_i ∘ T_i)``, which
+  keeps them non-negative.  Statistics of another shape (Adafactor's factored
+  row/column moments) cannot be mapped and are reset.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_lowrank import bases as bases_lib
+from optax_lowrank.leaves import LeafPlan, is_plan
+
+POLICIES = ("keep", "reset", "transport")
+
+SECOND_MOMENT_NAMES = frozenset(
+    {"nu", "v", "nu_hat", "exp_avg_sq", "sum_of_squares", "acc", "v_row", "v_col",
+     "grad_sqr", "second_moment"}
+)
+
+
+def check_policy(on_refresh: str) -> str:
+  if on_refresh not in POLICIES:
+    raise ValueError(f"`on_refresh` must be one of {POLICIES}, got {on_refresh!r}")
+  return on_refresh
+
+
+def _names(path) -> set[str]:
+  out = set()
+  for k in path:
+    if isinstance(k, jax.tree_util.GetAttrKey):
+      out.add(k.name)
+    elif isinstance(k, jax.tree_util.DictKey):
+      out.add(str(k.key))
+  return out
+
+
+def apply_policy(
+    on_refresh: str,
+    inner: optax.GradientTransformation,
+    inner_state: optax.OptState,
+    plans: Any,
+    old_bases: Any,
+    new_bases: Any,
+) -> optax.OptState:
+  """The inner state after a refresh from ``old_bases`` to ``new_bases``.
+
+  Args:
+    on_refresh: ``"keep"``, ``"reset"`` or ``"transport"``.
+    inner: the inner transformation (used to make a fresh state for "reset").
+    inner_state: its state, over the coefficient tree.
+    plans: the :class:`~optax_lowrank.leaves.LeafPlan` tree of the params.
+    old_bases, new_bases: every projected leaf's basis before and after
+      (``None`` at non-projected leaves).
+  """
+  if on_refresh == "keep":
+    return inner_state
+  plan_leaves, plan_def = jax.tree.flatten(plans, is_leaf=is_plan)
+  if not any(p.projected for p in plan_leaves):
+    return inner_state
+  coeff_struct = jax.tree.map(
+      lambda p: jax.ShapeDtypeStruct(p.coefficient_shape, p.coefficient_dtype),
+      plans, is_leaf=is_plan,
+  )
+  fresh = inner.init(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), coeff_struct))
+  bare_leaf = plan_def.num_leaves == 1 and plan_def.num_nodes == 1
+
+  if on_refresh == "transport":
+    mats = [
+        None if not p.projected else bases_lib.transport_matrices(o, n)
+        for p, o, n in zip(
+            plan_leaves,
+            _aligned(plans, old_bases),
+            _aligned(plans, new_bases),
+        )
+    ]
+
+  def is_params_like(x) -> bool:
+    try:
+      return jax.tree.structure(x) == plan_def
+    except Exception:  # noqa: BLE001 - any non-pytree object is simply not params-like
+      return False
+
+  def per_subtree(path, old_sub, fresh_sub):
+    if not is_params_like(old_sub):
+      return old_sub
+    second = bool(_names(path) & SECOND_MOMENT_NAMES)
+    olds = jax.tree.leaves(old_sub)
+    freshes = jax.tree.leaves(fresh_sub)
+    out = []
+    for i, (p, o, f) in enumerate(zip(plan_leaves, olds, freshes)):
+      same_shape = tuple(o.shape) == tuple(p.coefficient_shape)
+      if not p.projected or (bare_leaf and not same_shape):
+        out.append(o)
+      elif on_refresh == "reset" or not same_shape:
+        out.append(f)
+      else:
+        out.append(bases_lib.transport(mats[i], o, second_moment=second))
+    return jax.tree.unflatten(plan_def, out)
+
+  return jax.tree_util.tree_map_with_path(
+      per_subtree, inner_state, fresh, is_leaf=is_params_like
+  )
+
+
+def _aligned(plans: Any, bases_tree: Any) -> list:
+  """The basis (or None) of every leaf position, in flattening order."""
+  out = []
+  jax.tree.map(lambda p, b: out.append(b), plans, bases_tree, is_leaf=is_plan)
+  return out
+
+
+__all__ = ["POLICIES", "apply_policy", "check_policy", "LeafPlan"]
