@@ -31,11 +31,13 @@ relative error matters; (ii) the square root halves the dynamic range in log
 space, so an entry whose gradient scale is ``10^{-k}`` of the block maximum sits
 in decade ``k`` of the code instead of decade ``2k``, where the code has ``2^k``
 times more levels (``v`` itself would need twice as many decades for the same
-relative accuracy); (iii) ``sqrt(v)`` only rounds to zero below ``5e-8`` of the
-block maximum of ``sqrt(v)`` (``v`` below ``2.5e-15`` of the block maximum of
-``v``), and because ``|m_t| <= sqrt(v_t) * (1 - beta_1) / sqrt(1 - beta_2) *
-1 / (1 - beta_1 / sqrt(beta_2))``-type bounds keep ``m`` comparably small there,
-the ``m / eps`` blow-up is confined to negligible entries.
+relative accuracy); (iii) ``sqrt(v)`` only rounds to zero below ``5e-8`` of its block maximum
+(``v`` below ``2.5e-15`` of the block maximum of ``v``). Exact Adam satisfies
+``|m_t| <= C sqrt(v_t)`` with ``C = (1 - b1) / sqrt((1 - b2)(1 - b1^2 / b2))``
+(Cauchy-Schwarz; ``C = 7.3`` for the defaults), so an ``m`` whose ``v`` is that
+small is itself negligible; as a guard, a decoded first moment is set to 0 wherever
+the decoded second moment is exactly 0, which is what exact arithmetic implies
+and which rules out the ``m / eps`` blow-up.
 
 Small leaves. As in bitsandbytes, leaves with fewer than ``min_8bit_size``
 elements (default 4096: biases, norms, small projections) keep both moments in
@@ -63,6 +65,7 @@ Reference:
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -197,6 +200,14 @@ def scale_by_adam_8bit(
         grads = optax.tree.cast(updates, jnp.float32)
         mu = jax.tree.map(decode_mu, state.mu, is_leaf=_is_quantized)
         nu = jax.tree.map(decode_nu, state.nu, is_leaf=_is_quantized)
+        # v == 0 implies m == 0 in exact arithmetic; enforce it after decoding so a
+        # second moment rounded to zero cannot turn a small m into m / eps.
+        mu = jax.tree.map(
+            lambda m, v, stored: jnp.where(v > 0, m, 0.0) if _is_quantized(stored) else m,
+            mu,
+            nu,
+            state.nu,
+        )
         mu = optax.tree.update_moment(grads, mu, b1, 1)
         nu = optax.tree.update_moment_per_elem_norm(grads, nu, b2, 2)
         count_inc = optax.safe_increment(state.count)
@@ -264,8 +275,7 @@ def adam_8bit_state_nbytes(
     else 8 * n)``, with ``n`` the leaf size. ``params`` may hold arrays or
     :class:`jax.ShapeDtypeStruct`. Equals ``quantization.nbytes(state)``.
     """
-    sizes = [int(jnp.size(x)) if not hasattr(x, "size") else int(x.size)
-             for x in jax.tree.leaves(params)]
+    sizes = (math.prod(jnp.shape(x)) for x in jax.tree.leaves(params))
     return 4 + sum(
         2 * -(-n // block_size) * (block_size + 4) if n >= min_8bit_size else 8 * n
         for n in sizes

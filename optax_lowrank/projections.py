@@ -34,14 +34,17 @@ refresh.
 i.e. the projector spans the smaller dimension and the coefficients are
 ``max(m, n) × r``.
 
-Ranks larger than the dimension they reduce are clamped to it (a rank-``n``
-projection of an ``n``-dimensional axis): the library documents this instead
-of raising, because one spec is usually shared by leaves of many shapes.
+Ranks larger than a leaf allows are clamped, not rejected, because one spec is
+usually shared by leaves of many shapes: a matrix rank to ``min(m, n)`` (on
+both sides of a two-sided map), a Tucker mode rank to
+``min(n_i, size / n_i)`` (the rank of the mode unfolding), a dense rank to
+``m·n``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -182,10 +185,10 @@ class _OneSided(Projection):
     return self.side
 
   def axis_ranks(self, view_shape):
-    m, n = view_shape
+    r = min(self.rank, *view_shape)
     if self.resolved_side(view_shape) == "left":
-      return (min(self.rank, m), None)
-    return (None, min(self.rank, n))
+      return (r, None)
+    return (None, r)
 
   def _factor(self, view_shape, key, grad, dtype, r, n, side) -> Array:
     raise NotImplementedError
@@ -279,8 +282,8 @@ class TwoSided(Projection):
     return self.kind == "svd"
 
   def axis_ranks(self, view_shape):
-    m, n = view_shape
-    return (min(self.left_rank, m), min(self.right_rank, n))
+    k = min(view_shape)
+    return (min(self.left_rank, k), min(self.right_rank, k))
 
   def make(self, view_shape, key, grad, dtype):
     rl, rr = self.axis_ranks(view_shape)
@@ -321,7 +324,8 @@ class Tucker(Projection):
       raise ValueError(
           f"`ranks` has {len(r)} entries but the leaf has {len(view_shape)} modes"
       )
-    return tuple(min(ri, n) for ri, n in zip(r, view_shape))
+    size = math.prod(view_shape)
+    return tuple(min(ri, n, size // n) for ri, n in zip(r, view_shape))
 
   def make(self, view_shape, key, grad, dtype):
     del key
