@@ -194,12 +194,15 @@ def plan(
     shape = tuple(leaf.shape)
     dtype = leaf.dtype
     base = LeafPlan(path, index, shape, dtype)
-    rule = reshape(names, leaf) if callable(reshape) else reshape
     ndim = len(shape)
+    if callable(reshape):
+      rule = reshape(names, leaf)
+    else:  # one rule for every leaf with more than two axes
+      rule = reshape if ndim > 2 else None
     if spec.view == "matrix":
       if ndim == 2 and rule is None:
         view, perm, ok = shape, None, True
-      elif ndim > 2 and rule is not None:
+      elif ndim >= 2 and rule is not None:
         view, perm = _normalize_rule(rule, shape, path)
         ok = True
       else:
