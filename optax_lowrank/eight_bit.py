@@ -134,6 +134,9 @@ def scale_by_adam_8bit(
     eps: float = 1e-8,
     block_size: int = 256,
     min_8bit_size: int = 4096,
+    *,
+    stochastic_rounding: bool = True,
+    seed: int = 0,
 ) -> optax.GradientTransformation:
     """Rescales updates by Adam with 8-bit block-wise quantized moments.
 
@@ -150,6 +153,11 @@ def scale_by_adam_8bit(
       block_size: elements per quantization block (positive int).
       min_8bit_size: leaves with fewer elements keep float32 moments
         (non-negative int; 0 quantizes every leaf).
+      stochastic_rounding: re-quantize the moments with unbiased stochastic
+        rounding (default) instead of round-to-nearest (bitsandbytes' choice);
+        see the module docstring for why.
+      seed: seed of the rounding noise. The noise of step ``t`` is derived from
+        ``fold_in(key(seed), t)``, so no key is stored and runs are reproducible.
 
     Returns:
       A :class:`optax.GradientTransformation` whose state is a
@@ -168,15 +176,18 @@ def scale_by_adam_8bit(
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"`block_size` must be a positive int, got {block_size!r}.")
     _check_nonnegative_int("min_8bit_size", min_8bit_size)
+    _check_nonnegative_int("seed", seed)
 
     def use_8bit(x: jax.Array) -> bool:
         return x.size >= min_8bit_size
 
-    def encode_mu(m: jax.Array) -> Any:
-        return quantization.quantize(m, MU_FORMAT, block_size) if use_8bit(m) else m
+    def encode_mu(m: jax.Array, key: jax.Array | None = None) -> Any:
+        return quantization.quantize(m, MU_FORMAT, block_size, key=key) if use_8bit(m) else m
 
-    def encode_nu(v: jax.Array) -> Any:
-        return quantization.quantize(jnp.sqrt(v), NU_FORMAT, block_size) if use_8bit(v) else v
+    def encode_nu(v: jax.Array, key: jax.Array | None = None) -> Any:
+        if not use_8bit(v):
+            return v
+        return quantization.quantize(jnp.sqrt(v), NU_FORMAT, block_size, key=key)
 
     def decode_mu(m: Any) -> jax.Array:
         return quantization.dequantize(m) if _is_quantized(m) else m
@@ -216,12 +227,15 @@ def scale_by_adam_8bit(
         new_updates = jax.tree.map(
             lambda m, v, g: (m / (jnp.sqrt(v) + eps)).astype(g.dtype), mu_hat, nu_hat, updates
         )
-        new_state = ScaleByAdam8bitState(
-            count=count_inc,
-            mu=jax.tree.map(encode_mu, mu),
-            nu=jax.tree.map(encode_nu, nu),
-        )
-        return new_updates, new_state
+        if stochastic_rounding:
+            step_key = jax.random.fold_in(jax.random.key(seed), count_inc)
+            mu_key, nu_key = jax.random.split(step_key)
+            new_mu = jax.tree.map(encode_mu, mu, optax.tree.split_key_like(mu_key, mu))
+            new_nu = jax.tree.map(encode_nu, nu, optax.tree.split_key_like(nu_key, nu))
+        else:
+            new_mu = jax.tree.map(encode_mu, mu)
+            new_nu = jax.tree.map(encode_nu, nu)
+        return new_updates, ScaleByAdam8bitState(count=count_inc, mu=new_mu, nu=new_nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -235,6 +249,9 @@ def adam_8bit(
     block_size: int = 256,
     min_8bit_size: int = 4096,
     mask: Any | None = None,
+    *,
+    stochastic_rounding: bool = True,
+    seed: int = 0,
 ) -> optax.GradientTransformation:
     """8-bit Adam (AdamW when ``weight_decay > 0``).
 
@@ -248,7 +265,8 @@ def adam_8bit(
 
     Args:
       learning_rate: a float or an :data:`optax.Schedule`.
-      b1, b2, eps, block_size, min_8bit_size: see :func:`scale_by_adam_8bit`.
+      b1, b2, eps, block_size, min_8bit_size, stochastic_rounding, seed: see
+        :func:`scale_by_adam_8bit`.
       weight_decay: decoupled weight-decay coefficient, ``>= 0``.
       mask: optional pytree/callable selecting leaves to decay, as in
         :func:`optax.add_decayed_weights`.
@@ -259,7 +277,17 @@ def adam_8bit(
     """
     if isinstance(weight_decay, (int, float)) and weight_decay < 0:
         raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}.")
-    stages = [scale_by_adam_8bit(b1, b2, eps, block_size, min_8bit_size)]
+    stages = [
+        scale_by_adam_8bit(
+            b1,
+            b2,
+            eps,
+            block_size,
+            min_8bit_size,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
+        )
+    ]
     if callable(weight_decay) or weight_decay != 0:
         stages.append(optax.add_decayed_weights(weight_decay, mask))
     stages.append(optax.scale_by_learning_rate(learning_rate))

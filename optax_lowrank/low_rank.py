@@ -111,10 +111,14 @@ def low_rank(
     raise TypeError(
         f"`projection` must be a projection spec such as olr.svd(128), got {projection!r}"
     )
-  if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
+  # Python values are checked here; arrays (e.g. from optax.inject_hyperparams)
+  # are accepted as they are.
+  if not isinstance(refresh_every, jax.Array) and (
+      isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1
+  ):
     raise ValueError(f"`refresh_every` must be an int >= 1, got {refresh_every!r}")
   refresh_lib.check_policy(on_refresh)
-  if isinstance(seed, bool) or not isinstance(seed, int):
+  if not isinstance(seed, jax.Array) and (isinstance(seed, bool) or not isinstance(seed, int)):
     raise TypeError(f"`seed` must be an int, got {seed!r}")
   inner = optax.with_extra_args_support(inner)
 

@@ -42,10 +42,12 @@ Formats
   ``e = 0..7`` (256 levels, smallest non-zero ``1e-7``). Negative inputs are
   mapped to zero. Per-element error ``<= a_b * 0.9 / 256``. 1 byte per element.
 
-For every codebook format (all but ``"int8"``) elements are rounded to the
-nearest level, so the error of an element is at most half the gap between the two
-levels that bracket ``x_i / s_b``, times ``s_b``. Zero is a level of every
-format, so exact zeros (and all-zero blocks, whose scale is 0) stay exactly zero.
+Elements are rounded to the nearest level by default, so the error of an element
+is at most half the gap between the two levels that bracket ``x_i / s_b``, times
+``s_b`` (the bounds above are the worst case over the level table). Passing a PRNG
+``key`` to :func:`quantize` selects unbiased stochastic rounding instead (error
+below one full gap, ``E[x̂] = x``). Zero is a level of every format, so exact
+zeros (and all-zero blocks, whose scale is 0) stay exactly zero either way.
 
 Memory
 ------
@@ -279,8 +281,23 @@ def nbytes(tree: Any) -> int:
     )
 
 
-def quantize(x: jax.typing.ArrayLike, format: str = "int8", block_size: int = 256) -> QuantizedArray:
+def quantize(
+    x: jax.typing.ArrayLike,
+    format: str = "int8",
+    block_size: int = 256,
+    *,
+    key: jax.Array | None = None,
+) -> QuantizedArray:
     """Quantizes a floating-point array block-wise.
+
+    With ``key=None`` each normalized element ``y = x / s_b`` is rounded to the
+    nearest level (error at most half the gap between the two levels around ``y``).
+    With a PRNG ``key`` it is rounded stochastically: to the level just above ``y``
+    with probability ``(y - lo) / (hi - lo)`` and to the one just below otherwise,
+    so ``E[x̂] = x`` (unbiased) and the error is below the full gap ``hi - lo``.
+    Unbiased rounding matters when a quantized quantity is updated by small
+    increments, e.g. an exponential moving average with decay close to 1, where
+    nearest rounding would discard every increment smaller than half a gap.
 
     Args:
       x: array of any shape and floating dtype. It is flattened (row-major) and the
@@ -289,6 +306,8 @@ def quantize(x: jax.typing.ArrayLike, format: str = "int8", block_size: int = 25
         the module docstring for levels and error bounds).
       block_size: elements per block (positive int; any value, it need not divide
         ``x.size`` nor be even).
+      key: optional PRNG key; enables stochastic rounding (see above). One uniform
+        number is drawn per (padded) element.
 
     Returns:
       A :class:`QuantizedArray`; :func:`dequantize` inverts it up to the format's
@@ -303,7 +322,7 @@ def quantize(x: jax.typing.ArrayLike, format: str = "int8", block_size: int = 25
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"`x` must be a real floating-point array, got dtype {x.dtype}.")
-    return _quantize(x, format, int(block_size))
+    return _quantize(x, format, int(block_size), key)
 
 
 def _blocks(x: jax.Array, block_size: int) -> jax.Array:
@@ -316,19 +335,34 @@ def _blocks(x: jax.Array, block_size: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("format", "block_size"))
-def _quantize(x: jax.Array, format: str, block_size: int) -> QuantizedArray:
+def _quantize(
+    x: jax.Array, format: str, block_size: int, key: jax.Array | None
+) -> QuantizedArray:
     blocks = _blocks(x, block_size)
     absmax = jnp.max(jnp.abs(blocks), axis=1)  # [n_blocks]
+    uniform = None if key is None else jax.random.uniform(key, (blocks.size,))
     if format == "int8":
         scales = absmax / 127.0
-        divisor = jnp.where(scales > 0, scales, 1.0)[:, None]
-        codes = jnp.clip(jnp.round(blocks / divisor), -127, 127).astype(jnp.int8).ravel()
+        y = (blocks / jnp.where(scales > 0, scales, 1.0)[:, None]).ravel()
+        if uniform is None:
+            rounded = jnp.round(y)
+        else:
+            below = jnp.floor(y)
+            rounded = below + (uniform < y - below)
+        codes = jnp.clip(rounded, -127, 127).astype(jnp.int8)
     else:
         scales = absmax
         levels = _CODEBOOKS[format]
-        midpoints = jnp.asarray((levels[1:] + levels[:-1]) / 2.0)
-        normalized = blocks / jnp.where(absmax > 0, absmax, 1.0)[:, None]
-        codes = jnp.searchsorted(midpoints, normalized.ravel()).astype(jnp.uint8)
+        y = (blocks / jnp.where(absmax > 0, absmax, 1.0)[:, None]).ravel()
+        if uniform is None:
+            midpoints = jnp.asarray((levels[1:] + levels[:-1]) / 2.0)
+            codes = jnp.searchsorted(midpoints, y)
+        else:
+            table = jnp.asarray(levels)
+            upper = jnp.clip(jnp.searchsorted(table, y), 1, levels.size - 1)
+            lo, hi = table[upper - 1], table[upper]
+            codes = upper - (uniform >= (y - lo) / (hi - lo))
+        codes = codes.astype(jnp.uint8)
         if format == "nf4":
             codes = _pack_nibbles(codes, zero_code=int(np.flatnonzero(levels == 0)[0]))
     return QuantizedArray(

@@ -1,0 +1,523 @@
+"""AdaMeM: Adafactor with momentum kept only in a low-rank subspace (paper 004).
+
+Vyas, Morwani & Kakade, "AdaMeM: Memory Efficient Momentum for Adafactor".
+For a projected leaf seen as a matrix ``G ∈ R^{m×n}`` with ``m ≤ n`` (the paper's
+setting; the other orientation is the transpose) and an orthonormal projector
+``P ∈ R^{m×r}`` (top-``r`` left singular vectors of a gradient, re-made every
+``T`` steps, Alg. 2), one step is (Alg. 1, with ``t`` counted from 1)::
+
+    R_t = Pᵀ G_t                                  (r×n)  Alg. 1 l.6, Alg. 2
+    S_t = G_t − P R_t = (I − P Pᵀ) G_t            (m×n)  Alg. 1 l.7
+    M_t = β1 M_{t−1} + (1 − β1) R_t               (r×n)  Alg. 1 l.8
+    N_1 = P · AF(M̂_t)                             (m×n)  Alg. 1 l.9, Alg. 3
+    N_2 = OS(S_t)                                 (m×n)  Alg. 1 l.10, Alg. 4
+    u_t = N_1 + δ · N_2                                  Alg. 1 l.11
+
+``AF`` is Adafactor's factored preconditioner applied to the bias-corrected
+momentum ``M̂_t = M_t / (1 − β1^t)`` (Alg. 3 takes the *momentum* as input and
+accumulates its square)::
+
+    a_t = β2 a_{t−1} + (1 − β2) (M̂_t ∘ M̂_t) 1_n       (r,)  row sums
+    b_t = β2 b_{t−1} + (1 − β2) 1_rᵀ (M̂_t ∘ M̂_t)      (n,)  column sums
+    V̂ = a_t b_tᵀ / (1_rᵀ a_t) / (1 − β2^t)
+    AF(M̂_t) = M̂_t / (√V̂ + ε)
+
+``OS`` is the one-sided Adafactor preconditioner: a single vector of
+second moments along the *non-projected* axis, averaged over the projected
+one, so it scales the columns of the residual only::
+
+    c_t = β2 c_{t−1} + (1 − β2) 1_mᵀ (S_t ∘ S_t)        (n,)
+    OS(S_t) = S_t / (√(1_m c_tᵀ / m / (1 − β2^t)) + ε)
+
+Claim 3.1 (orthogonality).  ``N_1`` lies in the column space of ``P``
+(``N_1 = P X``) and ``N_2 = (I − P Pᵀ) G_t D`` with ``D`` diagonal, so
+``⟨N_1, N_2⟩_F = tr(Xᵀ Pᵀ (I − P Pᵀ) G_t D) = 0``: preconditioning never mixes
+the momentum subspace with its complement.  :func:`adamem_parts` returns the
+two parts of one step so this can be checked directly.
+
+Decisions where the paper is silent or its text is inconsistent:
+
+* **Side of the one-sided statistic.**  Alg. 4 as printed accumulates row sums
+  ``(S_t²) 1_n`` (a scaling of the rows, the projected axis) but normalises by
+  ``1_mᵀ/m``; Claim 3.1's proof (``B = (I − PPᵀ) G D_3`` with
+  ``D_3 ∈ R^{n×n}``) and the memory count (``r + n + n``) both require the
+  statistic to live on the non-projected axis.  We follow the proof and the
+  memory count; scaling the rows would break the orthogonality (the test file
+  shows it).
+* **Bias correction and ε** ("not described for simplicity", Alg. 1): the
+  momentum is bias-corrected by ``1 − β1^t`` *before* it enters Alg. 3, every
+  second-moment statistic by ``1 − β2^t``, and ``ε`` (default ``1e-8``, the
+  paper's §5 value) is added to the square root, as in Adam.  With this choice
+  step 1 gives ``N_1 = P · R_1 / √(factored R_1²)``, invariant to the
+  gradient's scale.
+* **Refresh.**  Alg. 1–2 keep ``M`` and every statistic untouched when ``P`` is
+  replaced (no reset, no transport), as GaLore does; so do we.  The first
+  projector is made at step 0 (the package's convention), then every
+  ``refresh_every`` steps, inside ``jax.lax.cond``.
+* **No update clipping and no Adafactor relative step.**  The paper's
+  "relative step size δ" is the weight of the residual direction (Alg. 1,
+  ``δ = 1``; §5 sweeps ``δ ∈ {0.5, 1}``), not Adafactor's parameter-scale
+  step, and Alg. 1 l.11 applies no RMS clipping.  Chain
+  ``optax.clip_by_block_rms`` yourself if you want Adafactor's clipping.
+* **Full-rank leaves.**  When the rank (clamped to the leaf) equals the
+  projected dimension, ``I − PPᵀ = 0`` exactly; the residual is then set to
+  zero statically instead of normalising round-off noise to unit scale.
+* **Leaves that are not projected** (vectors, scalars, anything ``where``
+  leaves out) get plain Adafactor *without* momentum: a factored second
+  moment over the last two axes for leaves with ≥ 2 axes, a full one for the
+  rest, same ``β2``, ``ε`` and bias correction.  This is what the paper uses for
+  the layers it does not make low-rank ("training the first and last layers
+  with Adafactor for AdaMeM", §5) and it keeps the state ``O(m + n)`` for big
+  excluded matrices such as embeddings; an Adam treatment would cost ``2·m·n``.
+
+Memory (state bytes of one leaf; ``b_u``, ``b_µ``, ``b_s`` the item sizes of
+the projector, momentum and statistics; the projector and statistics are
+float32, float64 for float64 leaves; the momentum is ``mu_dtype``, the same by
+default).  For a projected leaf whose matrix view is ``m×n``, let ``p`` be the
+projected dimension (``min(m, n)`` for ``side="auto"``), ``q`` the other one and
+``r = min(rank, m, n)``:
+
+==================  ===================  ============================
+field               shape                bytes
+==================  ===================  ============================
+projector ``P``     ``(p, r)``           ``p·r·b_u``
+``mu``              ``(r, q)``/(q, r)    ``q·r·b_µ``
+``nu_row, nu_col``  ``(r,), (q,)``       ``(r + q)·b_s``
+``nu_res``          ``(q,)``             ``q·b_s``
+==================  ===================  ============================
+
+i.e. ``(p + q)·r + r + 2q`` floats ≈ ``(m + n)·r`` (the paper's count).  A leaf
+that is not projected holds ``(size/s_{−1} + size/s_{−2})·b_s`` bytes if it has
+≥ 2 axes (``s_{−1}, s_{−2}`` its last two dimensions), ``size·b_s`` otherwise.
+The step counter adds 4 bytes.  :func:`adamem_state_bytes` evaluates all of it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_lowrank import bases as bases_lib
+from optax_lowrank import leaves as leaves_lib
+from optax_lowrank import projections as proj
+from optax_lowrank.bases import Basis, project, project_back
+from optax_lowrank.leaves import LeafPlan, map_plans
+
+Array = jax.Array
+
+__all__ = [
+    "AdaMeMParts",
+    "ScaleByAdaMeMState",
+    "adamem",
+    "adamem_parts",
+    "adamem_state_bytes",
+    "scale_by_adamem",
+]
+
+
+class ScaleByAdaMeMState(NamedTuple):
+  """State of :func:`scale_by_adamem`; every field but ``count`` is shaped like the params.
+
+  For a projected leaf with matrix view ``m×n``, projected dimension ``p``, other
+  dimension ``q`` and rank ``r`` (coefficients ``(r, q)`` for a left projection,
+  ``(q, r)`` for a right one):
+
+  Attributes:
+    count: int32 ``()``, steps taken; a new projector is made when
+      ``count % refresh_every == 0``.
+    bases: projected leaves: a :class:`~optax_lowrank.bases.Basis` holding the
+      one projector factor ``P`` (``(p, r)``, float32/64); ``None`` elsewhere.
+    mu: projected leaves: the low-rank momentum ``M`` (coefficient-shaped,
+      ``mu_dtype``); ``None`` elsewhere (no momentum outside the subspace).
+    nu_row: projected leaves: Alg. 3's row statistic of ``M̂`` (first axis of the
+      coefficients); other leaves: Adafactor's row statistic of the gradient
+      (``shape[:-1]``), or its full second moment (``shape``) for < 2 axes.
+    nu_col: projected leaves: Alg. 3's column statistic of ``M̂`` (second axis
+      of the coefficients); other leaves with ≥ 2 axes: Adafactor's column
+      statistic (``shape[:-2] + shape[-1:]``); ``None`` for < 2 axes.
+    nu_res: projected leaves: Alg. 4's one-sided statistic of the residual,
+      ``(q,)``; ``None`` elsewhere.
+  """
+
+  count: Array
+  bases: Any
+  mu: Any
+  nu_row: Any
+  nu_col: Any
+  nu_res: Any
+
+
+class AdaMeMParts(NamedTuple):
+  """One AdaMeM step on one projected leaf, split as in Alg. 1 l.11.
+
+  Attributes:
+    low_rank: ``N_1 = P · AF(M̂_t)``, leaf-shaped, in the projector's dtype.
+    residual: ``N_2 = OS((I − PPᵀ) G_t)``, leaf-shaped, same dtype.
+    mu, nu_row, nu_col, nu_res: the leaf's new statistics (dtypes of the inputs).
+  """
+
+  low_rank: Array
+  residual: Array
+  mu: Array
+  nu_row: Array
+  nu_col: Array
+  nu_res: Array
+
+
+# ----------------------------------------------------------------------------
+# Pure per-leaf mathematics.
+
+
+def _factored_ema(nu_row: Array, nu_col: Array, x: Array, b2) -> tuple[Array, Array]:
+  """EMAs of the row and column sums of ``x²`` over its last two axes (Alg. 3 l.2–3)."""
+  sq = jnp.square(x)
+  return (
+      b2 * nu_row + (1 - b2) * jnp.sum(sq, axis=-1),
+      b2 * nu_col + (1 - b2) * jnp.sum(sq, axis=-2),
+  )
+
+
+def _factored_scale(x: Array, nu_row: Array, nu_col: Array, correction, eps) -> Array:
+  """``x / (√V̂ + ε)`` with ``V̂ = a bᵀ / (1ᵀa) / correction`` (Alg. 3 l.4)."""
+  total = jnp.sum(nu_row, axis=-1, keepdims=True)
+  # An all-zero row statistic means x has been 0 everywhere: V̂ = 0, output 0.
+  total = jnp.where(total > 0, total, jnp.ones_like(total))
+  v = nu_row[..., :, None] * nu_col[..., None, :] / total[..., None]
+  return x / (jnp.sqrt(v / correction) + eps)
+
+
+def adamem_parts(
+    basis: Basis,
+    grad: Array,
+    mu: Array,
+    nu_row: Array,
+    nu_col: Array,
+    nu_res: Array,
+    count: Array | int,
+    *,
+    b1: float | Array = 0.9,
+    b2: float | Array = 0.95,
+    eps: float | Array = 1e-8,
+) -> AdaMeMParts:
+  """Both preconditioned directions of one AdaMeM step on one projected leaf.
+
+  Args:
+    basis: a one-sided basis with orthonormal factor ``P`` (``(p, r)``), as kept
+      in :class:`ScaleByAdaMeMState` ``.bases``.
+    grad: the leaf's gradient ``G_t`` (leaf-shaped).
+    mu, nu_row, nu_col, nu_res: the leaf's statistics before the step (shapes as
+      in :class:`ScaleByAdaMeMState`).
+    count: steps taken before this one (``t − 1``; bias corrections use ``t``).
+    b1, b2, eps: as for :func:`scale_by_adamem`.
+
+  Returns:
+    :class:`AdaMeMParts`: ``low_rank = P·AF(M̂_t)`` and
+    ``residual = OS((I − PPᵀ) G_t)`` (their Frobenius inner product is 0,
+    Claim 3.1), and the new statistics.  The step itself is
+    ``low_rank + δ·residual``.
+  """
+  axes = [i for i, f in enumerate(basis.factors) if f is not None]
+  if len(basis.factors) != 2 or len(axes) != 1:
+    raise ValueError(
+        f"AdaMeM needs a one-sided matrix basis (one factor on a 2-D view); got {basis!r}"
+    )
+  axis = axes[0]
+  factor = basis.factors[axis]
+  dtype = factor.dtype
+  t = jnp.asarray(count, jnp.int32) + 1
+  tf = t.astype(dtype)
+  c1 = 1 - jnp.asarray(b1, dtype) ** tf
+  c2 = 1 - jnp.asarray(b2, dtype) ** tf
+
+  g = grad.astype(dtype)
+  coeffs = project(basis, g)                                      # R_t
+  new_mu = b1 * mu.astype(dtype) + (1 - b1) * coeffs              # M_t
+  mu_hat = new_mu / c1
+  new_row, new_col = _factored_ema(nu_row.astype(dtype), nu_col.astype(dtype), mu_hat, b2)
+  low_rank = project_back(basis, _factored_scale(mu_hat, new_row, new_col, c2, eps))
+
+  p, r = factor.shape
+  if r == p:
+    # I − PPᵀ = 0 exactly; do not amplify round-off.
+    s_view = jnp.zeros(basis.view_shape, dtype)
+  else:
+    s_view = bases_lib.to_view(basis, g - project_back(basis, coeffs))   # S_t
+  new_res = b2 * nu_res.astype(dtype) + (1 - b2) * jnp.sum(jnp.square(s_view), axis=axis)
+  v_res = jnp.expand_dims(new_res, axis) / (p * c2)
+  residual = bases_lib.from_view(basis, s_view / (jnp.sqrt(v_res) + eps))
+  return AdaMeMParts(
+      low_rank=low_rank,
+      residual=residual,
+      mu=new_mu.astype(mu.dtype),
+      nu_row=new_row.astype(nu_row.dtype),
+      nu_col=new_col.astype(nu_col.dtype),
+      nu_res=new_res.astype(nu_res.dtype),
+  )
+
+
+def _adafactor_leaf(g: Array, nu_row: Array, nu_col: Array | None, count, b2, eps):
+  """Adafactor without momentum on a leaf that is not projected."""
+  dtype = nu_row.dtype
+  c2 = 1 - jnp.asarray(b2, dtype) ** (jnp.asarray(count, jnp.int32) + 1).astype(dtype)
+  x = g.astype(dtype)
+  if nu_col is None:
+    new_row = b2 * nu_row + (1 - b2) * jnp.square(x)
+    return x / (jnp.sqrt(new_row / c2) + eps), new_row, None
+  new_row, new_col = _factored_ema(nu_row, nu_col, x, b2)
+  return _factored_scale(x, new_row, new_col, c2, eps), new_row, new_col
+
+
+# ----------------------------------------------------------------------------
+# Validation and memory.
+
+
+def _check_unit_interval(name: str, value) -> None:
+  # Traced values (e.g. under optax.inject_hyperparams) cannot be checked here.
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if not 0.0 <= value < 1.0:
+      raise ValueError(f"`{name}` must be in [0, 1), got {value!r}")
+
+
+def _check_nonnegative(name: str, value) -> None:
+  if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+    raise ValueError(f"`{name}` must be >= 0, got {value!r}")
+
+
+def _projected_axis(p: LeafPlan) -> int:
+  ranks = p.spec.axis_ranks(p.view_shape)
+  return 0 if ranks[0] is not None else 1
+
+
+def _stat_dtype(p: LeafPlan):
+  return proj.basis_dtype(p.dtype)
+
+
+def _mu_dtype(p: LeafPlan, mu_dtype):
+  return _stat_dtype(p) if mu_dtype is None else jnp.dtype(mu_dtype)
+
+
+def _init_leaf(p: LeafPlan, mu_dtype) -> tuple[Any, Any, Any, Any]:
+  """Zeros for ``(mu, nu_row, nu_col, nu_res)`` of one leaf."""
+  sd = _stat_dtype(p)
+  if p.projected:
+    a, b = p.coefficient_shape
+    q = p.view_shape[1 - _projected_axis(p)]
+    return (
+        jnp.zeros((a, b), _mu_dtype(p, mu_dtype)),
+        jnp.zeros((a,), sd),
+        jnp.zeros((b,), sd),
+        jnp.zeros((q,), sd),
+    )
+  shape = p.shape
+  if len(shape) >= 2:
+    return None, jnp.zeros(shape[:-1], sd), jnp.zeros(shape[:-2] + shape[-1:], sd), None
+  return None, jnp.zeros(shape, sd), None, None
+
+
+def adamem_state_bytes(
+    params: Any,
+    rank: int = 128,
+    *,
+    side: proj.Side = "auto",
+    where: Any = None,
+    reshape: Any = None,
+    mu_dtype: Any | None = None,
+) -> int:
+  """Exact bytes of :func:`scale_by_adamem`'s state for ``params``, from shapes alone.
+
+  Per projected leaf (matrix view ``m×n``, projected dimension ``p``, other
+  dimension ``q``, ``r = min(rank, m, n)``)::
+
+      p·r·b_u  +  q·r·b_µ  +  (r + 2q)·b_s
+
+  per other leaf ``(size/s_{−1} + size/s_{−2})·b_s`` (≥ 2 axes) or
+  ``size·b_s``, plus 4 bytes for the step counter (see the module docstring).
+  Arguments as for :func:`scale_by_adamem`; ``params`` may hold
+  ``jax.ShapeDtypeStruct`` leaves.
+  """
+  plans = leaves_lib.plan(params, proj.svd(rank, side), where, reshape)
+  total = 4  # count: int32
+  for p in jax.tree.leaves(plans, is_leaf=leaves_lib.is_plan):
+    b_s = jnp.dtype(_stat_dtype(p)).itemsize
+    if p.projected:
+      axis = _projected_axis(p)
+      pdim, qdim = p.view_shape[axis], p.view_shape[1 - axis]
+      r = p.spec.axis_ranks(p.view_shape)[axis]
+      b_mu = jnp.dtype(_mu_dtype(p, mu_dtype)).itemsize
+      total += pdim * r * b_s + qdim * r * b_mu + (r + 2 * qdim) * b_s
+    elif len(p.shape) >= 2:
+      total += (math.prod(p.shape[:-1]) + math.prod(p.shape[:-2] + p.shape[-1:])) * b_s
+    else:
+      total += math.prod(p.shape) * b_s
+  return total
+
+
+# ----------------------------------------------------------------------------
+# The transformations.
+
+
+def scale_by_adamem(
+    rank: int = 128,
+    refresh_every: int = 200,
+    b1: float = 0.9,
+    b2: float = 0.95,
+    delta: float = 1.0,
+    eps: float = 1e-8,
+    *,
+    side: proj.Side = "auto",
+    where: Any = None,
+    reshape: leaves_lib.ReshapeRule | Callable[..., Any] | None = None,
+    mu_dtype: Any | None = None,
+) -> optax.GradientTransformation:
+  """AdaMeM's preconditioned direction (paper 004, Alg. 1), learning rate excluded.
+
+  Per projected leaf (``G ∈ R^{m×n}``, ``m ≤ n`` shown; see the module
+  docstring for every equation)::
+
+      u = P · AF(M̂_t)  +  δ · OS((I − PPᵀ) G_t),    M_t = β1 M_{t−1} + (1 − β1) Pᵀ G_t
+
+  with ``P`` the top-``rank`` left singular vectors of the gradient at the last
+  refresh, ``AF`` Adafactor's factored preconditioner (Alg. 3) applied to the
+  bias-corrected momentum and ``OS`` the one-sided Adafactor preconditioner
+  (Alg. 4) on the residual.  The two terms are orthogonal (Claim 3.1).  Leaves
+  that are not projected get Adafactor without momentum.
+
+  Args:
+    rank: ``r``, the momentum's rank; clamped to ``min(m, n)`` per leaf.
+    refresh_every: ``T``, steps between SVDs; the first is at step 0.  The SVD
+      runs under ``jax.lax.cond``, only on refresh steps.  Momentum and
+      statistics are kept across a refresh, as in the paper.
+    b1: ``β1``, momentum decay (paper: 0.9).
+    b2: ``β2``, decay of every second-moment statistic (paper: 0.95).
+    delta: ``δ``, the paper's "relative step size": the weight of the
+      momentum-free residual direction relative to the low-rank momentum
+      direction (paper: 1; §5 sweeps 0.5 and 1).  ``δ = 0`` gives Adafactor with
+      low-rank momentum (GaLore-style, no full-rank component); larger ``δ``
+      moves more along the gradient outside the subspace.
+    eps: ``ε`` added to every square root (paper §5: 1e-8).
+    side: which side ``P`` spans: ``"auto"`` (the smaller dimension, as in the
+      paper, which assumes ``m ≤ n`` and projects the left), ``"left"``,
+      ``"right"``.
+    where: which leaves to project, as for ``olr.low_rank`` (default: every
+      2-D leaf).
+    reshape: how leaves with more than two axes are seen as matrices, as for
+      ``olr.low_rank``.
+    mu_dtype: dtype of the momentum (default: float32, float64 for float64
+      leaves).
+
+  Returns:
+    An ``optax.GradientTransformation`` with :class:`ScaleByAdaMeMState`;
+    updates come back in each gradient's dtype.
+
+  Memory: ``(p + q)·r + r + 2q`` floats per projected leaf, ≈ ``(m + n)·r``
+  against ``2·m·n`` for Adam (exact bytes: :func:`adamem_state_bytes`).
+
+  Raises:
+    ValueError / TypeError at construction for ``rank`` ≤ 0, ``refresh_every``
+    < 1, ``b1`` or ``b2`` outside [0, 1), ``delta`` or ``eps`` < 0, an unknown
+    ``side``; at ``init`` for a ``where``/``reshape`` that does not fit a leaf
+    (naming the leaf path and shape).
+  """
+  spec = proj.svd(rank, side)
+  if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
+    raise ValueError(f"`refresh_every` must be an int >= 1, got {refresh_every!r}")
+  _check_unit_interval("b1", b1)
+  _check_unit_interval("b2", b2)
+  _check_nonnegative("delta", delta)
+  _check_nonnegative("eps", eps)
+  # The SVD projector does not use randomness; the key only fills make_basis' signature.
+  base_key = jax.random.PRNGKey(0)
+
+  def make_plans(tree):
+    return leaves_lib.plan(tree, spec, where, reshape)
+
+  def init_fn(params):
+    plans = make_plans(params)
+    fields = map_plans(lambda p: _init_leaf(p, mu_dtype), plans)
+    return ScaleByAdaMeMState(
+        jnp.zeros([], jnp.int32),
+        leaves_lib.zero_bases(plans),
+        *(map_plans(lambda p, f, i=i: f[i], plans, fields) for i in range(4)),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    plans = make_plans(updates)
+    count = state.count
+
+    def refresh(_):
+      return leaves_lib.make_bases(
+          plans, base_key, count // refresh_every, updates, stored=True
+      )
+
+    new_bases = jax.lax.cond(
+        count % refresh_every == 0, refresh, lambda b: b, state.bases
+    )
+
+    def leaf(p: LeafPlan, g, basis, mu, nu_row, nu_col, nu_res):
+      if p.projected:
+        parts = adamem_parts(
+            basis, g, mu, nu_row, nu_col, nu_res, count, b1=b1, b2=b2, eps=eps
+        )
+        u = parts.low_rank + delta * parts.residual
+        return u.astype(g.dtype), parts.mu, parts.nu_row, parts.nu_col, parts.nu_res
+      u, nu_row, nu_col = _adafactor_leaf(g, nu_row, nu_col, count, b2, eps)
+      return u.astype(g.dtype), None, nu_row, nu_col, None
+
+    out = map_plans(
+        leaf, plans, updates, new_bases, state.mu, state.nu_row, state.nu_col, state.nu_res
+    )
+    new_updates, mu, nu_row, nu_col, nu_res = (
+        map_plans(lambda p, o, i=i: o[i], plans, out) for i in range(5)
+    )
+    return new_updates, ScaleByAdaMeMState(
+        optax.safe_increment(count), new_bases, mu, nu_row, nu_col, nu_res
+    )
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adamem(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int = 128,
+    refresh_every: int = 200,
+    b1: float = 0.9,
+    b2: float = 0.95,
+    delta: float = 1.0,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    *,
+    side: proj.Side = "auto",
+    where: Any = None,
+    reshape: Any = None,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+    mu_dtype: Any | None = None,
+) -> optax.GradientTransformation:
+  """AdaMeM with decoupled weight decay and a learning rate (paper 004, Alg. 1).
+
+  ``W ← W − η · (N_1 + δ·N_2 + λ_wd · W)``: :func:`scale_by_adamem`, then
+  ``optax.add_decayed_weights(weight_decay, mask)`` on the full weights, then
+  ``optax.scale_by_learning_rate(learning_rate)``.  The paper's runs use
+  ``β1 = 0.9``, ``β2 = 0.95``, ``ε = 1e-8``, weight decay 0.01, ``δ ∈ {0.5, 1}``
+  and ``T = 200``.
+
+  Args:
+    learning_rate: ``η``, a float or an optax schedule.
+    rank, refresh_every, b1, b2, delta, eps, side, where, reshape, mu_dtype: as
+      for :func:`scale_by_adamem`.
+    weight_decay: decoupled weight decay ``λ_wd`` on the full weights.
+    mask: which leaves weight decay applies to (as in ``optax.adamw``).
+  """
+  return optax.chain(
+      scale_by_adamem(
+          rank, refresh_every, b1, b2, delta, eps,
+          side=side, where=where, reshape=reshape, mu_dtype=mu_dtype,
+      ),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
