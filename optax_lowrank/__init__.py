@@ -5,6 +5,7 @@ back (``low_rank``); or train the dual linear adapter ``Θ0 + SᵀΛ``
 (``adapters``).  See ``docs/`` and the README.
 """
 
+from optax_lowrank import adapters, testing
 from optax_lowrank.bases import Basis, project, project_back
 from optax_lowrank.low_rank import LowRankState, low_rank
 from optax_lowrank.projections import (
@@ -24,6 +25,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Basis",
+    "adapters",
+    "testing",
     "LowRankState",
     "Projection",
     "adam_in_subspace",

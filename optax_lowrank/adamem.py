@@ -277,7 +277,6 @@ def _adafactor_leaf(g: Array, nu_row: Array, nu_col: Array | None, count, b2, ep
 
 
 def _check_unit_interval(name: str, value) -> None:
-  # Traced values (e.g. under optax.inject_hyperparams) cannot be checked here.
   if isinstance(value, (int, float)) and not isinstance(value, bool):
     if not 0.0 <= value < 1.0:
       raise ValueError(f"`{name}` must be in [0, 1), got {value!r}")
@@ -388,7 +387,9 @@ def scale_by_adamem(
   that are not projected get Adafactor without momentum.
 
   Args:
-    rank: ``r``, the momentum's rank; clamped to ``min(m, n)`` per leaf.
+    rank: ``r``, the momentum's rank; clamped to ``min(m, n)`` per leaf.  It
+      fixes shapes, so under ``optax.inject_hyperparams`` pass it in
+      ``static_args``.
     refresh_every: ``T``, steps between SVDs; the first is at step 0.  The SVD
       runs under ``jax.lax.cond``, only on refresh steps.  Momentum and
       statistics are kept across a refresh, as in the paper.
@@ -424,7 +425,11 @@ def scale_by_adamem(
     (naming the leaf path and shape).
   """
   spec = proj.svd(rank, side)
-  if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
+  # Python values are checked here; arrays (``optax.inject_hyperparams`` turns
+  # ``refresh_every``, ``b1``, ... into arrays unless they are static) cannot be.
+  if not isinstance(refresh_every, jax.Array) and (
+      isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1
+  ):
     raise ValueError(f"`refresh_every` must be an int >= 1, got {refresh_every!r}")
   _check_unit_interval("b1", b1)
   _check_unit_interval("b2", b2)

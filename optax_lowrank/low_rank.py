@@ -51,12 +51,17 @@ class LowRankState(NamedTuple):
       ``None`` elsewhere: random sketches are rebuilt from ``key`` each step.
     inner_state: the inner transformation's state over the coefficient tree
       (coefficient-shaped at projected leaves, full-size elsewhere).
+    coefficients: with ``track_coefficients=True``, the adapter-view ``Λ``: the
+      sum of this transformation's outputs in the small space since the last
+      refresh (``α·Δ`` at projected leaves, ``Δ`` elsewhere), zeroed at every
+      refresh exactly as ``olr.adapters.merge`` zeroes ``Λ``; otherwise ``None``.
   """
 
   count: jax.Array
   key: jax.Array
   bases: Any
   inner_state: optax.OptState
+  coefficients: Any = None
 
 
 def low_rank(
@@ -69,16 +74,15 @@ def low_rank(
     seed: int = 0,
     *,
     reshape: leaves_lib.ReshapeRule | Callable[..., Any] | None = None,
+    track_coefficients: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Run ``inner`` on projected gradients and map its updates back.
 
   Args:
     inner: any optax transformation, applied to the coefficient tree (the
       params' structure, with each projected leaf replaced by its coefficients).
-      It is called with ``params=None``: put transformations that need the
-      weights (decoupled weight decay) outside ``low_rank`` in the chain, where
-      they act on the full weights.  Extra keyword arguments of ``update`` are
-      forwarded to it.
+      Extra keyword arguments of ``update`` are forwarded to it.  Its ``params``
+      argument is ``None``, unless ``track_coefficients`` is set.
     projection: a spec such as ``olr.svd(128)`` or ``olr.gaussian(64)``.
     refresh_every: steps between new bases; the first basis is made at step 0.
     on_refresh: ``"keep"`` (GaLore), ``"reset"`` (ReLoRA) or ``"transport"``
@@ -94,6 +98,13 @@ def low_rank(
       ``1`` for an attention kernel ``(embed, heads, head_dim)`` →
       ``(embed, heads·head_dim)``; an int split, ``(row_axes, col_axes)``, or a
       callable ``(path, leaf) -> rule | None``.
+    track_coefficients: keep the adapter-view coefficients ``Λ`` (see
+      :class:`LowRankState`) and pass them to ``inner`` as its ``params``.
+      Weight decay *inside* ``inner`` (``optax.add_decayed_weights``) then
+      decays ``Λ``, exactly as training the adapter ``Θ0 + SᵀΛ`` with AdamW
+      would (paper 000, App. B); decay *outside* ``low_rank`` in the chain
+      decays the full weights instead.  Costs one more coefficient-sized buffer
+      per projected leaf and a full-size one per other leaf.
 
   Returns:
     A ``GradientTransformationExtraArgs``; its state is :class:`LowRankState`.
@@ -132,6 +143,7 @@ def low_rank(
         key=jax.random.PRNGKey(seed),
         bases=leaves_lib.zero_bases(plans),
         inner_state=inner.init(leaves_lib.coefficient_zeros(plans, params)),
+        coefficients=leaves_lib.coefficient_zeros(plans) if track_coefficients else None,
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -142,7 +154,9 @@ def low_rank(
     is_refresh = count % refresh_every == 0
 
     def refresh(operand):
-      stored, inner_state = operand
+      stored, inner_state, coefficients = operand
+      if track_coefficients:  # merge: Λ is folded into the weights and restarts at 0
+        coefficients = jax.tree.map(jnp.zeros_like, coefficients)
       new_stored = leaves_lib.make_bases(plans, state.key, refresh_index, updates, stored=True)
       if on_refresh != "keep":
         old = leaves_lib.current_bases(plans, stored, state.key, refresh_index - 1)
@@ -153,25 +167,33 @@ def low_rank(
             lambda s: s,
             inner_state,
         )
-      return new_stored, inner_state
+      return new_stored, inner_state, coefficients
 
-    stored, inner_state = jax.lax.cond(
-        is_refresh, refresh, lambda operand: operand, (state.bases, state.inner_state)
+    stored, inner_state, coefficients = jax.lax.cond(
+        is_refresh, refresh, lambda operand: operand,
+        (state.bases, state.inner_state, state.coefficients),
     )
     bases = leaves_lib.current_bases(plans, stored, state.key, refresh_index)
     coeffs = map_plans(
         lambda p, g, b: project(b, g) if p.projected else g, plans, updates, bases
     )
-    inner_updates, inner_state = inner.update(coeffs, inner_state, None, **extra_args)
+    inner_updates, inner_state = inner.update(coeffs, inner_state, coefficients, **extra_args)
+    # α applies to projected leaves only, in the small space (Sᵀ is linear).
+    inner_updates = map_plans(
+        lambda p, u: scale * u if p.projected else u, plans, inner_updates
+    )
     new_updates = map_plans(
-        lambda p, g, u, b: (scale * project_back(b, u)).astype(g.dtype) if p.projected else u,
+        lambda p, g, u, b: project_back(b, u).astype(g.dtype) if p.projected else u,
         plans, updates, inner_updates, bases,
     )
+    if track_coefficients:
+      coefficients = jax.tree.map(lambda c, u: c + u.astype(c.dtype), coefficients, inner_updates)
     new_state = LowRankState(
         count=numerics.safe_increment(count),
         key=state.key,
         bases=stored,
         inner_state=inner_state,
+        coefficients=coefficients,
     )
     return new_updates, new_state
 

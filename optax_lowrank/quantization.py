@@ -107,7 +107,7 @@ FORMATS: tuple[str, ...] = ("int8", "nf4", "dynamic8", "dynamic8_unsigned")
 # the 7 negative levels are -Phi^{-1}(p) for 7 equispaced p in (0.5, delta];
 # all are divided by Phi^{-1}(delta). `nf4_levels_from_definition` recomputes
 # them from this definition (the test suite checks agreement to 2e-6).
-NF4_LEVELS: np.ndarray = np.array(
+_NF4_LEVELS_F64 = np.array(
     [
         -1.0,
         -0.6961928009986877,
@@ -125,8 +125,7 @@ NF4_LEVELS: np.ndarray = np.array(
         0.5626170039176941,
         0.7229568362236023,
         1.0,
-    ],
-    dtype=np.float32,
+    ]
 )
 
 
@@ -147,7 +146,7 @@ def nf4_levels_from_definition() -> jax.Array:
 
 
 def _dynamic_tree_levels(magnitude_bits: int, signed: bool) -> np.ndarray:
-    """Sorted levels of a dynamic tree code with ``magnitude_bits`` bits.
+    """Sorted float64 levels of a dynamic tree code with ``magnitude_bits`` bits.
 
     A magnitude code with ``e`` leading zero bits (``e < magnitude_bits``)
     followed by the indicator bit leaves ``k = magnitude_bits - 1 - e`` fraction
@@ -161,31 +160,32 @@ def _dynamic_tree_levels(magnitude_bits: int, signed: bool) -> np.ndarray:
     ]
     magnitudes = np.concatenate(decades)
     parts = [-magnitudes, np.zeros(1), magnitudes] if signed else [np.zeros(1), magnitudes]
-    return np.sort(np.concatenate(parts)).astype(np.float32)
+    return np.sort(np.concatenate(parts))
 
 
-# 255 signed levels in [-1, 1]: 7 magnitude bits + sign.
-DYNAMIC8_LEVELS: np.ndarray = _dynamic_tree_levels(7, signed=True)
-# 256 non-negative levels in [0, 1]: 8 magnitude bits.
-DYNAMIC8_UNSIGNED_LEVELS: np.ndarray = _dynamic_tree_levels(8, signed=False)
-
-_CODEBOOKS: dict[str, np.ndarray] = {
-    "nf4": NF4_LEVELS,
-    "dynamic8": DYNAMIC8_LEVELS,
-    "dynamic8_unsigned": DYNAMIC8_UNSIGNED_LEVELS,
+_LEVELS_F64: dict[str, np.ndarray] = {
+    "int8": np.arange(-127, 128) / 127.0,
+    "nf4": _NF4_LEVELS_F64,
+    "dynamic8": _dynamic_tree_levels(7, signed=True),  # 255 levels, 7 magnitude bits + sign
+    "dynamic8_unsigned": _dynamic_tree_levels(8, signed=False),  # 256 levels
 }
+
+#: float32[16] NF4 levels (see the comment above ``_NF4_LEVELS_F64``).
+NF4_LEVELS: np.ndarray = _NF4_LEVELS_F64.astype(np.float32)
+#: float32[255] signed dynamic tree levels in [-1, 1].
+DYNAMIC8_LEVELS: np.ndarray = _LEVELS_F64["dynamic8"].astype(np.float32)
+#: float32[256] unsigned dynamic tree levels in [0, 1].
+DYNAMIC8_UNSIGNED_LEVELS: np.ndarray = _LEVELS_F64["dynamic8_unsigned"].astype(np.float32)
 
 
 def format_levels(format: str) -> np.ndarray:
-    """Levels ``ell(c)`` of a format, sorted, as a float32 numpy array.
+    """Levels ``ell(c)`` of a format in units of the block absmax, sorted, float32.
 
-    For ``"int8"`` these are ``c / 127`` for ``c = -127..127`` (in units of the
-    block absmax), so that all formats can be compared on the same ``[-1, 1]`` scale.
+    The code of an element is its index in this table (for ``"int8"`` the stored
+    int8 is ``index - 127`` and the levels are ``c / 127``).
     """
     _check_format(format)
-    if format == "int8":
-        return (np.arange(-127, 128) / 127.0).astype(np.float32)
-    return _CODEBOOKS[format]
+    return _LEVELS_F64[format].astype(np.float32)
 
 
 def max_abs_error_factor(format: str) -> float:
@@ -194,7 +194,8 @@ def max_abs_error_factor(format: str) -> float:
     Half the largest gap between adjacent levels: ``1/254`` for ``"int8"``,
     ``0.1519`` for ``"nf4"``, ``0.9/128`` and ``0.9/256`` for the dynamic codes.
     """
-    return float(np.max(np.diff(format_levels(format).astype(np.float64)))) / 2.0
+    _check_format(format)
+    return float(np.max(np.diff(_LEVELS_F64[format]))) / 2.0
 
 
 def _check_format(format: Any) -> None:
@@ -334,40 +335,74 @@ def _blocks(x: jax.Array, block_size: int) -> jax.Array:
     return flat.reshape(n_blocks, block_size)
 
 
+def _dynamic_rank(a: jax.Array, magnitude_bits: int) -> jax.Array:
+    """Continuous rank of magnitudes ``a`` in [0, 1] among the dynamic tree levels.
+
+    The returned ``r`` is an integer exactly at a level (0 for zero, ``2^K - 1``
+    for 1, with ``K = magnitude_bits``) and linear in ``a`` between two adjacent
+    levels. Decade ``e`` (``[10^{-e-1}, 10^{-e}]``, ``n_e = 2^{K-1-e}`` levels)
+    has ``n_e - 1`` non-zero levels below it, hence
+    ``r = n_e - 1 + n_e (a 10^e - 0.1) / 0.9``; below the smallest non-zero level
+    ``10^{-(K-1)}`` the neighbours are 0 and that level, hence ``r = a 10^{K-1}``.
+    This gives the code in O(1) per element instead of a search over the table.
+    """
+    smallest = 10.0 ** -(magnitude_bits - 1)
+    decade = jnp.clip(
+        jnp.floor(-jnp.log10(jnp.maximum(a, smallest))), 0, magnitude_bits - 2
+    )
+    n = jnp.exp2(magnitude_bits - 1 - decade)
+    in_decade = (n - 1) + (a * 10.0**decade - 0.1) / 0.9 * n
+    return jnp.where(a < smallest, a / smallest, in_decade)
+
+
+def _rank(y: jax.Array, format: str) -> jax.Array:
+    """Continuous rank of ``y = x / s_b`` in the sorted level table of ``format``.
+
+    (For ``"int8"``, ``y`` is in code units, ``s_b = a_b / 127``.)
+
+    Integer at each level, linear between adjacent levels, so rounding the rank to
+    the nearest integer rounds ``y`` to the nearest level, and rounding it up with
+    probability equal to its fractional part is unbiased in ``y``.
+    """
+    if format == "int8":
+        return y + 127.0
+    if format == "nf4":
+        table = jnp.asarray(NF4_LEVELS)
+        upper = jnp.clip(jnp.sum(y[:, None] > table[None, :], axis=1), 1, 15)
+        lo, hi = table[upper - 1], table[upper]
+        return (upper - 1) + (y - lo) / (hi - lo)
+    if format == "dynamic8":
+        return 127.0 + jnp.sign(y) * _dynamic_rank(jnp.abs(y), 7)
+    return _dynamic_rank(jnp.maximum(y, 0.0), 8)  # dynamic8_unsigned
+
+
 @functools.partial(jax.jit, static_argnames=("format", "block_size"))
 def _quantize(
     x: jax.Array, format: str, block_size: int, key: jax.Array | None
 ) -> QuantizedArray:
     blocks = _blocks(x, block_size)
     absmax = jnp.max(jnp.abs(blocks), axis=1)  # [n_blocks]
-    uniform = None if key is None else jax.random.uniform(key, (blocks.size,))
-    if format == "int8":
-        scales = absmax / 127.0
-        y = (blocks / jnp.where(scales > 0, scales, 1.0)[:, None]).ravel()
-        if uniform is None:
-            rounded = jnp.round(y)
-        else:
-            below = jnp.floor(y)
-            rounded = below + (uniform < y - below)
-        codes = jnp.clip(rounded, -127, 127).astype(jnp.int8)
+    unit = absmax / 127.0 if format == "int8" else absmax
+    y = (blocks / jnp.where(unit > 0, unit, 1.0)[:, None]).ravel()
+    if format != "int8":
+        y = jnp.clip(y, -1.0, 1.0)
+    rank = _rank(y, format)
+    if key is None:
+        rank = jnp.round(rank)
     else:
-        scales = absmax
-        levels = _CODEBOOKS[format]
-        y = (blocks / jnp.where(absmax > 0, absmax, 1.0)[:, None]).ravel()
-        if uniform is None:
-            midpoints = jnp.asarray((levels[1:] + levels[:-1]) / 2.0)
-            codes = jnp.searchsorted(midpoints, y)
-        else:
-            table = jnp.asarray(levels)
-            upper = jnp.clip(jnp.searchsorted(table, y), 1, levels.size - 1)
-            lo, hi = table[upper - 1], table[upper]
-            codes = upper - (uniform >= (y - lo) / (hi - lo))
-        codes = codes.astype(jnp.uint8)
+        below = jnp.floor(rank)
+        rank = below + (jax.random.uniform(key, rank.shape) < rank - below)
+    n_levels = _LEVELS_F64[format].size
+    rank = jnp.clip(rank, 0, n_levels - 1)
+    if format == "int8":
+        codes = (rank - 127.0).astype(jnp.int8)
+    else:
+        codes = rank.astype(jnp.uint8)
         if format == "nf4":
-            codes = _pack_nibbles(codes, zero_code=int(np.flatnonzero(levels == 0)[0]))
+            codes = _pack_nibbles(codes, zero_code=7)
     return QuantizedArray(
         codes=codes,
-        scales=scales.astype(jnp.float32),
+        scales=unit.astype(jnp.float32),
         shape=tuple(x.shape),
         dtype=np.dtype(x.dtype),
         format=format,
@@ -400,7 +435,7 @@ def dequantize(q: QuantizedArray) -> jax.Array:
         values = q.codes.astype(jnp.float32)
     else:
         codes = _unpack_nibbles(q.codes)[:padded] if q.format == "nf4" else q.codes
-        values = jnp.asarray(_CODEBOOKS[q.format])[codes.astype(jnp.int32)]
+        values = jnp.asarray(format_levels(q.format))[codes.astype(jnp.int32)]
     values = values.reshape(q.n_blocks, q.block_size) * q.scales[:, None]
     return values.ravel()[: q.size].reshape(q.shape).astype(q.dtype)
 

@@ -166,75 +166,105 @@ def _check_damping(damping) -> None:
     raise ValueError(f"`damping` must be finite and > 0, got {damping!r}")
 
 
-def _robust_cho_factor(a: jax.Array, mu: jax.Array):
-  """Cholesky factor of the unit-diagonal ``a`` with its damping floored.
+def _floored_inverse(a: jax.Array, mu: jax.Array) -> jax.Array:
+  """``(a + diag(max(τ − mu, 0)))⁻¹`` via Cholesky, for the first workable ``τ``.
 
-  ``a`` has the exact relative damping ``mu`` included in its unit diagonal.
-  Returns the factor of ``a + diag(max(τ − mu, 0))`` for the first ``τ`` in
-  ``(s·eps, √eps, 1)`` that gives a finite factor.
+  ``a`` is the equilibrated matrix with its unit diagonal (which already holds
+  the exact relative damping ``mu``).  The floors ``τ = s·eps, √eps, 1`` are
+  factorised together as one batched ``cho_factor`` and the first finite
+  factor is used (``τ = 1`` always factorises: ``a + diag(1 − mu) ⪰ I`` up to
+  rounding).  The explicit inverse (one ``cho_solve`` with an identity
+  right-hand side) serves both the solve and the refinement step; for an
+  ``s×s`` system it costs nothing and keeps the compiled graph small.
   """
   s = a.shape[0]
-  eps = float(jnp.finfo(a.dtype).eps)
+  dt = a.dtype
+  eps = float(jnp.finfo(dt).eps)
+  taus = jnp.asarray([s * eps, math.sqrt(eps), 1.0], dt)
+  eye = jnp.eye(s, dtype=dt)
+  bumps = jnp.maximum(taus[:, None] - mu[None, :], 0.0)
+  factors = cho_factor(a[None] + bumps[:, :, None] * eye[None], lower=True)[0]
+  finite = jnp.all(jnp.isfinite(factors), axis=(1, 2))
+  factor = factors[jnp.argmax(finite)]  # first finite (index 0 if none, e.g. NaN input)
+  return cho_solve((factor, True), eye)
+
+
+def _push_through_small(gram, same, lam):
+  """The ``s×s`` part of the push-through solve for one leaf.
+
+  Returns ``(a_inv, w, scale, mu, e, out_scale)`` such that, with ``Ĝ`` the
+  history rows scaled by ``scale``, ``F⁻¹ g = out_scale · Ĝ w`` (before
+  refinement) and ``A = μ I + ĜᵀĜ`` is the equilibrated system, ``a_inv`` the
+  inverse of its floored version and ``e`` the unit vector of the
+  representative slot.
+  """
+  dt = gram.dtype
+  s = gram.shape[0]
   idx = jnp.arange(s)
-  factors = []
-  for tau in (s * eps, math.sqrt(eps), 1.0):
-    bumped = a.at[idx, idx].add(jnp.maximum(tau - mu, 0.0))
-    factors.append(cho_factor(bumped, lower=True)[0])
-  chosen = factors[-1]
-  for c in reversed(factors[:-1]):
-    chosen = jnp.where(jnp.all(jnp.isfinite(c)), c, chosen)
-  return chosen, True
-
-
-def _push_through(h, g, gram, lam, same, refine):
-  """``F⁻¹ g`` for ``g`` equal to the history rows flagged in ``same``."""
-  del g
-  dt = h.dtype
-  s = h.shape[0]
   j = jnp.argmax(same)  # first row equal to g: the representative column
   m = jnp.sum(same).astype(dt)
-  omega = jnp.where(same, 0.0, 1.0).astype(dt).at[j].set(jnp.sqrt(m))
+  omega = jnp.where(same, 0.0, 1.0).astype(dt)
+  omega = jnp.where(idx == j, jnp.sqrt(m), omega)  # fold the m copies into one
   gram_w = gram * omega[:, None] * omega[None, :]
   delta2 = lam + jnp.maximum(jnp.diagonal(gram_w), 0.0)
   delta = jnp.sqrt(delta2)
   mu = lam / delta2
-  scale = omega / delta  # row i of h times scale_i is column i of Ĝ = G'Δ⁻¹
+  scale = omega / delta  # row i of the history times scale_i is column i of Ĝ
   a = gram_w / (delta[:, None] * delta[None, :])
-  a = a.at[jnp.arange(s), jnp.arange(s)].set(1.0)  # = μ_i + ‖ĝ_i‖² exactly
-  factor = _robust_cho_factor(a, mu)
-  e = jax.nn.one_hot(j, s, dtype=dt)
-  w = cho_solve(factor, e)
-  y = jnp.matmul(scale * w, h, precision=_HIGHEST)  # Ĝ w
+  a = jnp.where(idx[:, None] == idx[None, :], 1.0, a).astype(dt)  # μ_i + ‖ĝ_i‖² = 1
+  a_inv = _floored_inverse(a, mu)
+  e = (idx == j).astype(dt)
+  w = jnp.matmul(a_inv, e, precision=_HIGHEST)
+  out_scale = 1.0 / (jnp.sum(e * delta) * jnp.sum(e * omega))
+  return a_inv, w, scale, mu, e, out_scale
+
+
+def _push_through(hs, grams, sames, lam, refine):
+  """``F⁻¹ g`` for several leaves whose gradient is a row of their history.
+
+  ``hs``: list of ``(s, k_i)`` histories of one dtype; ``grams``: ``(L, s, s)``;
+  ``sames``: ``(L, s)``, the rows equal to each leaf's ``g``.  The small
+  systems of all leaves are handled as one batch (one batched Cholesky for
+  the whole tree, which keeps the compiled graph small); only the products
+  with the ``(s, k_i)`` buffers are per leaf.
+  """
+  a_inv, w, scale, mu, e, out_scale = jax.vmap(
+      _push_through_small, in_axes=(0, 0, None)
+  )(grams, sames, lam)
+  ys = [jnp.matmul(scale[i] * w[i], h, precision=_HIGHEST) for i, h in enumerate(hs)]
   if refine:
     # residual of (μ I + ĜᵀĜ) w = e with ĜᵀĜ applied through the vectors
-    resid = e - mu * w - scale * jnp.matmul(h, y, precision=_HIGHEST)
-    dw = cho_solve(factor, resid)
-    y = y + jnp.matmul(scale * dw, h, precision=_HIGHEST)
-  return y / (delta[j] * omega[j])
+    g_hat_t_y = jnp.stack(
+        [jnp.matmul(h, y, precision=_HIGHEST) for h, y in zip(hs, ys, strict=True)]
+    )
+    resid = e - mu * w - scale * g_hat_t_y
+    dw = jnp.einsum("lij,lj->li", a_inv, resid, precision=_HIGHEST)
+    ys = [
+        y + jnp.matmul(scale[i] * dw[i], h, precision=_HIGHEST)
+        for i, (h, y) in enumerate(zip(hs, ys, strict=True))
+    ]
+  return [y * out_scale[i] for i, y in enumerate(ys)]
 
 
-def _woodbury_form(h, g, gram, lam, same, refine):
-  """``F⁻¹ g`` for a general ``g`` (not a history row), ``(g − G S⁻¹ Gᵀ g)/λ``."""
+def _woodbury_form(h, g, gram, lam, same):
+  """``F⁻¹ g`` for a general ``g`` (not a history row), ``(g − G S⁻¹ Gᵀ g)/λ``.
+
+  No refinement here: for a general ``g`` the residual ``g − F y`` would be
+  computed from terms of size ``‖G‖²‖y‖ ≫ ‖g‖`` and drowns in rounding when
+  ``F`` is ill-conditioned (it made results worse in our float32 experiments).
+  """
   del same
-  s = h.shape[0]
+  dt = h.dtype
+  idx = jnp.arange(h.shape[0])
   delta2 = lam + jnp.maximum(jnp.diagonal(gram), 0.0)
   delta = jnp.sqrt(delta2)
   mu = lam / delta2
   scale = 1.0 / delta
   a = gram / (delta[:, None] * delta[None, :])
-  a = a.at[jnp.arange(s), jnp.arange(s)].set(1.0)
-  factor = _robust_cho_factor(a, mu)
-
-  def approx_inverse(v):
-    z = cho_solve(factor, scale * jnp.matmul(h, v, precision=_HIGHEST))
-    return (v - jnp.matmul(scale * z, h, precision=_HIGHEST)) / lam
-
-  y = approx_inverse(g)
-  if refine:
-    hy = jnp.matmul(h, y, precision=_HIGHEST)
-    resid = g - lam * y - jnp.matmul(hy, h, precision=_HIGHEST)
-    y = y + approx_inverse(resid)
-  return y
+  a = jnp.where(idx[:, None] == idx[None, :], 1.0, a).astype(dt)
+  a_inv = _floored_inverse(a, mu)
+  z = jnp.matmul(a_inv, scale * jnp.matmul(h, g, precision=_HIGHEST), precision=_HIGHEST)
+  return (g - jnp.matmul(scale * z, h, precision=_HIGHEST)) / lam
 
 
 def woodbury_solve(
@@ -244,6 +274,7 @@ def woodbury_solve(
     *,
     gram: jax.Array | None = None,
     refine: bool = True,
+    g_in_history: bool | None = None,
 ) -> jax.Array:
   """``(λ I + G Gᵀ)⁻¹ g`` for one leaf, with ``Gᵀ = history_matrix``.
 
@@ -251,8 +282,8 @@ def woodbury_solve(
   as it always does in :func:`woodbury_precondition` (append first, then
   solve), the accurate push-through form with duplicate folding is used;
   otherwise the Woodbury form.  Both factorise the equilibrated, floored
-  ``s×s`` system by Cholesky and take one refinement step (see the module
-  docstring for why).
+  ``s×s`` system by Cholesky; the push-through path then takes one refinement
+  step (see the module docstring for why).
 
   Args:
     history_matrix: ``(s, k)``, one stored gradient per row (zero rows are
@@ -262,9 +293,15 @@ def woodbury_solve(
       be traced).
     gram: optional ``(s, s)`` ``history_matrix @ history_matrix.T`` (e.g. kept
       incrementally); computed when omitted.
-    refine: take the refinement step (default).  Without it the cost drops from
-      four to two products with the buffer, at a loss of accuracy when the
-      history is nearly rank-deficient.
+    refine: take the refinement step of the push-through path (default).
+      Without it the solve makes one product with the buffer instead of three,
+      at a loss of accuracy when the history is nearly rank-deficient and ``λ``
+      is small next to ``‖g‖²``.
+    g_in_history: ``None`` (default) tests whether ``g`` is a row of the
+      history and picks the form inside a ``lax.cond``; ``True`` promises that
+      it is (as in :func:`woodbury_precondition`, which appends first) and
+      compiles only the push-through path (if no row equals ``g`` the result is
+      meaningless); ``False`` always uses the Woodbury form.
 
   Returns:
     ``F⁻¹ g`` flattened, shape ``(k,)``, in the promoted dtype of the history,
@@ -287,12 +324,20 @@ def woodbury_solve(
   gram = jnp.asarray(gram).astype(dt)
   gram = 0.5 * (gram + gram.T)
   same = jnp.all(h == g[None, :], axis=1)
-  return jax.lax.cond(
-      jnp.any(same),
-      lambda ops: _push_through(*ops, refine),
-      lambda ops: _woodbury_form(*ops, refine),
-      (h, g, gram, lam, same),
-  )
+
+  def push(ops):
+    h, g, gram, lam, same = ops
+    return _push_through([h], gram[None], same[None], lam, refine)[0]
+
+  def general(ops):
+    return _woodbury_form(*ops)
+
+  ops = (h, g, gram, lam, same)
+  if g_in_history is True:
+    return push(ops)
+  if g_in_history is False:
+    return general(ops)
+  return jax.lax.cond(jnp.any(same), push, general, ops)
 
 
 def woodbury_precondition(
@@ -350,20 +395,38 @@ def woodbury_precondition(
   def update_fn(updates, state, params=None):
     del params
     slot = state.count % s
+    hit = jnp.arange(s) == slot
     flat, treedef = jax.tree.flatten(updates)
     histories = treedef.flatten_up_to(state.history)
     grams = treedef.flatten_up_to(state.gram)
-    out, new_histories, new_grams = [], [], []
-    for u, h, gram in zip(flat, histories, grams):
-      u = jnp.asarray(u)
-      g = jnp.reshape(u, (-1,)).astype(h.dtype)
+    new_histories, rows, sames = [], [], []
+    for u, h in zip(flat, histories, strict=True):
+      g = jnp.reshape(jnp.asarray(u), (-1,)).astype(h.dtype)
       h = jax.lax.dynamic_update_slice(h, g[None, :], (slot, jnp.zeros_like(slot)))
-      row = jnp.matmul(h, g, precision=_HIGHEST)  # new row/column `slot` of GᵀG
-      gram = gram.at[slot, :].set(row).at[:, slot].set(row)
-      y = woodbury_solve(h, g, damping, gram=gram, refine=refine)
-      out.append(jnp.reshape(y, u.shape).astype(u.dtype))
       new_histories.append(h)
-      new_grams.append(gram)
+      rows.append(jnp.matmul(h, g, precision=_HIGHEST))  # new row/column `slot` of GᵀG
+      sames.append(jnp.all(h == g[None, :], axis=1))
+    out = [None] * len(flat)
+    new_grams = [None] * len(flat)
+    by_dtype = {}
+    for i, h in enumerate(new_histories):
+      by_dtype.setdefault(jnp.dtype(h.dtype), []).append(i)
+    for dt, members in by_dtype.items():
+      row = jnp.stack([rows[i] for i in members])
+      gram = jnp.stack([grams[i] for i in members])
+      gram = jnp.where(hit[None, None, :], row[:, :, None], gram)
+      gram = jnp.where(hit[None, :, None], row[:, None, :], gram)
+      ys = _push_through(
+          [new_histories[i] for i in members],
+          gram,
+          jnp.stack([sames[i] for i in members]),
+          jnp.asarray(damping).astype(dt),
+          refine,
+      )
+      for n, i in enumerate(members):
+        u = jnp.asarray(flat[i])
+        out[i] = jnp.reshape(ys[n], u.shape).astype(u.dtype)
+        new_grams[i] = gram[n]
     new_state = WoodburyState(
         count=optax.safe_increment(state.count),
         history=jax.tree.unflatten(treedef, new_histories),

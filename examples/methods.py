@@ -1,0 +1,370 @@
+"""The optimizers compared by ``examples.train``: a registry of named training methods.
+
+A :class:`Method` bundles what the training job needs to know about one way of
+training the example Llama model:
+
+* ``make_tx(learning_rate, steps, config)`` builds the optax transformation,
+  learning-rate schedule included (linear warm-up, then cosine decay, for every
+  method so that only the optimizer differs);
+* ``learning_rate``: the default peak learning rate, tuned for the ``small``
+  preset on the stdlib corpus (see :data:`LEARNING_RATES`);
+* ``param_transform`` (optional): for methods that train something other than
+  the weights themselves, e.g. the dual linear-adapter path ``Θ0 + SᵀΛ`` where
+  only ``Λ`` is trained. The job then differentiates the loss with respect to
+  the *trainable* tree, and builds the model's weights with
+  ``param_transform.materialize(trainable, frozen)``.
+
+Which leaves are projected: the 2-D kernels of the attention and feed-forward
+projections inside the transformer blocks (paths such as
+``('layers', '0', 'attention', 'wq', 'kernel')``). The token embedding, the
+output head and the RMSNorm scales are trained at full size, as in the GaLore
+reference setup.
+
+Registered methods: ``adamw``, ``galore``, ``flora``, ``two_sided`` always;
+``natural_galore`` and ``adamem`` when ``optax_lowrank`` provides them. Others
+can be added with :func:`register`.
+
+Example:
+  >>> method = get("galore")
+  >>> config = MethodConfig.for_model(LlamaConfig.preset("small"))
+  >>> tx = method.make_tx(method.learning_rate, 300, config)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+import optax_lowrank as olr
+
+__all__ = [
+    "LEARNING_RATES",
+    "Method",
+    "MethodConfig",
+    "ParamTransform",
+    "REGISTRY",
+    "cosine_schedule",
+    "decay_mask",
+    "get",
+    "is_projected",
+    "names",
+    "register",
+]
+
+Params = Any
+TxFactory = Callable[[float, int, "MethodConfig"], optax.GradientTransformation]
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+  """Hyper-parameters shared by the methods (everything but the learning rate).
+
+  Attributes:
+    rank: rank of the projections (per side for ``two_sided``).
+    refresh_every: steps between new bases ("resubspace" interval).
+    scale: ``α`` on the back-projected update of projected leaves (GaLore's
+      scale; the full-size leaves are not scaled).
+    weight_decay: decoupled weight decay on the matrices (embedding, kernels,
+      head), none on the norm scales; the same for every method.
+    warmup_fraction: fraction of the steps spent in linear warm-up from 0.
+    final_lr_fraction: the cosine decays to this fraction of the peak.
+    b1, b2: Adam's moment decay rates, shared by all methods.
+    seed: seed of random projections.
+  """
+
+  rank: int = 32
+  refresh_every: int = 50
+  scale: float = 0.25
+  weight_decay: float = 0.01
+  warmup_fraction: float = 0.1
+  final_lr_fraction: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.999
+  seed: int = 0
+
+  @classmethod
+  def for_model(cls, model_config: Any, **overrides: Any) -> MethodConfig:
+    """The default config for a model: rank a quarter of its width.
+
+    Args:
+      model_config: an ``examples.llama.LlamaConfig`` (only ``dim`` is read).
+      **overrides: fields to replace.
+
+    Returns:
+      The config.
+    """
+    fields = {"rank": max(1, model_config.dim // 4)}
+    fields.update(overrides)
+    return cls(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamTransform:
+  """Hooks for methods whose trainable tree is not the weights themselves.
+
+  Attributes:
+    init: ``(params, config) -> (trainable, frozen)``; ``params`` is the freshly
+      initialised weight tree. ``trainable`` is what the optimizer sees and
+      updates; ``frozen`` is carried along in the train state (and checkpointed)
+      unchanged unless ``after_update`` changes it.
+    materialize: ``(trainable, frozen) -> params``, the weights the model runs
+      with (traced inside the jitted train step and the evaluation).
+    after_update: optional ``(trainable, frozen, opt_state, step, full_grad) ->
+      (trainable, frozen, opt_state)``, called in the jitted step after the
+      optimizer update; ``step`` (int32) counts the updates done so far, and
+      ``full_grad(params)`` returns the gradient of the current batch's loss with
+      respect to full weights (only computed if called, e.g. inside a
+      ``lax.cond`` on refresh steps). Use it for merges / new bases.
+  """
+
+  init: Callable[[Params, MethodConfig], tuple[Any, Any]]
+  materialize: Callable[[Any, Any], Params]
+  after_update: Callable[..., tuple[Any, Any, Any]] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One training method of the comparison.
+
+  Attributes:
+    name: registry key, also the checkpoint sub-directory and the label in the
+      results.
+    make_tx: ``(learning_rate, steps, config) -> GradientTransformation``; the
+      learning rate is the peak of the schedule built by :func:`cosine_schedule`.
+    learning_rate: default peak learning rate.
+    description: one line for ``--help`` and the results.
+    param_transform: optional :class:`ParamTransform` (adapter-style methods).
+  """
+
+  name: str
+  make_tx: TxFactory
+  learning_rate: float
+  description: str = ""
+  param_transform: ParamTransform | None = None
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method, *, overwrite: bool = False) -> Method:
+  """Adds a method to :data:`REGISTRY`.
+
+  Args:
+    method: the method.
+    overwrite: replace an existing method of the same name instead of failing.
+
+  Returns:
+    The method, so that this can be used on a freshly built one.
+
+  Raises:
+    ValueError: if the name is taken and ``overwrite`` is false.
+  """
+  if method.name in REGISTRY and not overwrite:
+    raise ValueError(f"method {method.name!r} is already registered")
+  REGISTRY[method.name] = method
+  return method
+
+
+def names() -> list[str]:
+  """Names of the registered methods, in registration order."""
+  return list(REGISTRY)
+
+
+def get(name: str) -> Method:
+  """The registered method called ``name``.
+
+  Raises:
+    KeyError: with the valid names, if there is none.
+  """
+  try:
+    return REGISTRY[name]
+  except KeyError:
+    raise KeyError(f"unknown method {name!r}; valid: {', '.join(names())}") from None
+
+
+# ----------------------------------------------------------------------------
+# Shared pieces.
+
+
+def is_projected(path: tuple[str, ...], leaf: Any) -> bool:
+  """The ``where`` rule: the 2-D kernels inside the transformer blocks.
+
+  Args:
+    path: the leaf's path, e.g. ``('layers', '0', 'ffn', 'w1', 'kernel')``.
+    leaf: the leaf (an array or a ``ShapeDtypeStruct``).
+
+  Returns:
+    True for attention and feed-forward kernels; False for the embedding, the
+    output head and the norm scales.
+  """
+  return len(path) > 1 and path[0] == "layers" and path[-1] == "kernel" and leaf.ndim == 2
+
+
+def decay_mask(params: Params) -> Any:
+  """Weight-decay mask: every matrix (embedding, kernels, head), no vector (norm scales)."""
+  return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+def cosine_schedule(learning_rate: float, steps: int, config: MethodConfig) -> optax.Schedule:
+  """Linear warm-up from 0 to ``learning_rate``, then cosine decay over the rest.
+
+  Args:
+    learning_rate: the peak.
+    steps: total number of updates of the run.
+    config: gives ``warmup_fraction`` and ``final_lr_fraction``.
+
+  Returns:
+    An optax schedule.
+  """
+  steps = max(int(steps), 2)
+  warmup = min(max(1, round(config.warmup_fraction * steps)), steps - 1)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=learning_rate,
+      warmup_steps=warmup,
+      decay_steps=steps,
+      end_value=learning_rate * config.final_lr_fraction,
+  )
+
+
+def _supported_kwargs(fn: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
+  """The subset of ``kwargs`` that ``fn`` accepts (recipes differ in their options)."""
+  params = inspect.signature(fn).parameters
+  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    return kwargs
+  return {k: v for k, v in kwargs.items() if k in params}
+
+
+# ----------------------------------------------------------------------------
+# Factories.
+
+
+def _adamw(learning_rate: float, steps: int, config: MethodConfig) -> optax.GradientTransformation:
+  return optax.adamw(
+      cosine_schedule(learning_rate, steps, config),
+      b1=config.b1,
+      b2=config.b2,
+      weight_decay=config.weight_decay,
+      mask=decay_mask,
+  )
+
+
+def _galore(learning_rate: float, steps: int, config: MethodConfig) -> optax.GradientTransformation:
+  return olr.galore(
+      cosine_schedule(learning_rate, steps, config),
+      rank=config.rank,
+      refresh_every=config.refresh_every,
+      scale=config.scale,
+      b1=config.b1,
+      b2=config.b2,
+      weight_decay=config.weight_decay,
+      where=is_projected,
+      mask=decay_mask,
+  )
+
+
+def _flora(learning_rate: float, steps: int, config: MethodConfig) -> optax.GradientTransformation:
+  return olr.flora(
+      cosine_schedule(learning_rate, steps, config),
+      rank=config.rank,
+      refresh_every=config.refresh_every,
+      scale=config.scale,
+      b1=config.b1,
+      b2=config.b2,
+      weight_decay=config.weight_decay,
+      where=is_projected,
+      seed=config.seed,
+      mask=decay_mask,
+  )
+
+
+def _two_sided(
+    learning_rate: float, steps: int, config: MethodConfig
+) -> optax.GradientTransformation:
+  return optax.chain(
+      olr.low_rank(
+          optax.scale_by_adam(b1=config.b1, b2=config.b2),
+          olr.two_sided(config.rank, config.rank),
+          refresh_every=config.refresh_every,
+          on_refresh="transport",
+          scale=config.scale,
+          where=is_projected,
+          seed=config.seed,
+      ),
+      optax.add_decayed_weights(config.weight_decay, decay_mask),
+      optax.scale_by_learning_rate(cosine_schedule(learning_rate, steps, config)),
+  )
+
+
+def _recipe_factory(recipe: Callable[..., optax.GradientTransformation]) -> TxFactory:
+  """A factory for a package recipe whose exact options are not fixed here."""
+
+  def make_tx(learning_rate: float, steps: int, config: MethodConfig):
+    options = _supported_kwargs(
+        recipe,
+        rank=config.rank,
+        refresh_every=config.refresh_every,
+        b1=config.b1,
+        b2=config.b2,
+        weight_decay=config.weight_decay,
+        where=is_projected,
+        mask=decay_mask,
+        seed=config.seed,
+    )
+    return recipe(cosine_schedule(learning_rate, steps, config), **options)
+
+  return make_tx
+
+
+# Peak learning rates for the ``small`` preset (batch 8 × 128 bytes, ~300
+# steps), from a short sweep over {1e-3, 3e-3, 1e-2, 3e-2} (see the README of
+# the examples / the report of the training job). GaLore-style methods apply
+# ``scale`` = 0.25 to the projected leaves only, so their best peak is larger
+# than AdamW's.
+LEARNING_RATES: dict[str, float] = {
+    "adamw": 3e-3,
+    "galore": 1e-2,
+    "flora": 1e-2,
+    "two_sided": 1e-2,
+    "natural_galore": 1e-2,
+    "adamem": 1e-2,
+}
+
+register(Method("adamw", _adamw, LEARNING_RATES["adamw"], "AdamW at full rank (optax.adamw)"))
+register(
+    Method(
+        "galore", _galore, LEARNING_RATES["galore"],
+        "GaLore-AdamW: Adam in the top-r singular subspace of the gradient (olr.galore)",
+    )
+)
+register(
+    Method(
+        "flora", _flora, LEARNING_RATES["flora"],
+        "Flora: Adam in a random Gaussian subspace re-drawn from a key (olr.flora)",
+    )
+)
+register(
+    Method(
+        "two_sided", _two_sided, LEARNING_RATES["two_sided"],
+        "Adam on L G R with Gaussian sketches on both sides (olr.two_sided)",
+    )
+)
+if hasattr(olr, "natural_galore"):
+  register(
+      Method(
+          "natural_galore", _recipe_factory(olr.natural_galore), LEARNING_RATES["natural_galore"],
+          "GaLore with a Woodbury natural-gradient preconditioner (olr.natural_galore)",
+      )
+  )
+if hasattr(olr, "adamem"):
+  register(
+      Method(
+          "adamem", _recipe_factory(olr.adamem), LEARNING_RATES["adamem"],
+          "AdaMeM: projected momentum plus Adafactor on the residual (olr.adamem)",
+      )
+  )

@@ -1,0 +1,343 @@
+"""The dual path: train only ``Λ`` in the linear adapter ``Θ = Θ0 + SᵀΛ``.
+
+Paper 000 (Theorem 1): for a linear map ``S`` on a leaf, training the
+full-size weight with gradient map ``g ↦ Sᵀ inner(S g)`` and training only the
+coefficients ``Λ`` of ``Θ0 + SᵀΛ`` with ``inner`` give the same weights at
+every step, because ``∂L/∂Λ = S ∂L/∂Θ`` (chain rule).  Kronecker maps give
+``W0 + Lᵀ Λ Rᵀ`` (Prop. 2, MoRA / LoRA-XS), one-sided maps give one-sided LoRA
+``W0 + Pᵀ Λ`` / ``W0 + Λ Qᵀ`` with the other factor frozen (Cor. 3/4: GaLore ==
+one-sided LoRA), and a refresh of the basis is ``merge``: fold ``SᵀΛ`` into
+``W0``, take a new ``S``, restart from ``Λ = 0`` (ReLoRA with a frozen side).
+
+Leaves that are not projected carry a full-size ``Λ`` with ``S = I``
+(``Θ = Θ0 + Λ``), so every parameter the gradient path trains is trained here
+too, and ``Λ`` is all zeros after ``zeros`` and ``merge``.
+
+The bases come from the very same code as the gradient path
+(:mod:`optax_lowrank.leaves`, :mod:`optax_lowrank.bases`): with equal
+``projection``, ``seed``, ``where`` (and ``reshape``) and the same refresh
+points, ``olr.low_rank`` and this module use identical bases for every leaf.
+Use :func:`optimizer` to build the adapter-path twin of a ``low_rank`` chain
+and :mod:`optax_lowrank.testing` to check the equivalence on your own model.
+
+Memory: ``Λ`` and its optimizer state are coefficient-sized; the frozen base
+``Θ0`` is full-size (and can be quantized, see ``olr.quantization``); no
+full-size gradient of a projected leaf is needed if the forward pass is
+written through the factors (``olr.nnx.LowRankLinear``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_lowrank import leaves as leaves_lib
+from optax_lowrank import projections as proj
+from optax_lowrank import refresh as refresh_lib
+from optax_lowrank.bases import project_back
+from optax_lowrank.leaves import is_plan, map_plans
+
+__all__ = [
+    "Adapter",
+    "init",
+    "zeros",
+    "materialize",
+    "merge",
+    "bases",
+    "refresh_state",
+    "decay_base",
+    "optimizer",
+    "projected_mask",
+]
+
+
+@jax.tree_util.register_pytree_node_class
+class Adapter:
+  """A frozen base, the bases of its projected leaves, and how to rebuild them.
+
+  Attributes:
+    base: the frozen weights ``Θ0`` (a tree like the params).
+    stored_bases: a tree like the params: the stored
+      :class:`~optax_lowrank.bases.Basis` of projected leaves whose spec is
+      stored, ``None`` elsewhere (random sketches are rebuilt from the key).
+    key: uint32 ``(2,)`` base PRNG key (from ``seed``).
+    refresh_index: int32 ``()``, number of merges so far.
+    plans: static: the :class:`~optax_lowrank.leaves.LeafPlan` tree (which
+      leaves are projected, how, by which spec).
+
+  ``Adapter`` is a pytree (``plans`` is static), so it can be an argument of
+  jitted functions and be checkpointed.
+  """
+
+  __slots__ = ("base", "stored_bases", "key", "refresh_index", "plans")
+
+  def __init__(self, base, stored_bases, key, refresh_index, plans):
+    self.base = base
+    self.stored_bases = stored_bases
+    self.key = key
+    self.refresh_index = refresh_index
+    self.plans = plans
+
+  def tree_flatten(self):
+    plan_leaves, plan_def = jax.tree.flatten(self.plans, is_leaf=is_plan)
+    children = (self.base, self.stored_bases, self.key, self.refresh_index)
+    return children, (tuple(plan_leaves), plan_def)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    plan_leaves, plan_def = aux
+    return cls(*children, jax.tree.unflatten(plan_def, list(plan_leaves)))
+
+  @property
+  def projection(self) -> proj.Projection | None:
+    """The projection spec this adapter was built with."""
+    for p in jax.tree.leaves(self.plans, is_leaf=is_plan):
+      if p.projected:
+        return p.spec
+    return None
+
+  def __repr__(self) -> str:
+    n = sum(p.projected for p in jax.tree.leaves(self.plans, is_leaf=is_plan))
+    return f"Adapter(projection={self.projection}, projected_leaves={n}, " \
+           f"refresh_index={self.refresh_index})"
+
+
+def _check_spec(adapter: Adapter, projection: proj.Projection | None) -> None:
+  if projection is not None and adapter.projection is not None and (
+      projection != adapter.projection
+  ):
+    raise ValueError(
+        f"this adapter was built with {adapter.projection}, not {projection}"
+    )
+
+
+def init(
+    params: Any,
+    projection: proj.Projection,
+    seed: int = 0,
+    where: Any = None,
+    grads: Any = None,
+    *,
+    reshape: Any = None,
+) -> Adapter:
+  """Freeze ``params`` as ``Θ0`` and make the first basis of every projected leaf.
+
+  Args:
+    params: the weights to adapt (becomes ``Θ0``).
+    projection: a spec such as ``olr.svd(128)``; same meaning as in ``low_rank``.
+    seed: as in ``low_rank``: random bases depend on ``(seed, refresh, leaf)``.
+    where: as in ``low_rank``.
+    grads: the full gradient at ``params``; required for bases made from the
+      gradient (SVD, randomized SVD, two-sided SVD, Tucker), ignored otherwise.
+    reshape: as in ``low_rank``.
+
+  Returns:
+    An :class:`Adapter` at refresh index 0.
+
+  Raises:
+    ValueError naming the leaf if ``grads`` is needed and missing, or if
+    ``where``/``reshape`` do not fit the params.
+  """
+  plans = leaves_lib.plan(params, projection, where, reshape)
+  key = jax.random.PRNGKey(seed)
+  refresh_index = jnp.zeros([], jnp.int32)
+  _require_grads(plans, grads, "init")
+  stored = leaves_lib.make_bases(plans, key, refresh_index, grads, stored=True)
+  return Adapter(params, stored, key, refresh_index, plans)
+
+
+def _require_grads(plans, grads, fn: str) -> None:
+  if grads is not None:
+    return
+  for p in jax.tree.leaves(plans, is_leaf=is_plan):
+    if p.projected and p.spec.needs_grad:
+      raise ValueError(
+          f"leaf '{p.path}' of shape {p.shape}: {p.spec} is made from the gradient, so "
+          f"adapters.{fn} needs `grads` (the full gradient at the current weights)"
+      )
+
+
+def bases(adapter: Adapter) -> Any:
+  """Every projected leaf's current basis (random ones rebuilt from the key)."""
+  return leaves_lib.current_bases(
+      adapter.plans, adapter.stored_bases, adapter.key, adapter.refresh_index
+  )
+
+
+def zeros(adapter: Adapter) -> Any:
+  """The trainable ``Λ``, all zeros: coefficient-shaped at projected leaves.
+
+  Non-projected leaves get a full-size zero delta (``S = I``).  Coefficients
+  are float32 for low-precision leaves (as in the gradient path).
+  """
+  return leaves_lib.coefficient_zeros(adapter.plans)
+
+
+def _check_lam(adapter: Adapter, lam: Any) -> None:
+  plan_def = jax.tree.structure(adapter.plans, is_leaf=is_plan)
+  lam_def = jax.tree.structure(lam)
+  if lam_def != plan_def:
+    raise ValueError(
+        f"Λ does not match the adapter: got structure\n  {lam_def}\nexpected\n  {plan_def}"
+    )
+
+  def check(p, x):
+    if tuple(x.shape) != p.coefficient_shape:
+      raise ValueError(
+          f"leaf '{p.path}' of shape {p.shape}: Λ has shape {tuple(x.shape)}, expected "
+          f"{p.coefficient_shape} for {p.spec or 'an unprojected leaf'}"
+      )
+
+  map_plans(check, adapter.plans, lam)
+
+
+def materialize(adapter: Adapter, lam: Any, projection: proj.Projection | None = None) -> Any:
+  """The effective weights ``Θ0 + SᵀΛ`` (in the base's dtypes).
+
+  Args:
+    adapter: from :func:`init` or :func:`merge`.
+    lam: a tree like :func:`zeros` returns.
+    projection: optional; if given, it must be the spec the adapter was built
+      with (guards against mixing adapters).
+
+  Cost: one back-projection per projected leaf (``2·m·n·r`` FLOPs one-sided).
+  Differentiating through it gives ``∂L/∂Λ = S ∂L/∂Θ``, but forms the
+  full-size gradient of ``Θ``; ``olr.nnx.LowRankLinear`` avoids that.
+  """
+  _check_spec(adapter, projection)
+  _check_lam(adapter, lam)
+  current = bases(adapter)
+  base = dequantized_base(adapter)
+
+  def one(p, w0, x, b):
+    delta = project_back(b, x) if p.projected else x
+    return (w0 + delta.astype(w0.dtype)).astype(w0.dtype)
+
+  return map_plans(one, adapter.plans, base, lam, current)
+
+
+def dequantized_base(adapter: Adapter) -> Any:
+  """``Θ0`` as arrays (dequantizing leaves stored in a quantized format)."""
+  deq = _dequantizer()
+  if deq is None:
+    return adapter.base
+  return map_plans(lambda p, w: deq(w), adapter.plans, adapter.base)
+
+
+def _dequantizer():
+  try:
+    from optax_lowrank import quantization
+  except ImportError:  # pragma: no cover - quantization is part of the package
+    return None
+  return lambda w: quantization.dequantize(w) if isinstance(w, quantization.QuantizedArray) \
+      else w
+
+
+def merge(
+    adapter: Adapter,
+    lam: Any,
+    grads: Any = None,
+    projection: proj.Projection | None = None,
+) -> tuple[Adapter, Any]:
+  """Refresh: ``Θ0 ← Θ0 + SᵀΛ``, make the next basis, ``Λ ← 0``.
+
+  Args:
+    adapter, lam: the current adapter and coefficients.
+    grads: the full gradient at the merged weights; required for gradient-made
+      bases (SVD family, Tucker), ignored otherwise.
+    projection: optional guard, as in :func:`materialize`.
+
+  Returns:
+    ``(new_adapter, zeros(new_adapter))``.  The inner optimizer state of ``Λ``
+    is not touched here: apply the refresh policy with :func:`refresh_state`.
+  """
+  _check_spec(adapter, projection)
+  _require_grads(adapter.plans, grads, "merge")
+  merged = materialize(adapter, lam)
+  refresh_index = adapter.refresh_index + 1
+  stored = leaves_lib.make_bases(adapter.plans, adapter.key, refresh_index, grads, stored=True)
+  new = Adapter(_requantize_like(adapter.base, merged), stored, adapter.key, refresh_index,
+                adapter.plans)
+  return new, zeros(new)
+
+
+def _requantize_like(old_base: Any, merged: Any) -> Any:
+  try:
+    from optax_lowrank import quantization
+  except ImportError:  # pragma: no cover
+    return merged
+
+  def one(old, new):
+    if isinstance(old, quantization.QuantizedArray):
+      return quantization.requantize_like(old, new)
+    return new
+
+  return jax.tree.map(one, old_base, merged,
+                      is_leaf=lambda x: isinstance(x, quantization.QuantizedArray))
+
+
+def refresh_state(
+    on_refresh: str,
+    inner: optax.GradientTransformation,
+    inner_state: optax.OptState,
+    old: Adapter,
+    new: Adapter,
+) -> optax.OptState:
+  """Apply a refresh policy (``"keep"``, ``"reset"``, ``"transport"``) after :func:`merge`.
+
+  The same function ``olr.low_rank`` applies at its refreshes, so both paths
+  treat the inner statistics identically.
+  """
+  refresh_lib.check_policy(on_refresh)
+  return refresh_lib.apply_policy(on_refresh, inner, inner_state, old.plans, bases(old),
+                                  bases(new))
+
+
+def projected_mask(adapter: Adapter) -> Any:
+  """A tree of bools like ``Λ``: True at projected leaves."""
+  return map_plans(lambda p: p.projected, adapter.plans)
+
+
+def optimizer(
+    inner: optax.GradientTransformation,
+    adapter: Adapter,
+    scale: float | jax.Array = 1.0,
+) -> optax.GradientTransformation:
+  """The adapter-path twin of ``olr.low_rank(inner, ..., scale=scale)``.
+
+  ``inner`` followed by ``α = scale`` on the projected leaves' coefficients
+  only (``low_rank`` applies ``α`` to projected leaves only).  Chain whatever
+  followed ``low_rank`` (learning rate, ...) after it.
+  """
+  mask = projected_mask(adapter)
+  return optax.chain(inner, optax.masked(optax.scale(scale), mask))
+
+
+def decay_base(adapter: Adapter, lam: Any, rate: float | jax.Array) -> Adapter:
+  """Gradient-view weight decay on the adapter path: ``Θ0 ← Θ0 − rate·(Θ0 + SᵀΛ)``.
+
+  Decoupled weight decay of the full weights (``optax.add_decayed_weights``
+  outside ``low_rank`` with learning rate ``η``: ``rate = η·λ_wd``) acts on the
+  effective weight ``Θ = Θ0 + SᵀΛ``; on the adapter path it can only act on the
+  frozen base.  Apply it with the *pre-update* ``Λ`` of the step, then apply
+  the ``Λ`` update: the weights then match the gradient path exactly
+  (paper 000, App. B).
+  """
+  if _has_quantized(adapter.base):
+    raise ValueError("decay_base needs an unquantized base (it rewrites Θ0 every step)")
+  effective = materialize(adapter, lam)
+  base = jax.tree.map(lambda w0, w: (w0 - rate * w).astype(w0.dtype), adapter.base, effective)
+  return Adapter(base, adapter.stored_bases, adapter.key, adapter.refresh_index, adapter.plans)
+
+
+def _has_quantized(tree: Any) -> bool:
+  try:
+    from optax_lowrank import quantization
+  except ImportError:  # pragma: no cover
+    return False
+  return any(isinstance(x, quantization.QuantizedArray)
+             for x in jax.tree.leaves(tree,
+                                      is_leaf=lambda x: isinstance(x, quantization.QuantizedArray)))
