@@ -93,15 +93,23 @@ class Checkpointer:
 
   def __init__(self, directory: str | os.PathLike[str], max_to_keep: int = 2) -> None:
     self.directory = os.path.abspath(os.fspath(directory))
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            enable_async_checkpointing=False,
-            create=False,
-        ),
-        item_names=(_STATE, _META),
-    )
+    self._max_to_keep = max_to_keep
+    self._manager_instance: ocp.CheckpointManager | None = None
+
+  @property
+  def _manager(self) -> ocp.CheckpointManager:
+    """The orbax manager, made on first use (so that a mere check writes nothing)."""
+    if self._manager_instance is None:
+      self._manager_instance = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=self._max_to_keep,
+              enable_async_checkpointing=False,
+              create=False,
+          ),
+          item_names=(_STATE, _META),
+      )
+    return self._manager_instance
 
   def __enter__(self) -> Checkpointer:
     return self
@@ -111,7 +119,9 @@ class Checkpointer:
 
   def close(self) -> None:
     """Releases the manager's resources."""
-    self._manager.close()
+    if self._manager_instance is not None:
+      self._manager_instance.close()
+      self._manager_instance = None
 
   def latest_step(self) -> int | None:
     """The step of the newest complete checkpoint, or ``None`` if there is none."""

@@ -291,7 +291,6 @@ def _two_sided(
           optax.scale_by_adam(b1=config.b1, b2=config.b2),
           olr.two_sided(config.rank, config.rank),
           refresh_every=config.refresh_every,
-          on_refresh="transport",
           scale=config.scale,
           where=is_projected,
           seed=config.seed,

@@ -61,6 +61,8 @@ __all__ = [
     "RunSettings",
     "TrainState",
     "UsageError",
+    "cached_eval_step",
+    "cached_train_step",
     "compile_step",
     "format_table",
     "init_params",
@@ -72,7 +74,7 @@ __all__ = [
     "train_method",
 ]
 
-DEFAULT_STEPS = 300
+DEFAULT_STEPS = 200
 """Steps per method of the default run (all methods, ``small``: ≤ 5 min on 2 CPU cores)."""
 
 WARMUP_STEPS = 3
@@ -281,6 +283,58 @@ def compile_step(
   return compiled, memory
 
 
+# Compiled steps and jitted evaluations, per process: repeated runs with the same
+# method, model, schedule and shapes (several main() calls in a notebook or a
+# test session, a resume) reuse the executable instead of compiling it again.
+_STEP_CACHE: dict[Any, tuple[Callable[..., Any], dict[str, float]]] = {}
+_EVAL_CACHE: dict[Any, Callable[..., jax.Array]] = {}
+_CACHE_SIZE = 16
+
+
+def _avals(tree: Any) -> tuple[Any, ...]:
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in leaves)
+
+
+def cached_train_step(
+    method: methods_lib.Method,
+    model_config: LlamaConfig,
+    settings: RunSettings,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    state: TrainState,
+    batch: jax.Array,
+) -> tuple[Callable[..., Any], dict[str, float]]:
+  """:func:`compile_step` of :func:`make_train_step`, cached per process.
+
+  ``tx`` must be ``method.make_tx(settings.lr_for(method), settings.steps,
+  settings.method_config)`` and ``graphdef`` the graph of ``model_config``: the
+  cache key is made of those, plus the shapes and dtypes of ``state`` and
+  ``batch`` and the x64 flag.
+  """
+  key = (
+      method, model_config, settings.lr_for(method), settings.steps, settings.method_config,
+      _avals((state, batch)), bool(jax.config.jax_enable_x64),
+  )
+  if key not in _STEP_CACHE:
+    if len(_STEP_CACHE) >= _CACHE_SIZE:
+      _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
+    _STEP_CACHE[key] = compile_step(make_train_step(graphdef, tx, method), state, batch)
+  return _STEP_CACHE[key]
+
+
+def cached_eval_step(
+    method: methods_lib.Method, model_config: LlamaConfig, graphdef: nnx.GraphDef
+) -> Callable[[Any, Any, jax.Array], jax.Array]:
+  """:func:`make_eval_step`, one jitted function per (model, param transform)."""
+  key = (model_config, method.param_transform)
+  if key not in _EVAL_CACHE:
+    if len(_EVAL_CACHE) >= _CACHE_SIZE:
+      _EVAL_CACHE.pop(next(iter(_EVAL_CACHE)))
+    _EVAL_CACHE[key] = make_eval_step(graphdef, method)
+  return _EVAL_CACHE[key]
+
+
 def tree_nbytes(tree: Any) -> int:
   """Total ``nbytes`` of the array leaves of a pytree."""
   return int(sum(np.dtype(x.dtype).itemsize * math.prod(x.shape) for x in jax.tree.leaves(tree)))
@@ -382,8 +436,10 @@ def train_method(
             corpus.val, settings.batch_size, settings.seq_len, settings.eval_batches
         )
     ]
-    eval_step = make_eval_step(graphdef, method)
-    step_fn, memory = compile_step(make_train_step(graphdef, tx, method), state, val[0])
+    eval_step = cached_eval_step(method, model_config, graphdef)
+    step_fn, memory = cached_train_step(
+        method, model_config, settings, graphdef, tx, state, val[0]
+    )
     opt_bytes = tree_nbytes(state.opt_state)
 
     def save(step: int) -> None:
@@ -739,10 +795,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f"total training wall time {wall:.0f} s; results in {job.out}/")
   report = {
       "model": {"size": args.size, **model_config_json(job.model_config)},
-      "settings": {
-          **dataclasses.asdict(settings),
-          "eval_every": settings.eval_every,
-      },
+      "settings": dataclasses.asdict(settings),
       "jax": {"version": jax.__version__, "backend": jax.default_backend(),
               "devices": jax.device_count()},
       "wall_s": wall,

@@ -6,6 +6,7 @@ back (``low_rank``); or train the dual linear adapter ``Θ0 + SᵀΛ``
 """
 
 from optax_lowrank import adapters, testing
+from optax_lowrank.adamem import adamem, adamem_state_bytes, scale_by_adamem
 from optax_lowrank.bases import Basis, project, project_back
 from optax_lowrank.low_rank import LowRankState, low_rank
 from optax_lowrank.projections import (
@@ -30,6 +31,9 @@ __all__ = [
     "LowRankState",
     "Projection",
     "adam_in_subspace",
+    "adamem",
+    "adamem_state_bytes",
+    "scale_by_adamem",
     "dense",
     "flora",
     "galore",

@@ -51,6 +51,7 @@ __all__ = [
     "decay_base",
     "optimizer",
     "projected_mask",
+    "inner_params",
 ]
 
 
@@ -221,19 +222,16 @@ def materialize(adapter: Adapter, lam: Any, projection: proj.Projection | None =
 
 def dequantized_base(adapter: Adapter) -> Any:
   """``Θ0`` as arrays (dequantizing leaves stored in a quantized format)."""
-  deq = _dequantizer()
-  if deq is None:
-    return adapter.base
-  return map_plans(lambda p, w: deq(w), adapter.plans, adapter.base)
+  return map_plans(lambda p, w: dequantize_leaf(w), adapter.plans, adapter.base)
 
 
-def _dequantizer():
-  try:
-    from optax_lowrank import quantization
-  except ImportError:  # pragma: no cover - quantization is part of the package
-    return None
-  return lambda w: quantization.dequantize(w) if isinstance(w, quantization.QuantizedArray) \
-      else w
+def dequantize_leaf(w: Any) -> jax.Array:
+  """A base leaf as an array: dequantized if it is stored quantized."""
+  from optax_lowrank import quantization
+
+  if isinstance(w, quantization.QuantizedArray):
+    return quantization.dequantize(w)
+  return w
 
 
 def merge(
@@ -294,6 +292,20 @@ def refresh_state(
   refresh_lib.check_policy(on_refresh)
   return refresh_lib.apply_policy(on_refresh, inner, inner_state, old.plans, bases(old),
                                   bases(new))
+
+
+def inner_params(adapter: Adapter, lam: Any, track_coefficients: bool = True) -> Any:
+  """The ``params`` the inner optimizer sees, as ``olr.low_rank`` gives them.
+
+  ``Λ`` at projected leaves (zeros when ``track_coefficients`` is False) and the
+  effective weight ``Θ0 + Λ`` at unprojected ones, so that weight-dependent
+  transformations (weight decay) act identically on both paths.
+  """
+  eff = materialize(adapter, lam)
+  return map_plans(
+      lambda p, x, w: (x if track_coefficients else jnp.zeros_like(x)) if p.projected else w,
+      adapter.plans, lam, eff,
+  )
 
 
 def projected_mask(adapter: Adapter) -> Any:

@@ -51,9 +51,9 @@ class LowRankState(NamedTuple):
       ``None`` elsewhere: random sketches are rebuilt from ``key`` each step.
     inner_state: the inner transformation's state over the coefficient tree
       (coefficient-shaped at projected leaves, full-size elsewhere).
-    coefficients: with ``track_coefficients=True``, the adapter-view ``Λ``: the
-      sum of this transformation's outputs in the small space since the last
-      refresh (``α·Δ`` at projected leaves, ``Δ`` elsewhere), zeroed at every
+    coefficients: with ``track_coefficients=True``, the adapter-view ``Λ`` of
+      every projected leaf (``None`` at others): the sum of the back-projected
+      steps ``α·Δ`` in the small space since the last refresh, zeroed at every
       refresh exactly as ``olr.adapters.merge`` zeroes ``Λ``; otherwise ``None``.
   """
 
@@ -81,8 +81,13 @@ def low_rank(
   Args:
     inner: any optax transformation, applied to the coefficient tree (the
       params' structure, with each projected leaf replaced by its coefficients).
-      Extra keyword arguments of ``update`` are forwarded to it.  Its ``params``
-      argument is ``None``, unless ``track_coefficients`` is set.
+      Extra keyword arguments of ``update`` are forwarded to it.  As ``params``
+      it sees the weights at unprojected leaves and, at projected leaves, the
+      adapter-view coefficients ``Λ`` with ``track_coefficients=True`` or zeros
+      of the coefficients' shape otherwise (enough for transformations that
+      only read shapes, such as Adafactor).  So decoupled weight decay belongs
+      *outside* ``low_rank`` in the chain (it then decays the full weights), or
+      inside with ``track_coefficients=True`` (it then decays ``Λ``).
     projection: a spec such as ``olr.svd(128)`` or ``olr.gaussian(64)``.
     refresh_every: steps between new bases; the first basis is made at step 0.
     on_refresh: ``"keep"`` (GaLore), ``"reset"`` (ReLoRA) or ``"transport"``
@@ -104,7 +109,7 @@ def low_rank(
       decays ``Λ``, exactly as training the adapter ``Θ0 + SᵀΛ`` with AdamW
       would (paper 000, App. B); decay *outside* ``low_rank`` in the chain
       decays the full weights instead.  Costs one more coefficient-sized buffer
-      per projected leaf and a full-size one per other leaf.
+      per projected leaf.
 
   Returns:
     A ``GradientTransformationExtraArgs``; its state is :class:`LowRankState`.
@@ -143,11 +148,10 @@ def low_rank(
         key=jax.random.PRNGKey(seed),
         bases=leaves_lib.zero_bases(plans),
         inner_state=inner.init(leaves_lib.coefficient_zeros(plans, params)),
-        coefficients=leaves_lib.coefficient_zeros(plans) if track_coefficients else None,
+        coefficients=_projected_zeros(plans) if track_coefficients else None,
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    del params
     plans = make_plans(updates)
     count = state.count
     refresh_index = count // refresh_every
@@ -177,7 +181,8 @@ def low_rank(
     coeffs = map_plans(
         lambda p, g, b: project(b, g) if p.projected else g, plans, updates, bases
     )
-    inner_updates, inner_state = inner.update(coeffs, inner_state, coefficients, **extra_args)
+    inner_params = None if params is None else inner_params_of(plans, params, coefficients)
+    inner_updates, inner_state = inner.update(coeffs, inner_state, inner_params, **extra_args)
     # α applies to projected leaves only, in the small space (Sᵀ is linear).
     inner_updates = map_plans(
         lambda p, u: scale * u if p.projected else u, plans, inner_updates
@@ -187,7 +192,10 @@ def low_rank(
         plans, updates, inner_updates, bases,
     )
     if track_coefficients:
-      coefficients = jax.tree.map(lambda c, u: c + u.astype(c.dtype), coefficients, inner_updates)
+      coefficients = map_plans(
+          lambda p, c, u: c + u.astype(c.dtype) if p.projected else None,
+          plans, coefficients, inner_updates,
+      )
     new_state = LowRankState(
         count=numerics.safe_increment(count),
         key=state.key,
@@ -198,3 +206,22 @@ def low_rank(
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _projected_zeros(plans: Any) -> Any:
+  return map_plans(
+      lambda p: jnp.zeros(p.coefficient_shape, p.coefficient_dtype) if p.projected else None,
+      plans,
+  )
+
+
+def inner_params_of(plans: Any, params: Any, coefficients: Any | None) -> Any:
+  """What the inner transformation sees as ``params`` (see :func:`low_rank`).
+
+  The weights at unprojected leaves; at projected leaves ``Λ`` when tracked,
+  else zeros shaped like the coefficients.  ``olr.adapters.inner_params``
+  builds the same tree on the adapter path.
+  """
+  if coefficients is None:
+    coefficients = _projected_zeros(plans)
+  return map_plans(lambda p, w, c: c if p.projected else w, plans, params, coefficients)

@@ -113,9 +113,12 @@ def run_dual(
   decay_tx = optax.add_decayed_weights(-decay)
 
   # --- gradient path --------------------------------------------------------
+  # Λ is tracked on the gradient path whenever the adapter path needs it: for
+  # adapter-view decay, and for inner optimizers that read their params.
+  track = True
   g_inner = optax.chain(inner, decay_tx) if grad_view == "adapter" and decay else inner
   g_tx = low_rank(g_inner, projection, refresh_every, on_refresh, scale, where, seed,
-                  reshape=reshape, track_coefficients=grad_view == "adapter" and bool(decay))
+                  reshape=reshape, track_coefficients=track)
   if grad_view == "gradient" and decay:
     g_tx = optax.chain(g_tx, decay_tx)
 
@@ -139,7 +142,7 @@ def run_dual(
     glam = jax.grad(lambda l: loss_fn(adapters.materialize(adapter, l), *batch))(lam)
     if adapter_view == "gradient" and decay:
       adapter = adapters.decay_base(adapter, lam, decay)
-    u, s = a_tx.update(glam, s, lam)
+    u, s = a_tx.update(glam, s, adapters.inner_params(adapter, lam, track))
     return adapter, optax.apply_updates(lam, u), s
 
   @jax.jit

@@ -73,7 +73,9 @@ errors of ``10³-10⁹`` in our experiments).  :func:`woodbury_solve` therefore:
    removes the bias of the floor in every direction float32 can resolve and
    recovers most of the accuracy lost by forming ``GᵀG`` (errors near the
    sensitivity of the data itself, e.g. ``~10⁻⁵`` instead of ``~10⁻²`` for
-   nearly parallel gradients).
+   nearly parallel gradients).  The step is kept only if ``gᵀF⁻¹g`` stays
+   clearly positive (one extra length-``k`` dot product), so the output
+   remains a descent direction even where the step is pure noise.
 
 With ``λ`` far below ``eps·‖g‖²`` and nearly (not exactly) parallel gradients
 the exact natural gradient amplifies their tiny differences by ``1/σ_min`` and
@@ -219,10 +221,11 @@ def _push_through_small(gram, same, lam):
   return a_inv, w, scale, mu, e, out_scale
 
 
-def _push_through(hs, grams, sames, lam, refine):
+def _push_through(hs, gs, grams, sames, lam, refine):
   """``F⁻¹ g`` for several leaves whose gradient is a row of their history.
 
-  ``hs``: list of ``(s, k_i)`` histories of one dtype; ``grams``: ``(L, s, s)``;
+  ``hs``: list of ``(s, k_i)`` histories of one dtype; ``gs``: the flat
+  gradients (each equal to a row of its history); ``grams``: ``(L, s, s)``;
   ``sames``: ``(L, s)``, the rows equal to each leaf's ``g``.  The small
   systems of all leaves are handled as one batch (one batched Cholesky for
   the whole tree, which keeps the compiled graph small); only the products
@@ -234,14 +237,22 @@ def _push_through(hs, grams, sames, lam, refine):
   ys = [jnp.matmul(scale[i] * w[i], h, precision=_HIGHEST) for i, h in enumerate(hs)]
   if refine:
     # residual of (μ I + ĜᵀĜ) w = e with ĜᵀĜ applied through the vectors
-    g_hat_t_y = jnp.stack(
+    h_y = jnp.stack(
         [jnp.matmul(h, y, precision=_HIGHEST) for h, y in zip(hs, ys, strict=True)]
     )
-    resid = e - mu * w - scale * g_hat_t_y
+    resid = e - mu * w - scale * h_y
     dw = jnp.einsum("lij,lj->li", a_inv, resid, precision=_HIGHEST)
-    ys = [
+    refined = [
         y + jnp.matmul(scale[i] * dw[i], h, precision=_HIGHEST)
         for i, (h, y) in enumerate(zip(hs, ys, strict=True))
+    ]
+    # Keep the step only if gᵀy stays clearly positive.  Unrefined, gᵀy ≥ 0
+    # by construction (F⁻¹ is positive definite and so is the floored factor);
+    # where float32 cannot resolve the history (λ below its rounding and
+    # gradients parallel to ~1e-5) the step is noise and could flip the sign.
+    ys = [
+        jnp.where(jnp.vdot(g, y1) >= 0.5 * jnp.vdot(g, y0), y1, y0)
+        for g, y0, y1 in zip(gs, ys, refined, strict=True)
     ]
   return [y * out_scale[i] for i, y in enumerate(ys)]
 
@@ -327,7 +338,7 @@ def woodbury_solve(
 
   def push(ops):
     h, g, gram, lam, same = ops
-    return _push_through([h], gram[None], same[None], lam, refine)[0]
+    return _push_through([h], [g], gram[None], same[None], lam, refine)[0]
 
   def general(ops):
     return _woodbury_form(*ops)
@@ -399,11 +410,12 @@ def woodbury_precondition(
     flat, treedef = jax.tree.flatten(updates)
     histories = treedef.flatten_up_to(state.history)
     grams = treedef.flatten_up_to(state.gram)
-    new_histories, rows, sames = [], [], []
+    new_histories, flat_grads, rows, sames = [], [], [], []
     for u, h in zip(flat, histories, strict=True):
       g = jnp.reshape(jnp.asarray(u), (-1,)).astype(h.dtype)
       h = jax.lax.dynamic_update_slice(h, g[None, :], (slot, jnp.zeros_like(slot)))
       new_histories.append(h)
+      flat_grads.append(g)
       rows.append(jnp.matmul(h, g, precision=_HIGHEST))  # new row/column `slot` of GᵀG
       sames.append(jnp.all(h == g[None, :], axis=1))
     out = [None] * len(flat)
@@ -418,6 +430,7 @@ def woodbury_precondition(
       gram = jnp.where(hit[None, :, None], row[:, None, :], gram)
       ys = _push_through(
           [new_histories[i] for i in members],
+          [flat_grads[i] for i in members],
           gram,
           jnp.stack([sames[i] for i in members]),
           jnp.asarray(damping).astype(dt),

@@ -1,4 +1,9 @@
-"""Tests for optax_lowrank.quantization (block-wise int8 / NF4 / dynamic codes)."""
+"""Tests for optax_lowrank.quantization (block-wise int8 / NF4 / dynamic codes).
+
+XLA compiles one program per (shape, format, block size), which dominates the run
+time on CPU, so most tests share the shape ``SHAPE`` (833 elements: not a multiple
+of any block size used here).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from hypothesis import strategies as st
 from optax_lowrank import quantization as q
 
 ALL_FORMATS = q.FORMATS
+SHAPE = (17, 49)
 # Slack for float32 arithmetic in x / s and s * level, relative to the block absmax.
 REL_SLACK = 1e-5
 
@@ -44,27 +50,22 @@ def _check_error_bounds(x: np.ndarray, fmt: str, block_size: int) -> float:
     xb, xhb = _blocks64(x, block_size), _blocks64(xhat, block_size)
     absmax = np.max(np.abs(xb), axis=1, keepdims=True)
     err = np.abs(xb - xhb)
-    # 1) Worst-case bound of the format: half the largest level gap times the absmax.
+    # 1) Worst-case bound of the format: half the largest level gap times the absmax
+    #    (int8: absmax / 254; nf4: 0.1519 absmax; dynamic8(_unsigned): 0.9/128(256)).
     factor = q.max_abs_error_factor(fmt)
     assert np.all(err <= (factor + REL_SLACK) * absmax), fmt
     # 2) Nearest rounding: no level of the block is closer to x than the chosen one.
-    scales = np.asarray(qa.scales, np.float64)[:, None]
     levels = q.format_levels(fmt).astype(np.float64)
-    if fmt == "int8":
-        levels = levels * 127.0
-    best = np.min(np.abs(xb[..., None] - scales[..., None] * levels), axis=-1)
+    best = np.min(np.abs(xb[..., None] - absmax[..., None] * levels), axis=-1)
     assert np.all(err <= best + REL_SLACK * absmax), fmt
     return float(np.max(err / np.where(absmax > 0, absmax, 1.0)))
 
 
-shapes = st.lists(st.integers(0, 23), min_size=0, max_size=3).map(tuple)
-
-
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     fmt=st.sampled_from(ALL_FORMATS),
-    shape=shapes,
-    block_size=st.sampled_from([1, 7, 64, 256]),
+    shape=st.lists(st.integers(0, 11), min_size=0, max_size=3).map(tuple),
+    block_size=st.sampled_from([1, 7, 64]),
     log_scale=st.floats(-4.0, 3.0),
     seed=st.integers(0, 2**31 - 1),
 )
@@ -74,27 +75,27 @@ def test_round_trip_error_within_documented_bounds(fmt, shape, block_size, log_s
 
 
 @pytest.mark.parametrize("fmt", ALL_FORMATS)
-@pytest.mark.parametrize("scale", [1e-4, 1.0, 1e3])
-def test_worst_case_error_is_attained_but_not_exceeded(fmt, scale):
-    # 3 blocks of 256 plus a partial block of 53: padding is exercised too.
-    x = _sample(0, (17, 49), scale, fmt)
-    worst = _check_error_bounds(x, fmt, 256)
-    # The bound is tight: the data fill the largest gap, so the worst error is close to it.
-    assert worst > 0.5 * q.max_abs_error_factor(fmt)
+def test_worst_case_error_over_scales(fmt):
+    # 3 blocks of 256 plus a partial block of 65; scales 1e-4 .. 1e3 reuse one program.
+    worst = max(
+        _check_error_bounds(_sample(s + 4, SHAPE, 10.0**s, fmt), fmt, 256) for s in (-4, 0, 3)
+    )
+    # The bound is tight: heavy-tailed data fill the largest gap, so the worst error
+    # is close to it.
+    assert 0.5 * q.max_abs_error_factor(fmt) < worst <= q.max_abs_error_factor(fmt) + REL_SLACK
 
 
 def test_documented_error_factors():
-    assert q.max_abs_error_factor("int8") == pytest.approx(1 / 254, rel=1e-6)
-    assert q.max_abs_error_factor("nf4") == pytest.approx((1 - 0.6961928) / 2, rel=1e-6)
-    assert q.max_abs_error_factor("dynamic8") == pytest.approx(0.9 / 128, rel=1e-5)
-    assert q.max_abs_error_factor("dynamic8_unsigned") == pytest.approx(0.9 / 256, rel=1e-5)
+    assert q.max_abs_error_factor("int8") == pytest.approx(1 / 254, rel=1e-12)
+    assert q.max_abs_error_factor("nf4") == pytest.approx((1 - 0.6961928009986877) / 2)
+    assert q.max_abs_error_factor("dynamic8") == pytest.approx(0.9 / 128)
+    assert q.max_abs_error_factor("dynamic8_unsigned") == pytest.approx(0.9 / 256)
 
 
 def test_nf4_levels_match_quantile_definition():
-    derived = np.asarray(q.nf4_levels_from_definition())
-    np.testing.assert_allclose(derived, q.NF4_LEVELS, atol=2e-6, rtol=0)
-    assert q.NF4_LEVELS.shape == (16,) and q.NF4_LEVELS[7] == 0.0
-    assert q.NF4_LEVELS[0] == -1.0 and q.NF4_LEVELS[-1] == 1.0
+    np.testing.assert_allclose(q.nf4_levels_from_definition(), q.NF4_LEVELS, atol=1e-6, rtol=0)
+    assert q.NF4_LEVELS.shape == (16,) and q.NF4_LEVELS.dtype == np.float32
+    assert q.NF4_LEVELS[7] == 0.0 and q.NF4_LEVELS[0] == -1.0 and q.NF4_LEVELS[-1] == 1.0
 
 
 def test_dynamic_tree_levels():
@@ -107,96 +108,116 @@ def test_dynamic_tree_levels():
     assert np.min(unsigned[unsigned > 0]) == pytest.approx(1e-7)
 
 
-@pytest.mark.parametrize("block_size", [64, 63, 7, 1])
+def test_codes_are_nearest_levels_including_ties_and_extremes():
+    """The O(1) rank formula agrees with a brute-force search over the table."""
+    rng = np.random.default_rng(0)
+    for fmt in ALL_FORMATS:
+        levels = q.format_levels(fmt).astype(np.float64)
+        mids = (levels[1:] + levels[:-1]) / 2
+        y = np.concatenate(
+            [[1.0], levels, mids * (1 + 1e-6), mids * (1 - 1e-6), rng.uniform(-1, 1, 300)]
+        )
+        y = np.concatenate([y, np.sign(y[:300]) * 10.0 ** rng.uniform(-9, 0, 300)])
+        y = np.abs(y) if fmt == "dynamic8_unsigned" else y
+        y = np.resize(y, 4096).astype(np.float32)  # one block, absmax exactly 1
+        xhat = np.asarray(q.dequantize(q.quantize(y, fmt, 4096)), np.float64)
+        best = np.min(np.abs(y[:, None] - levels[None, :]), axis=1)
+        # Exact up to near-ties: float32 rank arithmetic resolves ties to ~5e-7.
+        np.testing.assert_allclose(np.abs(xhat - y), best, atol=5e-7, rtol=0, err_msg=fmt)
+
+
+@pytest.mark.parametrize("block_size", [64, 63])
 def test_nf4_packs_two_codes_per_byte(block_size):
-    x = _sample(1, (10, 31), 1.0, "nf4")  # 310 elements
+    x = _sample(1, SHAPE, 1.0, "nf4")
+    n = x.size
     qa = q.quantize(x, "nf4", block_size)
-    n_blocks = math.ceil(310 / block_size)
+    n_blocks = math.ceil(n / block_size)
     padded = n_blocks * block_size
-    assert qa.codes.dtype == jnp.uint8
-    assert qa.codes.shape == (math.ceil(padded / 2),)
-    assert qa.scales.shape == (n_blocks,) and qa.scales.dtype == jnp.float32
-    assert q.nbytes(qa) == math.ceil(padded / 2) + 4 * n_blocks
-    assert q.nbytes(qa) == q.quantized_nbytes(310, "nf4", block_size) == qa.nbytes
-    # 4 bits per element for the codes (up to the padding of one block).
-    assert (q.nbytes(qa) - 4 * n_blocks) * 8 <= 4 * (310 + block_size)
-    # Both nibbles are used: unpacking the bytes gives the nearest-level codes.
-    lo, hi = np.asarray(qa.codes) & 0x0F, np.asarray(qa.codes) >> 4
-    assert lo.max() <= 15 and hi.max() <= 15 and len(np.unique(hi)) > 1
+    assert qa.codes.dtype == jnp.uint8 and qa.codes.shape == (math.ceil(padded / 2),)
+    assert qa.scales.dtype == jnp.float32 and qa.scales.shape == (n_blocks,)
+    # Storage: 4 bits per element (incl. the zero padding of the last block) + scales.
+    assert q.nbytes(qa) == qa.nbytes == math.ceil(padded / 2) + 4 * n_blocks
+    assert (q.nbytes(qa) - 4 * n_blocks) * 8 < 4 * (n + block_size) + 8
+    # Both nibbles carry codes: unpacking gives the nearest-level code of each element.
+    packed = np.asarray(qa.codes)
+    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).ravel()[:n]
+    xb = _blocks64(x, block_size).ravel()[:n]
+    scales = np.repeat(np.asarray(qa.scales, np.float64), block_size)[:n]
+    nearest = np.argmin(np.abs(xb[:, None] / scales[:, None] - q.NF4_LEVELS[None, :]), axis=1)
+    assert np.mean(codes == nearest) > 0.999  # up to float ties
+    assert len(np.unique(packed >> 4)) > 8 and len(np.unique(packed & 0x0F)) > 8
 
 
 @pytest.mark.parametrize("fmt", ALL_FORMATS)
 def test_nbytes_matches_formula(fmt):
-    for size, block_size in [(0, 8), (1, 256), (255, 256), (256, 256), (257, 256), (1000, 3)]:
-        x = jnp.ones((size,), jnp.float32)
+    for size, block_size in [(0, 8), (1, 256), (255, 256), (256, 256), (257, 256), (1001, 3)]:
         n_blocks = -(-size // block_size)
         code_bytes = n_blocks * block_size
         if fmt == "nf4":
             code_bytes = -(-code_bytes // 2)
         expected = code_bytes + 4 * n_blocks
-        qa = q.quantize(x, fmt, block_size)
+        # Abstract evaluation: exact shapes and dtypes without compiling.
+        qa = jax.eval_shape(lambda x, b=block_size: q.quantize(x, fmt, b), jnp.ones(size))
         assert q.nbytes(qa) == expected == q.quantized_nbytes(size, fmt, block_size)
+    assert q.nbytes(q.quantize(jnp.ones(257), fmt, 256)) == q.quantized_nbytes(257, fmt, 256)
 
 
 @pytest.mark.parametrize("fmt", ALL_FORMATS)
-@pytest.mark.parametrize("stochastic", [False, True])
-def test_exact_zeros_stay_zero(fmt, stochastic):
-    x = _sample(2, (600,), 5.0, fmt)
+def test_exact_zeros_stay_zero(fmt):
+    x = _sample(2, SHAPE, 5.0, fmt).ravel()
     x[::3] = 0.0
     x[256:512] = 0.0  # an all-zero block: scale 0
-    key = jax.random.key(0) if stochastic else None
-    qa = q.quantize(x, fmt, 256, key=key)
-    xhat = np.asarray(q.dequantize(qa))
-    assert np.all(xhat[x == 0] == 0.0)
-    assert float(qa.scales[1]) == 0.0
-    assert np.all(np.asarray(q.dequantize(q.quantize(np.zeros(5, np.float32), fmt, 4))) == 0)
+    x = x.reshape(SHAPE)
+    for key in (None, jax.random.key(0)):  # nearest and stochastic rounding
+        qa = q.quantize(x, fmt, 256, key=key)
+        xhat = np.asarray(q.dequantize(qa))
+        assert np.all(xhat[x == 0] == 0.0) and float(qa.scales[1]) == 0.0
+    assert np.all(np.asarray(q.dequantize(q.quantize(np.zeros(SHAPE, np.float32), fmt, 256))) == 0)
 
 
 @pytest.mark.parametrize("fmt", ALL_FORMATS)
 def test_padding_is_zero_and_removed(fmt):
-    x = _sample(3, (3, 5), 2.0, fmt)  # 15 elements, block 8 -> 1 padding element
-    qa = q.quantize(x, fmt, 8)
-    assert qa.n_blocks == 2 and qa.size == 15 and qa.shape == (3, 5)
-    xhat = q.dequantize(qa)
-    assert xhat.shape == (3, 5)
-    # The padded element encodes zero, so it does not affect the last block's scale.
-    assert float(qa.scales[1]) == pytest.approx(
-        float(np.max(np.abs(x.ravel()[8:]))) / (127.0 if fmt == "int8" else 1.0), rel=1e-6
-    )
-    if fmt == "int8":
-        assert int(qa.codes[15]) == 0
-    elif fmt == "nf4":
-        assert int(qa.codes[7]) >> 4 == 7  # element 15: high nibble of byte 7, level 0
-    else:
-        assert q.format_levels(fmt)[int(qa.codes[15])] == 0.0
+    x = _sample(3, SHAPE, 2.0, fmt)  # 833 = 3 * 256 + 65: 191 padding elements
+    qa = q.quantize(x, fmt, 256)
+    assert qa.n_blocks == 4 and qa.size == 833 and qa.shape == SHAPE
+    assert q.dequantize(qa).shape == SHAPE
+    # The padding encodes zero, so it does not affect the last block's scale.
+    tail_absmax = float(np.max(np.abs(x.ravel()[768:])))
+    unit = tail_absmax / 127.0 if fmt == "int8" else tail_absmax
+    assert float(qa.scales[3]) == pytest.approx(unit, rel=1e-6)
+    codes = np.asarray(qa.codes)
+    if fmt == "nf4":
+        codes = np.stack([codes & 0x0F, codes >> 4], axis=-1).ravel()
+    pad_codes = codes[833:1024]
+    zero_code = 0 if fmt == "int8" else int(np.flatnonzero(q.format_levels(fmt) == 0)[0])
+    assert np.all(pad_codes == zero_code)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-def test_dtype_and_shape_restored(dtype):
-    x = jax.random.normal(jax.random.key(1), (4, 3, 5), dtype)
-    for fmt in ("int8", "nf4"):
-        xhat = q.dequantize(q.quantize(x, fmt, 16))
-        assert xhat.dtype == dtype and xhat.shape == x.shape
+def test_dtype_and_shape_restored():
+    for dtype in (jnp.bfloat16, jnp.float16):
+        x = jax.random.normal(jax.random.key(1), SHAPE, dtype)
+        xhat = q.dequantize(q.quantize(x, "nf4", 256))
+        assert xhat.dtype == dtype and xhat.shape == SHAPE
     scalar = q.dequantize(q.quantize(jnp.float32(-2.5), "int8"))
     assert scalar.shape == () and float(scalar) == -2.5
 
 
 @pytest.mark.parametrize("fmt", ALL_FORMATS)
 def test_stochastic_rounding_is_unbiased(fmt):
-    x = _sample(4, (64,), 1.0, fmt)
-    x[0] = 1.0 if fmt == "dynamic8_unsigned" else -1.0  # fix the block absmax
-    keys = jax.random.split(jax.random.key(0), 4000)
-    samples = jax.vmap(lambda k: q.dequantize(q.quantize(x, fmt, 64, key=k)))(keys)
+    x = _sample(4, (256,), 1.0, fmt)
+    x /= np.max(np.abs(x))  # block absmax 1, so the levels are the grid
+    x[0] = 1.0 if fmt == "dynamic8_unsigned" else -1.0
+    keys = jax.random.split(jax.random.key(0), 2000)
+    samples = jax.jit(jax.vmap(lambda k: q.dequantize(q.quantize(x, fmt, 256, key=k))))(keys)
     samples = np.asarray(samples, np.float64)
-    levels = q.format_levels(fmt).astype(np.float64)
-    gap = np.max(np.diff(levels))
-    # Each draw lies on one of the two levels bracketing x: error below one full gap.
-    assert np.all(np.abs(samples - x) <= gap * 1.0 * (1 + REL_SLACK))
-    # Mean converges to x: standard error <= gap / (2 sqrt(n)); allow 5 of them.
+    gap = np.max(np.diff(q.format_levels(fmt).astype(np.float64)))
+    # Each draw is one of the two levels bracketing x: error below one full gap.
+    assert np.all(np.abs(samples - x) <= gap * (1 + REL_SLACK))
+    # The mean converges to x: standard error <= gap / (2 sqrt(n)); allow 5 of them.
     tol = 5 * gap / (2 * np.sqrt(len(keys))) + 1e-7
     np.testing.assert_allclose(samples.mean(0), x, atol=tol, rtol=0)
-    # Nearest rounding would be biased for some elements by far more than that.
-    nearest = np.asarray(q.dequantize(q.quantize(x, fmt, 64)), np.float64)
+    # Nearest rounding is deterministic and biased for some elements by more than that.
+    nearest = np.asarray(q.dequantize(q.quantize(x, fmt, 256)), np.float64)
     assert np.max(np.abs(nearest - x)) > tol
 
 
@@ -218,9 +239,8 @@ def test_bad_arguments_raise(kwargs, match):
         q.quantize(x, **kwargs)
     with pytest.raises(ValueError, match=match):
         q.quantize_tree({"a": x}, **kwargs)
-    if "block_size" in kwargs:
-        with pytest.raises(ValueError, match=match):
-            q.quantized_nbytes(10, "int8", kwargs["block_size"])
+    with pytest.raises(ValueError, match=match):
+        q.quantized_nbytes(10, **kwargs)
 
 
 def test_non_float_input_raises():
@@ -238,13 +258,9 @@ def test_quantize_tree_non_finite_names_leaf_path_and_shape(bad):
 
 
 def test_quantize_tree_round_trip_and_where():
-    key = jax.random.key(2)
-    tree = {
-        "w": jax.random.normal(key, (33, 7)),
-        "layers": (jax.random.normal(key, (5,)), jnp.float32(3.0)),
-        "step": jnp.array(7, jnp.int32),
-    }
-    qt = q.quantize_tree(tree, "int8", 32)
+    x = _sample(6, SHAPE, 1.0, "int8")
+    tree = {"w": x, "layers": (x * 2, x[0]), "step": jnp.array(7, jnp.int32)}
+    qt = q.quantize_tree(tree, "int8", 256)
     assert isinstance(qt["w"], q.QuantizedArray) and isinstance(qt["layers"][1], q.QuantizedArray)
     assert qt["step"] is tree["step"]  # non-float leaves pass through by default
     back = q.dequantize_tree(qt)
@@ -252,39 +268,37 @@ def test_quantize_tree_round_trip_and_where():
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(tree), strict=True):
         bound = q.max_abs_error_factor("int8") * float(jnp.max(jnp.abs(b))) * (1 + REL_SLACK)
         assert a.shape == b.shape and float(jnp.max(jnp.abs(a - b))) <= bound
-    # `where` as a pytree and as a callable.
+    # `where` as a pytree of bools and as a callable returning one.
     mask = {"w": True, "layers": (False, False), "step": False}
-    only_w = q.quantize_tree(tree, "nf4", 32, where=mask)
+    only_w = q.quantize_tree(tree, "int8", 256, where=mask)
     assert isinstance(only_w["w"], q.QuantizedArray)
     assert not isinstance(only_w["layers"][0], q.QuantizedArray)
-    same = q.quantize_tree(tree, "nf4", 32, where=lambda t: mask)
+    same = q.quantize_tree(tree, "int8", 256, where=lambda t: mask)
     assert jax.tree.structure(same) == jax.tree.structure(only_w)
     with pytest.raises(TypeError, match=r"\['step'\]"):
         q.quantize_tree(tree, "int8", where={"w": True, "layers": (True, True), "step": True})
     with pytest.raises(ValueError, match="`where`"):
         q.quantize_tree(tree, "int8", where={"w": True})
-    # Non-finite values are only checked on concrete leaves, not selected ones.
-    q.quantize_tree({"a": jnp.array([jnp.nan]), "b": jnp.ones(2)}, where={"a": False, "b": True})
+    # Only selected leaves are checked for non-finite values.
+    q.quantize_tree({"a": np.array([np.nan]), "b": x}, "int8", 256, where={"a": False, "b": True})
 
 
-@pytest.mark.parametrize("fmt", ALL_FORMATS)
-def test_jit(fmt):
-    x = _sample(5, (9, 40), 3.0, fmt)
+def test_jit():
+    x = _sample(5, SHAPE, 3.0, "nf4")
     traces = []
 
     @jax.jit
     def round_trip(x):
         traces.append(None)
-        return q.dequantize(q.quantize(x, fmt, 64))
+        return q.dequantize(q.quantize(x, "nf4", 256))
 
-    np.testing.assert_array_equal(round_trip(x), q.dequantize(q.quantize(x, fmt, 64)))
+    np.testing.assert_array_equal(round_trip(x), q.dequantize(q.quantize(x, "nf4", 256)))
     round_trip(x + 1.0)
     assert len(traces) == 1
     # QuantizedArray crosses the jit boundary as a pytree with static metadata.
-    qa = jax.jit(lambda x: q.quantize(x, fmt, 64))(x)
-    assert isinstance(qa, q.QuantizedArray) and qa.format == fmt and qa.shape == (9, 40)
+    qa = jax.jit(lambda x: q.quantize(x, "nf4", 256))(x)
+    assert isinstance(qa, q.QuantizedArray) and qa.format == "nf4" and qa.shape == SHAPE
     np.testing.assert_array_equal(jax.jit(q.dequantize)(qa), q.dequantize(qa))
-    # Trees under jit: the eager finiteness check is skipped (values are abstract).
-    tree = {"a": jnp.asarray(x)}
-    out = jax.jit(lambda t: q.dequantize_tree(q.quantize_tree(t, fmt, 64)))(tree)
-    np.testing.assert_array_equal(out["a"], q.dequantize(q.quantize(x, fmt, 64)))
+    # Trees under jit: values are abstract, so the eager finiteness check is skipped.
+    out = jax.jit(lambda t: q.dequantize_tree(q.quantize_tree(t, "nf4", 256)))({"a": x})
+    np.testing.assert_array_equal(out["a"], q.dequantize(qa))
