@@ -217,7 +217,7 @@ def scale_by_adam_8bit(
     _check_nonnegative_int("seed", seed)
 
     def use_8bit(x: jax.Array) -> bool:
-        return x.size >= min_8bit_size
+        return math.prod(jnp.shape(x)) >= min_8bit_size
 
     def encode_mu(m: jax.Array, key: jax.Array | None = None) -> Any:
         return quantization.quantize(m, MU_FORMAT, block_size, key=key) if use_8bit(m) else m
@@ -233,13 +233,17 @@ def scale_by_adam_8bit(
     def decode_nu(v: Any) -> jax.Array:
         return jnp.square(quantization.dequantize(v)) if _is_quantized(v) else v
 
+    def zeros(x: jax.Array, format: str) -> Any:
+        if use_8bit(x):
+            return quantization.quantized_zeros(jnp.shape(x), format, block_size)
+        return jnp.zeros(jnp.shape(x), jnp.float32)
+
     def init_fn(params: optax.Params) -> ScaleByAdam8bitState:
         _check_float_leaves(params, "scale_by_adam_8bit")
-        zeros = optax.tree.zeros_like(params, dtype=jnp.float32)
         return ScaleByAdam8bitState(
             count=jnp.zeros([], jnp.int32),
-            mu=jax.tree.map(encode_mu, zeros),
-            nu=jax.tree.map(encode_nu, zeros),
+            mu=jax.tree.map(lambda x: zeros(x, MU_FORMAT), params),
+            nu=jax.tree.map(lambda x: zeros(x, NU_FORMAT), params),
         )
 
     def update_fn(

@@ -70,18 +70,18 @@ class LowRankLinear(nnx.Module):
     self.path = path
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    base = adapters_lib.dequantize_leaf(self.base.value)
+    base = adapters_lib.dequantize_leaf(self.base.get_value())
     y = x @ base.astype(x.dtype)
-    lam = self.lam.value
+    lam = self.lam.get_value()
     t = x.astype(jnp.promote_types(x.dtype, lam.dtype))
     if self.left is not None:
-      t = t @ self.left.value
+      t = t @ self.left.get_value()
     t = t @ lam
     if self.right is not None:
-      t = t @ self.right.value.T
+      t = t @ self.right.get_value().T
     y = y + t.astype(y.dtype)
     if self.bias is not None:
-      y = y + self.bias.value.astype(y.dtype)
+      y = y + self.bias.get_value().astype(y.dtype)
     return y
 
 
@@ -144,9 +144,9 @@ def to_low_rank(model: nnx.Module, adapter: adapters_lib.Adapter) -> nnx.Module:
       )
     basis = by_path[plan.path]
     left, right = basis.factors
-    bias = None if module.bias is None else module.bias.value
+    bias = None if module.bias is None else module.bias.get_value()
     lam = jnp.zeros(plan.coefficient_shape, plan.coefficient_dtype)
-    _set_child(model, path, LowRankLinear(module.kernel.value, left, right, lam, bias,
+    _set_child(model, path, LowRankLinear(module.kernel.get_value(), left, right, lam, bias,
                                           path=plan.path))
     converted += 1
   if not converted:
@@ -173,11 +173,11 @@ def merge(model: nnx.Module, adapter: adapters_lib.Adapter, grads: Any = None
   """
   layers = _layers(model)
   lam = map_plans(
-      lambda p: layers[p.path].lam.value if p.path in layers
+      lambda p: layers[p.path].lam.get_value() if p.path in layers
       else jnp.zeros(p.coefficient_shape, p.coefficient_dtype),
       adapter.plans,
   )
-  base = map_plans(lambda p, w: layers[p.path].base.value if p.path in layers else w,
+  base = map_plans(lambda p, w: layers[p.path].base.get_value() if p.path in layers else w,
                    adapter.plans, adapter.base)
   current = adapters_lib.Adapter(base, adapter.stored_bases, adapter.key, adapter.refresh_index,
                                  adapter.plans)
@@ -187,13 +187,13 @@ def merge(model: nnx.Module, adapter: adapters_lib.Adapter, grads: Any = None
   def write(p, w0, b, z):
     if p.path in layers:
       layer = layers[p.path]
-      layer.base.value = w0
+      layer.base.set_value(w0)
       left, right = b.factors
       if layer.left is not None:
-        layer.left.value = left
+        layer.left.set_value(left)
       if layer.right is not None:
-        layer.right.value = right
-      layer.lam.value = z
+        layer.right.set_value(right)
+      layer.lam.set_value(z)
 
   map_plans(write, new.plans, new.base, fresh, lam0)
   return new

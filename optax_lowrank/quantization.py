@@ -97,6 +97,7 @@ __all__ = [
     "quantize",
     "quantize_tree",
     "quantized_nbytes",
+    "quantized_zeros",
 ]
 
 FORMATS: tuple[str, ...] = ("int8", "nf4", "dynamic8", "dynamic8_unsigned")
@@ -255,6 +256,41 @@ class QuantizedArray:
     def nbytes(self) -> int:
         """Exact bytes held by ``codes`` and ``scales``."""
         return nbytes(self)
+
+
+def quantized_zeros(
+    shape: tuple[int, ...],
+    format: str = "int8",
+    block_size: int = 256,
+    dtype: jax.typing.DTypeLike = jnp.float32,
+) -> QuantizedArray:
+    """The :class:`QuantizedArray` of ``zeros(shape, dtype)``, built without quantizing.
+
+    Equal to ``quantize(jnp.zeros(shape, dtype), format, block_size)`` (zero scales,
+    every code the code of level 0) but cheaper: no reduction or rounding is traced,
+    which keeps optimizer ``init`` functions light.
+    """
+    _check_format(format)
+    _check_block_size(block_size)
+    shape = tuple(int(d) for d in shape)
+    n_blocks = -(-math.prod(shape) // block_size)
+    padded = n_blocks * block_size
+    if format == "int8":
+        codes = jnp.zeros((padded,), jnp.int8)
+    else:
+        zero_code = int(np.flatnonzero(_LEVELS_F64[format] == 0)[0])
+        if format == "nf4":
+            codes = jnp.full((-(-padded // 2),), zero_code | (zero_code << 4), jnp.uint8)
+        else:
+            codes = jnp.full((padded,), zero_code, jnp.uint8)
+    return QuantizedArray(
+        codes=codes,
+        scales=jnp.zeros((n_blocks,), jnp.float32),
+        shape=shape,
+        dtype=np.dtype(dtype),
+        format=format,
+        block_size=int(block_size),
+    )
 
 
 def quantized_nbytes(size: int, format: str = "int8", block_size: int = 256) -> int:

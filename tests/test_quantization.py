@@ -172,7 +172,12 @@ def test_exact_zeros_stay_zero(fmt):
         qa = q.quantize(x, fmt, 256, key=key)
         xhat = np.asarray(q.dequantize(qa))
         assert np.all(xhat[x == 0] == 0.0) and float(qa.scales[1]) == 0.0
-    assert np.all(np.asarray(q.dequantize(q.quantize(np.zeros(SHAPE, np.float32), fmt, 256))) == 0)
+    zeros = q.quantize(np.zeros(SHAPE, np.float32), fmt, 256)
+    assert np.all(np.asarray(q.dequantize(zeros)) == 0)
+    # quantized_zeros builds the same thing without quantizing.
+    built = q.quantized_zeros(SHAPE, fmt, 256)
+    assert jax.tree.structure(built) == jax.tree.structure(zeros)
+    jax.tree.map(np.testing.assert_array_equal, built, zeros)
 
 
 @pytest.mark.parametrize("fmt", ALL_FORMATS)
