@@ -20,7 +20,8 @@ from optax_lowrank.projections import (
     tucker,
     two_sided,
 )
-from optax_lowrank.recipes import adam_in_subspace, flora, galore
+from optax_lowrank.recipes import adam_in_subspace, flora, galore, natural_galore
+from optax_lowrank.woodbury import woodbury_precondition, woodbury_solve
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,7 @@ __all__ = [
     "galore",
     "gaussian",
     "low_rank",
+    "natural_galore",
     "project",
     "project_back",
     "rademacher",
@@ -48,4 +50,6 @@ __all__ = [
     "svd",
     "tucker",
     "two_sided",
+    "woodbury_precondition",
+    "woodbury_solve",
 ]

@@ -75,6 +75,7 @@ def low_rank(
     *,
     reshape: leaves_lib.ReshapeRule | Callable[..., Any] | None = None,
     track_coefficients: bool = False,
+    unprojected: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Run ``inner`` on projected gradients and map its updates back.
 
@@ -110,6 +111,12 @@ def low_rank(
       would (paper 000, App. B); decay *outside* ``low_rank`` in the chain
       decays the full weights instead.  Costs one more coefficient-sized buffer
       per projected leaf.
+    unprojected: optional transformation for the leaves that are not
+      projected, instead of ``inner`` (GaLore's "parameter groups"): e.g. a
+      gradient-history preconditioner only in the small space and plain Adam on
+      biases and norms.  Both states then live in an
+      ``optax.multi_transform`` state with labels ``"projected"`` /
+      ``"unprojected"``.
 
   Returns:
     A ``GradientTransformationExtraArgs``; its state is :class:`LowRankState`.
@@ -137,9 +144,17 @@ def low_rank(
   if not isinstance(seed, jax.Array) and (isinstance(seed, bool) or not isinstance(seed, int)):
     raise TypeError(f"`seed` must be an int, got {seed!r}")
   inner = optax.with_extra_args_support(inner)
+  if unprojected is not None:
+    groups = {"projected": inner, "unprojected": optax.with_extra_args_support(unprojected)}
 
   def make_plans(tree):
     return leaves_lib.plan(tree, projection, where, reshape)
+
+  def inner_for(plans):
+    if unprojected is None:
+      return inner
+    labels = map_plans(lambda p: "projected" if p.projected else "unprojected", plans)
+    return optax.multi_transform(groups, labels)
 
   def init_fn(params):
     plans = make_plans(params)
@@ -147,12 +162,13 @@ def low_rank(
         count=jnp.zeros([], jnp.int32),
         key=jax.random.PRNGKey(seed),
         bases=leaves_lib.zero_bases(plans),
-        inner_state=inner.init(leaves_lib.coefficient_zeros(plans, params)),
+        inner_state=inner_for(plans).init(leaves_lib.coefficient_zeros(plans, params)),
         coefficients=_projected_zeros(plans) if track_coefficients else None,
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     plans = make_plans(updates)
+    inner_tx = inner_for(plans)
     count = state.count
     refresh_index = count // refresh_every
     is_refresh = count % refresh_every == 0
@@ -162,15 +178,15 @@ def low_rank(
       if track_coefficients:  # merge: Λ is folded into the weights and restarts at 0
         coefficients = jax.tree.map(jnp.zeros_like, coefficients)
       new_stored = leaves_lib.make_bases(plans, state.key, refresh_index, updates, stored=True)
-      if on_refresh != "keep":
-        old = leaves_lib.current_bases(plans, stored, state.key, refresh_index - 1)
-        new = leaves_lib.current_bases(plans, new_stored, state.key, refresh_index)
-        inner_state = jax.lax.cond(
-            count > 0,
-            lambda s: refresh_lib.apply_policy(on_refresh, inner, s, plans, old, new),
-            lambda s: s,
-            inner_state,
-        )
+      # Even "keep" clears gradient histories (see optax_lowrank.refresh).
+      old = leaves_lib.current_bases(plans, stored, state.key, refresh_index - 1)
+      new = leaves_lib.current_bases(plans, new_stored, state.key, refresh_index)
+      inner_state = jax.lax.cond(
+          count > 0,
+          lambda s: refresh_lib.apply_policy(on_refresh, inner_tx, s, plans, old, new),
+          lambda s: s,
+          inner_state,
+      )
       return new_stored, inner_state, coefficients
 
     stored, inner_state, coefficients = jax.lax.cond(
@@ -182,7 +198,8 @@ def low_rank(
         lambda p, g, b: project(b, g) if p.projected else g, plans, updates, bases
     )
     inner_params = None if params is None else inner_params_of(plans, params, coefficients)
-    inner_updates, inner_state = inner.update(coeffs, inner_state, inner_params, **extra_args)
+    inner_updates, inner_state = inner_tx.update(coeffs, inner_state, inner_params,
+                                                 **extra_args)
     # α applies to projected leaves only, in the small space (Sᵀ is linear).
     inner_updates = map_plans(
         lambda p, u: scale * u if p.projected else u, plans, inner_updates

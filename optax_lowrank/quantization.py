@@ -59,10 +59,12 @@ block is stored (it is at most ``block_size - 1`` elements) and stripped again b
 
 All functions trace under :func:`jax.jit`; ``format`` and ``block_size`` are
 static Python values. Non-finite inputs are not checked by :func:`quantize`
-(a NaN or inf poisons the scale and therefore its whole block);
-:func:`quantize_tree` checks concrete inputs eagerly and raises.
+(a NaN or inf poisons the scale of its block, and the whole block dequantizes to
+NaN/inf); :func:`quantize_tree` checks concrete inputs eagerly and raises.
 
 References:
+  Dettmers, "8-Bit Approximations for Parallelism in Deep Learning", ICLR 2016.
+  https://arxiv.org/abs/1511.04561
   Dettmers, Lewis, Shleifer, Zettlemoyer, "8-bit Optimizers via Block-wise
   Quantization", ICLR 2022. https://arxiv.org/abs/2110.02861
   Dettmers, Pagnoni, Holtzman, Zettlemoyer, "QLoRA: Efficient Finetuning of

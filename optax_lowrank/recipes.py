@@ -19,8 +19,9 @@ import optax
 
 from optax_lowrank import projections as proj
 from optax_lowrank.low_rank import low_rank
+from optax_lowrank.woodbury import woodbury_precondition
 
-__all__ = ["galore", "flora", "adam_in_subspace"]
+__all__ = ["galore", "flora", "natural_galore", "adam_in_subspace"]
 
 
 def adam_in_subspace(
@@ -130,4 +131,52 @@ def flora(
   return adam_in_subspace(
       learning_rate, spec, refresh_every, scale, b1, b2, eps, weight_decay,
       on_refresh, where, seed, reshape, mask,
+  )
+
+
+def natural_galore(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int = 128,
+    history: int = 10,
+    damping: float = 1e-3,
+    refresh_every: int = 200,
+    scale: float = 0.25,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    *,
+    side: proj.Side = "auto",
+    on_refresh: str = "keep",
+    where: Any = None,
+    reshape: Any = None,
+    mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Natural GaLore (Das 2024, paper 002, Alg. 1 with §2.2).
+
+  In the GaLore subspace, each leaf's projected gradient ``g`` is first
+  preconditioned by the inverse empirical Fisher of its last ``history``
+  projected gradients, ``F⁻¹g`` with ``F = λI + GGᵀ`` (Woodbury identity, an
+  ``s×s`` Cholesky solve; :func:`~optax_lowrank.woodbury_precondition`), then
+  Adam runs on the result.  Leaves that are not projected get plain Adam.
+
+  Memory per projected leaf: GaLore's plus ``history·k + history²`` floats for
+  the history of ``k``-sized coefficients and its Gram matrix.  The history is
+  cleared at every refresh (its coordinates change); Adam's moments follow
+  ``on_refresh``.
+  """
+  adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+  return optax.chain(
+      low_rank(
+          optax.chain(woodbury_precondition(history, damping), adam),
+          proj.svd(rank, side),
+          refresh_every=refresh_every,
+          on_refresh=on_refresh,
+          scale=scale,
+          where=where,
+          reshape=reshape,
+          unprojected=optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      ),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
   )

@@ -23,6 +23,11 @@ gradients) holds, at each projected position, a statistic of that leaf.
   ``acc``...) with the element-wise squared map ``c ×_i (T_i ∘ T_i)``, which
   keeps them non-negative.  Statistics of another shape (Adafactor's factored
   row/column moments) cannot be mapped and are reset.
+
+Whatever the policy, gradient *histories* (fields named ``history`` or
+``gram``, as in ``olr.woodbury_precondition``) are cleared at a refresh: they
+are a curvature model built from gradients in the old coordinates, and a
+cleared history degrades gracefully (its empty slots count as zero columns).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from optax_lowrank import bases as bases_lib
 from optax_lowrank.leaves import LeafPlan, is_plan
 
 POLICIES = ("keep", "reset", "transport")
+
+CLEARED_NAMES = frozenset({"history", "gram"})
 
 SECOND_MOMENT_NAMES = frozenset(
     {"nu", "v", "nu_hat", "exp_avg_sq", "sum_of_squares", "acc", "v_row", "v_col",
@@ -78,8 +85,6 @@ def apply_policy(
     old_bases, new_bases: every projected leaf's basis before and after
       (``None`` at non-projected leaves).
   """
-  if on_refresh == "keep":
-    return inner_state
   plan_leaves, plan_def = jax.tree.flatten(plans, is_leaf=is_plan)
   if not any(p.projected for p in plan_leaves):
     return inner_state
@@ -100,24 +105,34 @@ def apply_policy(
         )
     ]
 
+  # optax.masked / multi_transform put MaskedNode where a leaf is not theirs.
+  is_masked = lambda n: isinstance(n, optax.MaskedNode)
+
   def is_params_like(x) -> bool:
     try:
-      return jax.tree.structure(x) == plan_def
+      return jax.tree.structure(x, is_leaf=is_masked) == plan_def
     except Exception:  # noqa: BLE001 - any non-pytree object is simply not params-like
       return False
 
   def per_subtree(path, old_sub, fresh_sub):
     if not is_params_like(old_sub):
       return old_sub
-    second = bool(_names(path) & SECOND_MOMENT_NAMES)
-    olds = jax.tree.leaves(old_sub)
-    freshes = jax.tree.leaves(fresh_sub)
+    names = _names(path)
+    cleared = bool(names & CLEARED_NAMES)
+    if on_refresh == "keep" and not cleared:
+      return old_sub
+    second = bool(names & SECOND_MOMENT_NAMES)
+    olds = jax.tree.leaves(old_sub, is_leaf=is_masked)
+    freshes = jax.tree.leaves(fresh_sub, is_leaf=is_masked)
     out = []
     for i, (p, o, f) in enumerate(zip(plan_leaves, olds, freshes)):
+      if is_masked(o):
+        out.append(o)
+        continue
       same_shape = tuple(o.shape) == tuple(p.coefficient_shape)
       if not p.projected or (bare_leaf and not same_shape):
         out.append(o)
-      elif on_refresh == "reset" or not same_shape:
+      elif cleared or on_refresh == "reset" or not same_shape:
         out.append(f)
       else:
         out.append(bases_lib.transport(mats[i], o, second_moment=second))

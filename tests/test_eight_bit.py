@@ -13,8 +13,9 @@ from optax_lowrank import eight_bit, quantization
 # Documented tolerances against float32 optax.adam on the MLP problem below
 # (fixed data, full batch, lr 1e-3, 300 steps, every leaf quantized). Measured
 # with the default stochastic rounding over seeds 0-2: final-loss relative
-# difference <= 0.5 %, teacher-forced update cosine >= 0.9936 at every step, mean
-# update-norm ratio 1.007-1.008. Round-to-nearest: cosine down to 0.88.
+# difference <= 1.05 %, teacher-forced update cosine >= 0.9924 at every step (mean
+# 0.9946), mean update-norm ratio 1.009-1.011. Round-to-nearest: cosine down to
+# 0.886 (mean 0.906 over the last 50 steps).
 LOSS_RTOL = 0.03
 COS_MIN = 0.98
 COS_MEAN = 0.99
@@ -232,6 +233,26 @@ def test_apply_if_finite_skips_non_finite_steps():
     assert bool(state.last_finite)
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
     assert float(jnp.max(jnp.abs(updates["w"]))) > 0
+
+
+def test_inject_hyperparams():
+    params = {"w": jnp.linspace(-1, 1, 320, dtype=jnp.float32).reshape(16, 20)}
+    grads = {"w": jnp.cos(params["w"])}
+    static = ("block_size", "min_8bit_size")
+    opt = optax.inject_hyperparams(eight_bit.adam_8bit, static_args=static)(
+        learning_rate=0.1, min_8bit_size=0, block_size=64
+    )
+    state = opt.init(params)
+    step = jax.jit(opt.update)
+    updates, state = step(grads, state, params)
+    assert float(jnp.max(jnp.abs(updates["w"]))) > 0
+    state.hyperparams["learning_rate"] = jnp.zeros_like(state.hyperparams["learning_rate"])
+    updates, state = step(grads, state, params)
+    assert float(jnp.max(jnp.abs(updates["w"]))) == 0
+    # Shape-fixing ints must be static; the error says how.
+    traced = optax.inject_hyperparams(eight_bit.adam_8bit)(learning_rate=0.1)
+    with pytest.raises(ValueError, match="`block_size`.*static_args"):
+        jax.jit(traced.update)(grads, traced.init(params), params)
 
 
 def test_weight_decay_is_decoupled():

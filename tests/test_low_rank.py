@@ -263,3 +263,30 @@ def test_extra_args_are_forwarded_to_inner():
   state = tx.init(PARAMS)
   tx.update(grad_stream(PARAMS, 1)[0], state, PARAMS, value=3.0)
   assert seen["value"] == 3.0
+
+
+def test_unprojected_group_and_history_cleared_at_every_refresh():
+  # natural_galore: Woodbury + Adam on coefficients, plain Adam on the bias.
+  tx = olr.natural_galore(0.01, rank=2, history=3, refresh_every=3)
+  grads = grad_stream(PARAMS, 4, seed=8)
+  state = tx.init(PARAMS)
+  for g in grads[:3]:
+    _, state = tx.update(g, state, PARAMS)
+  groups = state[0].inner_state.inner_states
+  wood = groups["projected"].inner_state[0]
+  assert wood.history["tall"].shape == (3, 12 * 2)  # history of coefficients only
+  assert isinstance(wood.history["bias"], optax.MaskedNode)
+  assert float(jnp.abs(wood.history["tall"]).sum()) > 0
+  mu_before = groups["projected"].inner_state[1].mu["tall"]
+  _, after = tx.update(grads[3], state, PARAMS)  # step 3 refreshes
+  wood = after[0].inner_state.inner_states["projected"].inner_state[0]
+  # the history holds only this step's projected gradient (others were cleared)
+  c = olr.project(after[0].bases["tall"], grads[3]["tall"]).reshape(-1)
+  rows = np.asarray(wood.history["tall"])
+  assert np.count_nonzero(np.abs(rows).sum(axis=1)) == 1
+  np.testing.assert_allclose(rows[np.abs(rows).sum(axis=1) > 0][0], c, atol=1e-12)
+  # ... while Adam's moments were kept ("keep"): β1·m + (1 − β1)·F⁻¹c, and with
+  # the one-row history F = λI + ccᵀ gives F⁻¹c = c / (λ + ‖c‖²)
+  mu_after = after[0].inner_state.inner_states["projected"].inner_state[1].mu["tall"]
+  nat = (c / (1e-3 + c @ c)).reshape(12, 2)
+  np.testing.assert_allclose(mu_after, 0.9 * mu_before + 0.1 * nat, rtol=1e-6, atol=1e-12)

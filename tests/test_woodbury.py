@@ -296,6 +296,20 @@ def test_woodbury_solve_general_and_history_rows():
   assert y.shape == (9,) and rel_err(y, ref) <= 1e-11
 
 
+def test_zero_gradients_and_an_indefinite_gram_stay_finite():
+  # zero gradients: every slot equal to g, F⁻¹0 = 0
+  outs, _ = run_stream(4, 0.1, [jnp.zeros(7)] * 6)
+  for u in outs:
+    np.testing.assert_array_equal(u, 0.0)
+  # a Gram matrix made badly indefinite on purpose (not a Gram matrix at all):
+  # the low floors cannot be factorised, the last one always can
+  rng = np.random.default_rng(20)
+  h = rng.standard_normal((4, 9))
+  bad = h @ h.T - 0.5 * np.max(np.diag(h @ h.T)) * np.eye(4)
+  for g in (h[1], rng.standard_normal(9)):
+    assert np.all(np.isfinite(solve(h, g, 0.2, gram=jnp.asarray(bad))))
+
+
 def test_transformation_agrees_with_woodbury_solve_on_its_state():
   rng = np.random.default_rng(14)
   grads = [jnp.asarray(rng.standard_normal(7), jnp.float32) for _ in range(7)]
