@@ -43,6 +43,8 @@ INNERS = {
     "adafactor": lambda: optax.adafactor(0.05, multiply_by_parameter_scale=False),
     "lion": lambda: optax.lion(0.01),
     "rmsprop": lambda: optax.rmsprop(0.01),
+    # gradient-only too: its state is the last gradients (cleared at a refresh)
+    "woodbury": lambda: optax.chain(olr.woodbury_precondition(3, 0.1), optax.sgd(0.05)),
 }
 
 
