@@ -5,7 +5,7 @@ back (``low_rank``); or train the dual linear adapter ``Θ0 + SᵀΛ``
 (``adapters``).  See ``docs/`` and the README.
 """
 
-from optax_lowrank import adapters, nnx, testing
+from optax_lowrank import adapters, memory, nnx, testing
 from optax_lowrank.adamem import adamem, adamem_state_bytes, scale_by_adamem
 from optax_lowrank.bases import Basis, project, project_back
 from optax_lowrank.low_rank import LowRankState, low_rank
@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Basis",
     "adapters",
+    "memory",
     "nnx",
     "testing",
     "LowRankState",

@@ -353,9 +353,7 @@ def adam_8bit(
     return optax.chain(*stages)
 
 
-def adam_8bit_state_nbytes(
-    params: Any, block_size: int = 256, min_8bit_size: int = 4096
-) -> int:
+def adam_8bit_state_nbytes(params: Any, block_size: int = 256, min_8bit_size: int = 4096) -> int:
     """Analytic bytes of the :func:`scale_by_adam_8bit` state for ``params``.
 
     ``4 + sum_leaves (2 * ceil(n / block_size) * (block_size + 4) if n >= min_8bit_size
@@ -364,6 +362,5 @@ def adam_8bit_state_nbytes(
     """
     sizes = (math.prod(jnp.shape(x)) for x in jax.tree.leaves(params))
     return 4 + sum(
-        2 * -(-n // block_size) * (block_size + 4) if n >= min_8bit_size else 8 * n
-        for n in sizes
+        2 * -(-n // block_size) * (block_size + 4) if n >= min_8bit_size else 8 * n for n in sizes
     )

@@ -386,9 +386,7 @@ def _dynamic_rank(a: jax.Array, magnitude_bits: int) -> jax.Array:
     This gives the code in O(1) per element instead of a search over the table.
     """
     smallest = 10.0 ** -(magnitude_bits - 1)
-    decade = jnp.clip(
-        jnp.floor(-jnp.log10(jnp.maximum(a, smallest))), 0, magnitude_bits - 2
-    )
+    decade = jnp.clip(jnp.floor(-jnp.log10(jnp.maximum(a, smallest))), 0, magnitude_bits - 2)
     n = jnp.exp2(magnitude_bits - 1 - decade)
     in_decade = (n - 1) + (a * 10.0**decade - 0.1) / 0.9 * n
     return jnp.where(a < smallest, a / smallest, in_decade)
@@ -416,9 +414,7 @@ def _rank(y: jax.Array, format: str) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("format", "block_size"))
-def _quantize(
-    x: jax.Array, format: str, block_size: int, key: jax.Array | None
-) -> QuantizedArray:
+def _quantize(x: jax.Array, format: str, block_size: int, key: jax.Array | None) -> QuantizedArray:
     blocks = _blocks(x, block_size)
     absmax = jnp.max(jnp.abs(blocks), axis=1)  # [n_blocks]
     unit = absmax / 127.0 if format == "int8" else absmax

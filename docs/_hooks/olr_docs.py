@@ -50,16 +50,11 @@ ROLE_RE = re.compile(
 _PROBE = r"""
 import importlib, json, sys, types
 pkg = importlib.import_module(sys.argv[1])
-names = json.loads(sys.argv[2])
-
-def has(dotted):
-    obj = pkg
-    for part in dotted.split("."):
-        if not hasattr(obj, part):
-            return False
-        obj = getattr(obj, part)
-    return True
-
+attrs = {}
+for name in dir(pkg):
+    obj = getattr(pkg, name)
+    # one level down, for dotted names such as "adapters.merge"
+    attrs[name] = sorted(dir(obj)) if isinstance(obj, types.ModuleType) else []
 exports = {}
 for name in getattr(pkg, "__all__", []):
     obj = getattr(pkg, name, None)
@@ -67,22 +62,34 @@ for name in getattr(pkg, "__all__", []):
         exports[name] = obj.__name__
     else:
         exports[name] = getattr(obj, "__module__", None) or pkg.__name__
-print(json.dumps({"has": {n: has(n) for n in names}, "exports": exports}))
+print(json.dumps({"attrs": attrs, "exports": exports}))
 """
 
 
 @functools.lru_cache(maxsize=None)
-def _probe(names: tuple[str, ...]) -> dict:
+def _probe() -> dict:
+  """What a fresh ``import optax_lowrank`` provides (one subprocess per process)."""
   out = subprocess.run(
-      [sys.executable, "-c", _PROBE, PACKAGE, json.dumps(list(names))],
+      [sys.executable, "-c", _PROBE, PACKAGE],
       check=True, capture_output=True, text=True,
   )
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _has(dotted: str, attrs: dict) -> bool:
+  head, _, rest = dotted.partition(".")
+  if head not in attrs:
+    return False
+  return not rest or rest in attrs[head]
+
+
 def package_facts(names) -> dict:
-  """``{"has": {dotted_name: bool}, "exports": {name: defining module}}`` from a fresh import."""
-  return _probe(tuple(sorted(set(names))))
+  """``{"has": {dotted_name: bool}, "exports": {name: defining module}}`` from a fresh import.
+
+  Dotted names are resolved one level deep (``adapters.merge``).
+  """
+  facts = _probe()
+  return {"has": {n: _has(n, facts["attrs"]) for n in names}, "exports": facts["exports"]}
 
 
 def requires_of(block: str) -> list[str]:

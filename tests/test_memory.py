@@ -1,0 +1,70 @@
+"""olr.memory: exact optimizer-state bytes by kind and leaf; compiled step memory."""
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import optax_lowrank as olr
+from optax_lowrank import memory
+
+M, N, R = 24, 16, 4  # tall leaf: right side, coefficients M×R, projector N×R
+PARAMS = {"w": jax.ShapeDtypeStruct((M, N), jnp.float32),
+          "b": jax.ShapeDtypeStruct((N,), jnp.float32)}
+F32 = 4
+
+
+def test_galore_state_is_adam_on_coefficients_plus_one_projector():
+  sb = memory.state_bytes(olr.galore(1e-3, rank=R), PARAMS)
+  assert sb.by_leaf["w"] == {"inner": 2 * M * R * F32, "projector": N * R * F32, "key": 0,
+                             "history": 0, "counter": 0}
+  assert sb.by_leaf["b"]["inner"] == 2 * N * F32
+  assert sb.by_kind["key"] == 8  # one uint32[2] PRNG key
+  assert sb.by_kind["counter"] == 2 * 4  # low_rank's and Adam's int32 counts
+  assert sb.total == 2 * (M * R + N) * F32 + N * R * F32 + 8 + 8
+
+
+def test_flora_stores_no_projector():
+  sb = memory.state_bytes(olr.flora(1e-3, rank=R), PARAMS)
+  assert sb.by_kind["projector"] == 0
+  assert sb.by_leaf["w"]["inner"] == 2 * M * R * F32
+
+
+def test_natural_galore_history_is_s_coefficients_plus_gram():
+  s = 5
+  sb = memory.state_bytes(olr.natural_galore(1e-3, rank=R, history=s), PARAMS)
+  assert sb.by_leaf["w"]["history"] == (s * M * R + s * s) * F32
+  assert sb.by_leaf["b"]["history"] == 0  # unprojected leaves get plain Adam
+  assert sb.by_leaf["w"]["inner"] == 2 * M * R * F32
+
+
+def test_compare_has_the_baselines_and_adam_is_twice_the_params():
+  rows = memory.compare(PARAMS, {"galore": olr.galore(1e-3, rank=R)})
+  assert list(rows) == ["optax.adam", "optax.adafactor", "galore"]
+  assert rows["optax.adam"].by_kind["inner"] == 2 * (M * N + N) * F32
+  assert rows["galore"].total < rows["optax.adam"].total
+  table = memory.format_table(rows)
+  assert "galore" in table and "projector" in table
+
+
+def test_step_memory_reads_xla_buffer_assignment():
+  def step(x, y):
+    return x @ y, x + 1
+
+  x = jnp.ones((64, 64), jnp.float32)
+  m = memory.step_memory(step, x, x)
+  assert m.arguments == 2 * 64 * 64 * F32
+  # the two result buffers, plus XLA's small tuple of pointers to them on CPU
+  assert 0 <= m.outputs - 2 * 64 * 64 * F32 <= 64
+  donated = memory.step_memory(step, x, x, donate_argnums=(0,))
+  assert donated.aliased == 64 * 64 * F32
+  assert donated.peak == donated.arguments + donated.outputs + donated.temporaries - \
+      donated.aliased
+  assert donated.peak < m.peak
+
+
+@pytest.mark.parametrize("unit", ["B", "MiB"])
+def test_format_table_for_step_memory(unit):
+  x = jnp.ones((8, 8), jnp.float32)
+  text = memory.format_table({"f": memory.step_memory(lambda a: a * 2, x)}, unit=unit)
+  assert "peak" in text and unit in text
