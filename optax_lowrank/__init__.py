@@ -6,7 +6,7 @@ back (``low_rank``); or train the dual linear adapter ``Θ0 + SᵀΛ``
 """
 
 from optax_lowrank import adapters, memory, nnx, testing
-from optax_lowrank.adamem import adamem, adamem_state_bytes, scale_by_adamem
+from optax_lowrank.adafactor_momentum import adamem, adamem_state_bytes, scale_by_adamem
 from optax_lowrank.bases import Basis, project, project_back
 from optax_lowrank.low_rank import LowRankState, low_rank
 from optax_lowrank.projections import (

@@ -168,8 +168,8 @@ def test_exact_zeros_stay_zero(fmt):
     x[::3] = 0.0
     x[256:512] = 0.0  # an all-zero block: scale 0
     x = x.reshape(SHAPE)
-    for key in (None, jax.random.key(0)):  # nearest and stochastic rounding
-        qa = q.quantize(x, fmt, 256, key=key)
+    for seed in (None, 7):  # nearest and stochastic rounding
+        qa = q.quantize(x, fmt, 256, seed=seed)
         xhat = np.asarray(q.dequantize(qa))
         assert np.all(xhat[x == 0] == 0.0) and float(qa.scales[1]) == 0.0
     zeros = q.quantize(np.zeros(SHAPE, np.float32), fmt, 256)
@@ -212,18 +212,34 @@ def test_stochastic_rounding_is_unbiased(fmt):
     x = _sample(4, (256,), 1.0, fmt)
     x /= np.max(np.abs(x))  # block absmax 1, so the levels are the grid
     x[0] = 1.0 if fmt == "dynamic8_unsigned" else -1.0
-    keys = jax.random.split(jax.random.key(0), 2000)
-    samples = jax.jit(jax.vmap(lambda k: q.dequantize(q.quantize(x, fmt, 256, key=k))))(keys)
+    seeds = jnp.arange(2000, dtype=jnp.uint32)
+    samples = jax.jit(jax.vmap(lambda s: q.dequantize(q.quantize(x, fmt, 256, seed=s))))(seeds)
     samples = np.asarray(samples, np.float64)
     gap = np.max(np.diff(q.format_levels(fmt).astype(np.float64)))
     # Each draw is one of the two levels bracketing x: error below one full gap.
     assert np.all(np.abs(samples - x) <= gap * (1 + REL_SLACK))
     # The mean converges to x: standard error <= gap / (2 sqrt(n)); allow 5 of them.
-    tol = 5 * gap / (2 * np.sqrt(len(keys))) + 1e-7
+    tol = 5 * gap / (2 * np.sqrt(len(seeds))) + 1e-7
     np.testing.assert_allclose(samples.mean(0), x, atol=tol, rtol=0)
     # Nearest rounding is deterministic and biased for some elements by more than that.
     nearest = np.asarray(q.dequantize(q.quantize(x, fmt, 256)), np.float64)
     assert np.max(np.abs(nearest - x)) > tol
+
+
+def test_mix_seed():
+    seeds = {
+        int(q.mix_seed(0, step, leaf, m)) for step in range(20) for leaf in range(5) for m in (0, 1)
+    }
+    assert len(seeds) == 200  # distinct per (step, leaf, moment)
+    assert q.mix_seed(3, 4).dtype == jnp.uint32
+    assert int(q.mix_seed(3, 4)) == int(jax.jit(q.mix_seed)(jnp.int32(3), jnp.int32(4)))
+    assert int(q.mix_seed(2**32 + 5)) == int(q.mix_seed(5))  # Python ints mod 2^32
+    key = jax.random.key(1)
+    assert int(q.mix_seed(key)) != int(q.mix_seed(jax.random.key(2)))
+    # Stochastic rounding accepts a key too, and the seed changes the rounding.
+    x = _sample(7, (512,), 1.0, "int8")
+    codes = [np.asarray(q.quantize(x, "int8", 256, seed=s).codes) for s in (key, 1, 2)]
+    assert np.mean(codes[1] != codes[2]) > 0.2 and np.mean(codes[0] != codes[1]) > 0.2
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jax.extend.core import jaxprs_in_params
 
-from optax_lowrank import adamem as am
+from optax_lowrank import adafactor_momentum as am
 from optax_lowrank import bases as bases_lib
 from optax_lowrank import leaves
 from optax_lowrank import projections as proj
