@@ -36,6 +36,7 @@ _INSTR = re.compile(r"^\s*(ROOT\s+)?%(\S+)\s*=\s*(\w+)\[([\d,]*)\][^ ]*\s+([\w-]
 _COMP = re.compile(r"^(ENTRY\s+)?%(\S+)\s*\(")
 _CALLS = re.compile(r"calls=%([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_ARRAY = re.compile(r"\w+\[([\d,]*)\]")
 
 
 def make_tx(name: str, rank: int, refresh_every: int):
@@ -90,6 +91,13 @@ def parse(hlo: str) -> tuple[dict[str, list], dict[str, str], set[str], set[str]
     if m:
       dims = tuple(int(d) for d in m.group(4).split(",") if d)
       comps[current].append((m.group(2), m.group(5), dims, line.strip()))
+    elif " custom-call(" in line and "=" in line:
+      # Tuple-valued library calls (e.g. LAPACK's SVD): one entry per array result.
+      name = line.split("=", 1)[0].strip().removeprefix("ROOT").strip().lstrip("%")
+      result_type = line.split("=", 1)[1].split(" custom-call(", 1)[0]
+      for i, d in enumerate(_ARRAY.findall(result_type)):
+        dims = tuple(int(x) for x in d.split(",") if x)
+        comps[current].append((f"{name}[{i}]", "custom-call", dims, line.strip()))
   return comps, caller, fused, branches
 
 

@@ -5,9 +5,10 @@ back (``low_rank``); or train the dual linear adapter ``Θ0 + SᵀΛ``
 (``adapters``).  See ``docs/`` and the README.
 """
 
-from optax_lowrank import adapters, memory, nnx, testing
+from optax_lowrank import adapters, eight_bit, memory, nnx, quantization, testing
 from optax_lowrank.adafactor_momentum import adamem, adamem_state_bytes, scale_by_adamem
 from optax_lowrank.bases import Basis, project, project_back
+from optax_lowrank.eight_bit import adam_8bit, scale_by_adam_8bit
 from optax_lowrank.low_rank import LowRankState, low_rank
 from optax_lowrank.projections import (
     Projection,
@@ -28,6 +29,10 @@ __version__ = "0.1.0"
 __all__ = [
     "Basis",
     "adapters",
+    "adam_8bit",
+    "eight_bit",
+    "quantization",
+    "scale_by_adam_8bit",
     "memory",
     "nnx",
     "testing",

@@ -177,7 +177,7 @@ def scale_by_adam_8bit(
     min_8bit_size: int = 4096,
     *,
     stochastic_rounding: bool = True,
-    seed: int = 0,
+    seed: int | jax.Array = 0,
 ) -> optax.GradientTransformation:
     """Rescales updates by Adam with 8-bit block-wise quantized moments.
 
@@ -186,6 +186,10 @@ def scale_by_adam_8bit(
     quantized as described in the module docstring (first moment: signed dynamic
     tree code; second moment: ``sqrt(v)`` in the unsigned dynamic tree code; one
     float32 absmax scale per block). Updates are returned in each gradient's dtype.
+
+    ``block_size`` and ``min_8bit_size`` fix array shapes and must be static
+    Python ints: with :func:`optax.inject_hyperparams` pass
+    ``static_args=("block_size", "min_8bit_size")``.
 
     Args:
       b1: decay rate of the first moment, in [0, 1).
@@ -201,10 +205,6 @@ def scale_by_adam_8bit(
         (e.g. from :func:`optax.inject_hyperparams`). Step ``t``, leaf ``i`` and
         moment ``j`` round with ``quantization.mix_seed(seed, t, i, j)``, so no
         key is stored and runs are reproducible.
-
-    ``block_size`` and ``min_8bit_size`` fix array shapes and must be static
-    Python ints: with :func:`optax.inject_hyperparams` pass
-    ``static_args=("block_size", "min_8bit_size")``.
 
     Returns:
       A :class:`optax.GradientTransformation` whose state is a
@@ -301,7 +301,7 @@ def adam_8bit(
     mask: Any | None = None,
     *,
     stochastic_rounding: bool = True,
-    seed: int = 0,
+    seed: int | jax.Array = 0,
 ) -> optax.GradientTransformation:
     """8-bit Adam (AdamW when ``weight_decay > 0``).
 

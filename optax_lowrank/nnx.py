@@ -130,7 +130,8 @@ def to_low_rank(model: nnx.Module, adapter: adapters_lib.Adapter) -> nnx.Module:
   targets = _kernel_paths(adapter)
   current = adapters_lib.bases(adapter)
   by_path = {}
-  map_plans(lambda p, b: by_path.__setitem__(p.path, b), adapter.plans, current)
+  map_plans(lambda p, b, w0: by_path.__setitem__(p.path, (b, w0)), adapter.plans, current,
+            adapter.base)
   converted = 0
   for path, module in list(nnx.iter_modules(model)):
     key = "/".join(str(k) for k in path)
@@ -142,12 +143,11 @@ def to_low_rank(model: nnx.Module, adapter: adapters_lib.Adapter) -> nnx.Module:
           f"leaf '{plan.path}' of shape {plan.shape}: LowRankLinear needs a matrix projection "
           "of a 2-D kernel without a reshape rule"
       )
-    basis = by_path[plan.path]
+    basis, base = by_path[plan.path]  # the adapter's base: possibly quantized
     left, right = basis.factors
     bias = None if module.bias is None else module.bias.get_value()
     lam = jnp.zeros(plan.coefficient_shape, plan.coefficient_dtype)
-    _set_child(model, path, LowRankLinear(module.kernel.get_value(), left, right, lam, bias,
-                                          path=plan.path))
+    _set_child(model, path, LowRankLinear(base, left, right, lam, bias, path=plan.path))
     converted += 1
   if not converted:
     raise ValueError("the adapter projects no nnx.Linear kernel of this model")

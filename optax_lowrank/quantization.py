@@ -101,6 +101,7 @@ __all__ = [
     "quantize_tree",
     "quantized_nbytes",
     "quantized_zeros",
+    "requantize_like",
 ]
 
 FORMATS: tuple[str, ...] = ("int8", "nf4", "dynamic8", "dynamic8_unsigned")
@@ -373,6 +374,23 @@ def quantize(
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"`x` must be a real floating-point array, got dtype {x.dtype}.")
     return _quantize(x, format, int(block_size), None if seed is None else mix_seed(seed))
+
+
+def requantize_like(
+    like: QuantizedArray, x: jax.typing.ArrayLike, *, seed: jax.typing.ArrayLike | None = None
+) -> QuantizedArray:
+    """Quantizes ``x`` in the format, block size and dtype of ``like``.
+
+    For writing an updated array back into an existing quantized slot (e.g. a
+    merged frozen base): ``dequantize`` of the result has ``like``'s shape and dtype.
+
+    Raises:
+      ValueError: ``x`` does not have ``like.shape``.
+    """
+    x = jnp.asarray(x)
+    if tuple(x.shape) != like.shape:
+        raise ValueError(f"`x` must have the shape of `like`, {like.shape}; got {tuple(x.shape)}.")
+    return quantize(x.astype(like.dtype), like.format, like.block_size, seed=seed)
 
 
 def _fmix32(h: jax.Array) -> jax.Array:

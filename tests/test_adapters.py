@@ -255,3 +255,33 @@ def test_testing_helpers_reject_bad_arguments_and_detect_a_mismatch():
   result = olr.testing.assert_dual(loss, params, optax.adafactor(0.05), olr.svd(2),
                                    batches=batches, steps=6, refresh_every=2, atol=TOL)
   assert result.max_deviation <= TOL
+
+
+@pytest.mark.parametrize("fmt, bound", [("int8", 1 / 254), ("nf4", 0.1519)])
+def test_quantized_base_materializes_within_the_format_bound_and_survives_merge(fmt, bound):
+  # Bound: per element, |Θ0 − deq(q(Θ0))| ≤ factor · absmax of its block; with
+  # one block per leaf here, the absmax is the leaf's max |Θ0|.
+  rng = np.random.default_rng(12)
+  params = {"w": jnp.asarray(rng.normal(size=(16, 16)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(16,)), jnp.float32)}
+  adapter = adapters.quantize_base(adapters.init(params, olr.gaussian(4)), fmt, block_size=256)
+  q = adapter.base["w"]
+  assert isinstance(q, olr.quantization.QuantizedArray) and q.format == fmt
+  assert not isinstance(adapter.base["b"], olr.quantization.QuantizedArray)  # trained leaf
+  assert q.nbytes < params["w"].nbytes / (3 if fmt == "int8" else 6)
+  lam = jax.tree.map(lambda x: 0.1 * jnp.ones_like(x), adapters.zeros(adapter))
+  eff = adapters.materialize(adapter, lam)
+  exact = params["w"] + olr.project_back(adapters.bases(adapter)["w"], lam["w"])
+  err = float(jnp.max(jnp.abs(eff["w"] - exact)))
+  assert err <= bound * float(jnp.max(jnp.abs(params["w"]))) * (1 + 1e-5)
+  new, lam0 = adapters.merge(adapter, lam)
+  assert isinstance(new.base["w"], olr.quantization.QuantizedArray)
+  assert new.base["w"].format == fmt
+  with pytest.raises(ValueError, match="unquantized"):
+    adapters.decay_base(adapter, lam, 0.1)
+
+
+def test_quantizing_a_non_finite_base_names_the_leaf():
+  params = {"w": jnp.ones((8, 8), jnp.float32).at[0, 0].set(jnp.inf)}
+  with pytest.raises(ValueError, match=r"w.*\(8, 8\)"):
+    adapters.quantize_base(adapters.init(params, olr.gaussian(2)))

@@ -126,3 +126,22 @@ def test_conversion_errors():
   adapter = adapters.init(nnx.state(model, nnx.Param), olr.dense(3), where=is_kernel)
   with pytest.raises(ValueError, match="matrix projection"):
     olr.nnx.to_low_rank(model, adapter)
+
+
+def test_layer_with_an_int8_base_is_close_to_the_dense_layer():
+  # int8 absmax blocks: |ΔW| ≤ absmax/254 per element, so |Δy| ≤ Σ_i |x_i| · absmax/254.
+  x, y = _data(2)
+  dense = MLP(nnx.Rngs(2), dtype=jnp.float32)
+  adapter = adapters.init(nnx.state(dense, nnx.Param), olr.gaussian(2), where=is_kernel)
+  adapter = adapters.quantize_base(adapter, "int8")
+  model = MLP(nnx.Rngs(2), dtype=jnp.float32)
+  olr.nnx.to_low_rank(model, adapter)
+  assert isinstance(model.fc1.base.get_value(), olr.quantization.QuantizedArray)
+  h_dense = dense.fc1(x.astype(jnp.float32))
+  h_q = model.fc1(x.astype(jnp.float32))
+  w = dense.fc1.kernel[...]
+  bound = jnp.sum(jnp.abs(x), axis=1, keepdims=True) * jnp.max(jnp.abs(w)) / 254
+  assert bool(jnp.all(jnp.abs(h_q - h_dense) <= bound * (1 + 1e-4) + 1e-6))
+  # merging re-quantizes the layer's base
+  adapter = olr.nnx.merge(model, adapter)
+  assert isinstance(model.fc1.base.get_value(), olr.quantization.QuantizedArray)

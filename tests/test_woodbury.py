@@ -281,19 +281,21 @@ def test_woodbury_solve_general_and_history_rows():
   rng = np.random.default_rng(13)
   h = rng.standard_normal((4, 9))
   h[3] = 0.0  # an empty slot
+  gram = jnp.asarray(h @ h.T)
   lam = 0.2
   g_out = rng.standard_normal(9)  # not in the history: Woodbury form
   ref = numpy_natural_gradient(list(h), g_out, lam)
   assert rel_err(solve(h, g_out, lam), ref) <= 1e-12
-  assert rel_err(solve(h, g_out, lam, g_in_history=False), ref) <= 1e-12
+  assert rel_err(solve(h, g_out, lam, gram=gram, g_in_history=False), ref) <= 1e-12
   g_in = h[1]  # a history row: push-through form
   ref = numpy_natural_gradient(list(h), g_in, lam)
-  for kwargs in ({}, {"g_in_history": True}, {"g_in_history": False},
-                 {"g_in_history": True, "refine": False}, {"gram": jnp.asarray(h @ h.T)}):
-    assert rel_err(solve(h, g_in, lam, **kwargs), ref) <= 1e-11, kwargs
-  # g of any shape with k elements
-  y = solve(h, g_in.reshape(3, 3), lam)
-  assert y.shape == (9,) and rel_err(y, ref) <= 1e-11
+  assert rel_err(solve(h, g_in, lam), ref) <= 1e-11
+  assert rel_err(solve(h, g_in, lam, gram=gram, g_in_history=False), ref) <= 1e-11
+  # g of any shape with k elements; the push-through path with and without
+  # the refinement step
+  for refine in (True, False):
+    y = solve(h, g_in.reshape(3, 3), lam, gram=gram, g_in_history=True, refine=refine)
+    assert y.shape == (9,) and rel_err(y, ref) <= 1e-11
 
 
 def test_zero_gradients_and_an_indefinite_gram_stay_finite():
@@ -306,8 +308,11 @@ def test_zero_gradients_and_an_indefinite_gram_stay_finite():
   rng = np.random.default_rng(20)
   h = rng.standard_normal((4, 9))
   bad = h @ h.T - 0.5 * np.max(np.diag(h @ h.T)) * np.eye(4)
-  for g in (h[1], rng.standard_normal(9)):
-    assert np.all(np.isfinite(solve(h, g, 0.2, gram=jnp.asarray(bad))))
+  bad = jnp.asarray(bad)
+  y = solve(h, h[1].reshape(3, 3), 0.2, gram=bad, g_in_history=True, refine=True)
+  assert np.all(np.isfinite(y))
+  y = solve(h, rng.standard_normal(9), 0.2, gram=bad, g_in_history=False)
+  assert np.all(np.isfinite(y))
 
 
 def test_transformation_agrees_with_woodbury_solve_on_its_state():

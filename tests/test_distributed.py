@@ -1,0 +1,413 @@
+"""olr.distributed: worker bases, DiLoCo rounds on a mesh, sharded low_rank.
+
+Single-device checks run in this process.  Everything that needs several
+devices runs in ONE subprocess started with 8 simulated host devices
+(``XLA_FLAGS`` must be set before JAX starts, and this process's device count
+must not change); it prints its measurements as JSON and the tests below
+assert on them one by one.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh
+
+import optax_lowrank as olr
+from optax_lowrank import distributed as dist
+
+# ----------------------------------------------------------------------------
+# A small two-layer model shared by this process and the subprocess.
+
+MODEL = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np
+
+    def loss_fn(params, batch):
+      x, y = batch
+      h = jnp.tanh(x @ params["w1"])
+      return jnp.mean((h @ params["w2"] + params["b"] - y) ** 2)
+
+    def make_params(seed=0):
+      rng = np.random.default_rng(seed)
+      return {"w1": jnp.asarray(0.3 * rng.normal(size=(16, 12))),
+              "w2": jnp.asarray(0.3 * rng.normal(size=(12, 16))),
+              "b": jnp.zeros(16)}
+
+    def make_batches(rounds, steps, batch, seed=1):
+      rng = np.random.default_rng(seed)
+      x = rng.normal(size=(rounds, steps, batch, 16))
+      y = np.sin(x @ rng.normal(size=(16, 16)) / 4)
+      return [(jnp.asarray(x[g]), jnp.asarray(y[g])) for g in range(rounds)]
+    """
+)
+_model = {}
+exec(MODEL, _model)  # noqa: S102 - the same source the subprocess runs
+loss_fn, make_params, make_batches = (_model[k] for k in ("loss_fn", "make_params", "make_batches"))
+
+
+# ----------------------------------------------------------------------------
+# Worker keys and bases (no mesh needed).
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_disjoint_factors_are_orthonormal_and_mutually_orthogonal_in_float32(k):
+  key = jax.random.PRNGKey(3)
+  n, r = 64, 64 // k
+  us = [dist.disjoint_factor(key, n, r, k, i, jnp.float32) for i in range(k)]
+  assert all(u.dtype == jnp.float32 and u.shape == (n, r) for u in us)
+  gram = np.asarray(jnp.concatenate(us, axis=1), np.float64)
+  gram = gram.T @ gram  # blocks P_i P_jᵀ = U_iᵀ U_j
+  # float32 QR of a 64-column matrix is orthonormal to a few 1e-7; 1e-6 is the brief's bound.
+  np.testing.assert_allclose(gram, np.eye(k * r), atol=1e-6)
+
+
+def test_disjoint_factor_takes_blocks_of_one_matrix_and_reduces_to_semi_orthogonal():
+  key = jax.random.PRNGKey(0)
+  whole = olr.projections.random_factor("semi_orthogonal", key, 20, 12, jnp.float64)
+  for i in range(3):  # block i is exactly columns [4i, 4i+4) of the shared matrix
+    np.testing.assert_array_equal(dist.disjoint_factor(key, 20, 4, 3, i, jnp.float64),
+                                  whole[:, 4 * i:4 * i + 4])
+  # one worker: the very factor semi_orthogonal makes from the same key
+  np.testing.assert_array_equal(dist.disjoint_factor(key, 20, 12, 1, 0, jnp.float64), whole)
+  # a traced index (as jax.lax.axis_index gives) selects the same block
+  traced = jax.jit(lambda i: dist.disjoint_factor(key, 20, 4, 3, i, jnp.float64))(2)
+  np.testing.assert_array_equal(traced, whole[:, 8:])
+
+
+def test_worker_keys_follow_the_scheme():
+  key = jax.random.PRNGKey(7)
+  for scheme in ("identical", "disjoint"):
+    assert all((dist.worker_key(key, i, scheme) == key).all() for i in range(4))
+  keys = [tuple(np.asarray(dist.worker_key(key, i, "independent"))) for i in range(4)]
+  assert len(set(keys)) == 4 and tuple(np.asarray(key)) not in keys
+  with pytest.raises(ValueError, match="scheme"):
+    dist.worker_key(key, 0, "shared")
+
+
+def test_assign_worker_rekeys_every_low_rank_state_in_a_chain():
+  params = make_params()
+  tx = optax.chain(
+      optax.clip_by_global_norm(1.0),
+      olr.low_rank(optax.adam(1e-2), olr.gaussian(2), seed=1),
+      olr.low_rank(optax.sgd(1e-2), olr.gaussian(2), seed=2),
+  )
+  state = tx.init(params)
+  new = dist.assign_worker(state, 3, "independent")
+  for old_s, new_s in ((state[1], new[1]), (state[2], new[2])):
+    np.testing.assert_array_equal(new_s.key, jax.random.fold_in(old_s.key, 3))
+    unchanged = jax.tree.map(np.array_equal, old_s.inner_state, new_s.inner_state)
+    assert all(jax.tree.leaves(unchanged))
+  np.testing.assert_array_equal(new[0], state[0])  # other states untouched
+  np.testing.assert_array_equal(dist.assign_worker(state, 3, "identical")[1].key, state[1].key)
+
+
+def test_worker_projection():
+  semi = olr.semi_orthogonal(4, side="left")
+  assert dist.worker_projection(semi, "identical", 4) is semi
+  assert dist.worker_projection(olr.svd(4), "independent", 4) == olr.svd(4)
+  spec = dist.worker_projection(semi, "disjoint", 4, axis_name="w")
+  assert spec == dist.disjoint(4, 4, "left", axis_name="w")
+  assert spec.stored and spec.rank == 4 and spec.side == "left"
+  with pytest.raises(ValueError, match="semi_orthogonal"):
+    dist.worker_projection(olr.gaussian(4), "disjoint", 4)
+  with pytest.raises(ValueError, match="worker"):
+    dist.disjoint(4, 2, worker=2)
+  with pytest.raises(ValueError, match="num_workers"):
+    dist.disjoint(4, 0)
+
+
+def test_disjoint_rank_times_workers_above_the_projected_dimension_names_the_leaf():
+  params = make_params()  # w1 16×12 projects its 12 columns, w2 12×16 its 12 rows
+  tx = olr.low_rank(optax.adam(1e-2), dist.disjoint(4, 4, worker=0))
+  with pytest.raises(ValueError, match=r"leaf 'w1' of shape \(16, 12\).*4 × 4 = 16 > 12"):
+    tx.init(params)
+  olr.low_rank(optax.adam(1e-2), dist.disjoint(3, 4, worker=0)).init(params)  # 3 × 4 = 12 fits
+
+
+def test_a_fixed_worker_index_gives_that_block_inside_low_rank():
+  params = make_params()
+  k, r = 3, 4
+  states = [olr.low_rank(optax.sgd(0.1), dist.disjoint(r, k, worker=i), seed=5) for i in range(k)]
+  grads = jax.tree.map(jnp.ones_like, params)
+  factors = [tx.update(grads, tx.init(params), params)[1].bases["w1"].factors[1] for tx in states]
+  u = np.concatenate(factors, axis=1)
+  np.testing.assert_allclose(u.T @ u, np.eye(k * r), atol=1e-12)  # float64 session
+
+
+# ----------------------------------------------------------------------------
+# DiLoCo on a one-device mesh (this process).
+
+
+def _plain_training(tx, params, rounds):
+  state = tx.init(params)
+  step = jax.jit(lambda p, s, b: optax.apply_updates(
+      p, tx.update(jax.grad(loss_fn)(p, b), s, p)[0]))
+  update = jax.jit(lambda p, s, b: tx.update(jax.grad(loss_fn)(p, b), s, p)[1])
+  for batches in rounds:
+    for t in range(batches[0].shape[0]):
+      b = jax.tree.map(lambda x, t=t: x[t], batches)
+      params, state = step(params, state, b), update(params, state, b)
+  return params
+
+
+@pytest.mark.parametrize("projection,scheme", [
+    (olr.semi_orthogonal(3), "identical"),
+    (olr.semi_orthogonal(3), "disjoint"),  # one worker's block is the whole semi-orthogonal basis
+    (None, "identical"),                   # full-rank DiLoCo
+])
+def test_one_worker_with_outer_sgd_1_is_plain_training(projection, scheme):
+  mesh = Mesh(np.array(jax.devices()[:1]), ("workers",))
+  steps, params, rounds = 3, make_params(), make_batches(3, 3, 8)
+  diloco = dist.make_diloco(loss_fn, optax.adam(0.05), mesh, local_steps=steps,
+                            projection=projection, scheme=scheme, outer=optax.sgd(1.0), seed=4)
+  state = diloco.init(params)
+  for batches in rounds:
+    state, metrics = diloco.round(state, batches)
+  plain = (optax.adam(0.05) if projection is None else
+           olr.low_rank(optax.adam(0.05), olr.semi_orthogonal(3), refresh_every=steps, seed=4))
+  expected = _plain_training(plain, params, rounds)
+  # θ ← θ − (θ − W) is W up to one rounding per round (float64): 1e-12 is far below
+  # the 1e-2 changes each round makes, and far above 3 roundings.
+  for k in params:
+    np.testing.assert_allclose(state.params[k], expected[k], atol=1e-12, rtol=0)
+  assert int(state.rounds) == 3 and metrics.worker_loss.shape == (1,)
+  assert float(metrics.pseudo_grad_norm) > 1e-3  # the round did move the weights
+
+
+def test_mesh_without_the_worker_axis_is_rejected():
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  with pytest.raises(ValueError, match=r"no worker axis 'workers'"):
+    dist.make_diloco(loss_fn, optax.adam(1e-2), mesh, local_steps=2)
+  with pytest.raises(ValueError, match="scheme"):
+    dist.make_diloco(loss_fn, optax.adam(1e-2), mesh, local_steps=2, axis_name="data",
+                     scheme="orthogonal")
+  with pytest.raises(ValueError, match="local_steps"):
+    dist.make_diloco(loss_fn, optax.adam(1e-2), mesh, local_steps=0, axis_name="data")
+  with pytest.raises(ValueError, match="semi_orthogonal"):
+    dist.make_diloco(loss_fn, optax.adam(1e-2), mesh, local_steps=2, axis_name="data",
+                     projection=olr.svd(2), scheme="disjoint")
+
+
+# ----------------------------------------------------------------------------
+# Several devices: one subprocess with 8 simulated host devices.
+
+SCRIPT = MODEL + textwrap.dedent(
+    """
+    import json, re
+    import optax
+    import optax_lowrank as olr
+    from optax_lowrank import distributed as dist
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    jax.config.update("jax_enable_x64", True)
+    assert jax.device_count() == 8, jax.devices()
+    out = {}
+    K, L, R, RANK, LR = 4, 3, 2, 2, 0.05
+    devices = np.array(jax.devices())
+    params, rounds = make_params(), make_batches(R, L, 8)
+    outer = optax.sgd(0.7, momentum=0.9, nesterov=True)
+
+    def max_diff(a, b):
+      return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a),
+                                                                   jax.tree.leaves(b)))
+
+    def simulate(scheme):
+      # the K workers one after the other, with a fixed worker index per worker
+      txs = [olr.low_rank(optax.adam(LR), dist.worker_projection(
+                 olr.semi_orthogonal(RANK), scheme, K, worker=i), refresh_every=L)
+             for i in range(K)]
+      steps = [jax.jit(lambda w, s, b, tx=tx: tx.update(jax.grad(loss_fn)(w, b), s, w))
+               for tx in txs]
+      states = [dist.assign_worker(tx.init(params), i, scheme) for i, tx in enumerate(txs)]
+      theta, outer_state = params, outer.init(params)
+      for batches in rounds:
+        ends = []
+        for i in range(K):
+          w = theta
+          for t in range(L):
+            b = jax.tree.map(lambda x: x[t, i * 2:(i + 1) * 2], batches)
+            u, states[i] = steps[i](w, states[i], b)
+            w = optax.apply_updates(w, u)
+          ends.append(w)
+        delta = jax.tree.map(lambda th, *ws: sum(th - w for w in ws) / K, theta, *ends)
+        u, outer_state = outer.update(delta, outer_state, theta)
+        theta = optax.apply_updates(theta, u)
+      return theta
+
+    def overlaps(factors):  # factors: (K, n, r); max |P_i P_jᵀ| per pair, and ‖P_i P_iᵀ − I‖
+      f = np.asarray(factors)
+      gram = np.einsum("inr,jns->ijrs", f, f)
+      eye = np.eye(f.shape[2])
+      off = max(float(np.abs(gram[i, j]).max()) for i in range(K) for j in range(K) if i != j)
+      ortho = max(float(np.abs(gram[i, i] - eye).max()) for i in range(K))
+      same = [bool(np.array_equal(f[0], f[i])) for i in range(1, K)]
+      return {"off": off, "ortho": ortho, "same_as_worker0": same}
+
+    # identical and independent on a 4-device worker mesh; disjoint on a 4×2 mesh whose
+    # second axis shards the weights inside each worker (left to the compiler).
+    meshes = {"identical": Mesh(devices[:4], ("workers",)),
+              "independent": Mesh(devices[:4], ("workers",)),
+              "disjoint": Mesh(devices.reshape(4, 2), ("workers", "fsdp"))}
+    for scheme, mesh in meshes.items():
+      d = dist.make_diloco(loss_fn, optax.adam(LR), mesh, local_steps=L,
+                           projection=olr.semi_orthogonal(RANK), scheme=scheme, outer=outer)
+      p0 = params
+      if scheme == "disjoint":
+        p0 = dict(params, w1=jax.device_put(params["w1"], NamedSharding(mesh, P("fsdp", None))))
+      state = d.init(p0)
+      for batches in rounds:
+        state, metrics = d.round(state, batches)
+      out[scheme] = {
+          "vs_simulation": max_diff(state.params, simulate(scheme)),
+          "w1": overlaps(state.inner_states.bases["w1"].factors[1]),
+          "w2": overlaps(state.inner_states.bases["w2"].factors[0]),
+          "inner_sharding": str(state.inner_states.inner_state[0].mu["w1"].sharding.spec),
+          "w1_sharding": str(state.params["w1"].sharding.spec),
+          "worker_loss_shape": list(metrics.worker_loss.shape),
+          "rounds": int(state.rounds),
+      }
+
+    # bad input, before tracing
+    mesh = meshes["identical"]
+    d = dist.make_diloco(loss_fn, optax.adam(LR), mesh, local_steps=L,
+                         projection=olr.semi_orthogonal(4), scheme="disjoint")
+    errors = {}
+    try:
+      d.init(params)
+    except ValueError as e:
+      errors["rank"] = str(e)
+    d = dist.make_diloco(loss_fn, optax.adam(LR), mesh, local_steps=L)
+    state = d.init(params)
+    for name, batch in {"divide": make_batches(1, L, 6)[0],
+                        "steps": make_batches(1, L + 1, 8)[0]}.items():
+      try:
+        d.round(state, batch)
+      except ValueError as e:
+        errors[name] = str(e)
+    out["errors"] = errors
+
+    # FSDP: low_rank on weights sharded over 8 devices along their unprojected axis
+    mesh = Mesh(devices, ("fsdp",))
+    big = {"w1": jnp.asarray(np.random.default_rng(2).normal(size=(64, 16)) * 0.2),
+           "w2": jnp.asarray(np.random.default_rng(3).normal(size=(16, 64)) * 0.2),
+           "b": jnp.zeros(64)}
+    specs = {"w1": P("fsdp", None), "w2": P(None, "fsdp"), "b": P()}
+    shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(8, 64)))
+
+    def big_loss(p):
+      return jnp.mean((jnp.tanh(x @ p["w1"]) @ p["w2"] + p["b"]) ** 2)
+
+    def train_step(tx):
+      def step(p, s):
+        u, s = tx.update(jax.grad(big_loss)(p), s, p)
+        return optax.apply_updates(p, u), s
+      return step
+
+    fsdp = {}
+    tx = olr.low_rank(optax.adam(1e-2), olr.semi_orthogonal(4), refresh_every=3)
+    sharded = jax.device_put(big, shardings)
+    state_sh = dist.state_shardings(tx, sharded)
+    opt_state = jax.jit(tx.init, out_shardings=state_sh)(sharded)
+    fsdp["init_specs"] = {k: str(opt_state.inner_state[0].mu[k].sharding.spec) for k in big}
+    step = jax.jit(train_step(tx), out_shardings=(shardings, state_sh))
+    ref_p, ref_s = big, tx.init(big)
+    ref_step = jax.jit(train_step(tx))
+    for _ in range(7):  # two refreshes
+      sharded, opt_state = step(sharded, opt_state)
+      ref_p, ref_s = ref_step(ref_p, ref_s)
+    fsdp["diff"] = max_diff(sharded, ref_p)
+    fsdp["specs"] = {k: str(opt_state.inner_state[0].mu[k].sharding.spec) for k in big}
+    fsdp["nu_specs"] = {k: str(opt_state.inner_state[0].nu[k].sharding.spec) for k in big}
+    fsdp["basis_spec"] = str(opt_state.bases["w1"].factors[1].sharding.spec)
+    fsdp["param_specs"] = {k: str(sharded[k].sharding.spec) for k in big}
+    fsdp["cache_size"] = step._cache_size()
+    # what a refresh gathers: the full matrix for an SVD, nothing for a random basis
+    gathers = {}
+    for name, spec in {"svd": olr.svd(4), "semi_orthogonal": olr.semi_orthogonal(4)}.items():
+      t = olr.low_rank(optax.adam(1e-2), spec, refresh_every=3)
+      hlo = jax.jit(train_step(t)).lower(sharded, jax.eval_shape(t.init, big)).compile().as_text()
+      gathers[name] = re.findall(r"= (\\w+\\[[\\d,]*\\])\\S* all-gather\\(", hlo)
+    fsdp["gathers"] = gathers
+    out["fsdp"] = fsdp
+    print("RESULTS " + json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def multi():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
+                        timeout=600)
+  lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+  assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+  return json.loads(lines[-1][len("RESULTS "):])
+
+
+@pytest.mark.parametrize("scheme", ["identical", "independent", "disjoint"])
+def test_shard_map_equals_a_sequential_simulation_of_the_workers(multi, scheme):
+  # The same float64 arithmetic in another order (pmean vs a Python sum, other fusions),
+  # through 6 Adam steps and 2 Nesterov steps: round-off stays below 1e-10 while a
+  # single wrong basis, key or batch slice changes the weights by > 1e-3.
+  r = multi[scheme]
+  assert r["vs_simulation"] < 1e-10, r
+  assert r["rounds"] == 2 and r["worker_loss_shape"] == [4]
+  assert r["inner_sharding"] == "PartitionSpec('workers',)"
+
+
+def test_disjoint_bases_are_orthonormal_and_mutually_orthogonal(multi):
+  for leaf in ("w1", "w2"):
+    r = multi["disjoint"][leaf]
+    assert r["off"] < 1e-6 and r["ortho"] < 1e-6, r  # float64 here: in fact ~1e-16
+    assert not any(r["same_as_worker0"])
+
+
+def test_independent_bases_differ_and_identical_bases_are_equal(multi):
+  for leaf in ("w1", "w2"):
+    ind, same = multi["independent"][leaf], multi["identical"][leaf]
+    assert not any(ind["same_as_worker0"]) and ind["ortho"] < 1e-12
+    # independent random 2-D subspaces of R^12 overlap, but not completely
+    assert 1e-3 < ind["off"] < 1 - 1e-3, ind
+    assert all(same["same_as_worker0"]) and abs(same["off"] - 1) < 1e-12
+
+
+def test_other_mesh_axes_keep_the_weights_sharded_inside_each_worker(multi):
+  assert multi["disjoint"]["w1_sharding"] == "PartitionSpec('fsdp', None)"
+
+
+def test_bad_input_on_a_multi_worker_mesh_fails_before_tracing(multi):
+  errors = multi["errors"]
+  assert "leaf 'w1' of shape (16, 12)" in errors["rank"] and "4 × 4 = 16 > 12" in errors["rank"]
+  assert "batch size 6 is not divisible by the 4 workers" in errors["divide"]
+  assert "local_steps=3" in errors["steps"]
+
+
+def test_sharded_low_rank_matches_unsharded_and_state_is_sharded_like_coefficients(multi):
+  f = multi["fsdp"]
+  # 7 float64 steps (two refreshes); the only difference is the order of sharded sums.
+  assert f["diff"] < 1e-12, f["diff"]
+  # w1 (64×16) is right-projected: coefficients G Q are 64×r, row-sharded like w1;
+  # w2 (16×64) is left-projected: P G is r×64, column-sharded like w2.
+  expected = {"w1": "PartitionSpec('fsdp',)", "w2": "PartitionSpec(None, 'fsdp')",
+              "b": "PartitionSpec()"}
+  assert f["init_specs"] == expected and f["specs"] == expected and f["nu_specs"] == expected
+  assert f["basis_spec"] == "PartitionSpec()"  # the 16×r basis is small and replicated
+  assert f["param_specs"] == {"w1": "PartitionSpec('fsdp', None)",
+                              "w2": "PartitionSpec(None, 'fsdp')", "b": "PartitionSpec()"}
+  assert f["cache_size"] == 1
+
+
+def test_svd_refresh_gathers_the_full_gradient_and_random_bases_gather_nothing(multi):
+  gathers = multi["fsdp"]["gathers"]
+  assert "f64[64,16]" in gathers["svd"] and "f64[16,64]" in gathers["svd"], gathers
+  assert gathers["semi_orthogonal"] == [], gathers
