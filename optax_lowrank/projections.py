@@ -306,7 +306,10 @@ class TwoSided(Projection):
       return _top_singular(grad.astype(dtype), rl, rr)
     kl, kr = jax.random.split(key)
     m, n = view_shape
-    return (random_factor("gaussian", kl, m, rl, dtype), random_factor("gaussian", kr, n, rr, dtype))
+    return (
+        random_factor("gaussian", kl, m, rl, dtype),
+        random_factor("gaussian", kr, n, rr, dtype),
+    )
 
 
 @dataclasses.dataclass(frozen=True)

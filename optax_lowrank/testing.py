@@ -139,7 +139,7 @@ def run_dual(
 
   @jax.jit
   def a_step(adapter, lam, s, *batch):
-    glam = jax.grad(lambda l: loss_fn(adapters.materialize(adapter, l), *batch))(lam)
+    glam = jax.grad(lambda lam_: loss_fn(adapters.materialize(adapter, lam_), *batch))(lam)
     if adapter_view == "gradient" and decay:
       adapter = adapters.decay_base(adapter, lam, decay)
     u, s = a_tx.update(glam, s, adapters.inner_params(adapter, lam, track))
