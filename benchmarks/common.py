@@ -11,7 +11,10 @@ Timing rules used everywhere:
   so a stall of the machine hits all of them rather than one;
 * the first round is warm-up (compilation, first refresh) and is dropped;
 * every call is timed on its own and waits for its results
-  (``jax.block_until_ready``); reported are the median and the maximum.
+  (``jax.block_until_ready``); reported are the median and the maximum;
+* both wall-clock time and the process's CPU time are recorded; with one
+  thread the CPU time is the default measure, since on a shared machine the
+  wall time also contains the waits for a CPU that other processes cause.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 __all__ = [
     "Timing",
     "configure_threads",
+    "default_clock",
     "fmt_bytes",
     "fmt_ms",
     "import_galore_torch",
@@ -40,6 +44,7 @@ __all__ = [
     "markdown_table",
     "power_law",
     "thread_report",
+    "timed_once",
     "tree_bytes",
 ]
 
@@ -262,7 +267,7 @@ def interleaved(
     rounds: int,
     warmup_rounds: int = 1,
     has_refresh: dict[str, bool] | None = None,
-) -> dict[str, Timing]:
+) -> dict[str, dict[str, Timing]]:
   """Time ``rounds`` cycles of ``refresh_every`` calls of every step function.
 
   ``steps[name]()`` runs one optimizer step and returns only when its results
@@ -270,25 +275,52 @@ def interleaved(
   refresh step when ``i % refresh_every == 0`` and ``has_refresh[name]`` (default
   True); all other calls are ordinary steps.  Round ``j`` runs one cycle of every
   candidate in turn, so candidates are interleaved.
+
+  Returns ``{name: {"wall": Timing, "cpu": Timing}}``: wall-clock time and the
+  CPU time of the whole process (``time.process_time``) of every call.  With
+  one thread the CPU time is what the call costs without the waits for a CPU
+  that other processes of a shared machine cause.
   """
   has_refresh = has_refresh or {}
-  out = {name: Timing() for name in steps}
+  out = {name: {"wall": Timing(), "cpu": Timing()} for name in steps}
   calls = dict.fromkeys(steps, 0)
   for j in range(warmup_rounds + rounds):
     for name, step in steps.items():
       for _ in range(refresh_every):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         step()
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         i = calls[name]
         calls[name] += 1
         if j < warmup_rounds:
           continue
-        if has_refresh.get(name, True) and i % refresh_every == 0:
-          out[name].refresh.append(dt)
-        else:
-          out[name].ordinary.append(dt)
+        kind = "refresh" if has_refresh.get(name, True) and i % refresh_every == 0 else "ordinary"
+        getattr(out[name]["wall"], kind).append(dt)
+        getattr(out[name]["cpu"], kind).append(dc)
   return out
+
+
+def timed_once(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, dict[str, list[float]]]:
+  """Interleaved timing of argument-less calls (the first call of each is warm-up).
+
+  Returns ``{name: {"wall": [...], "cpu": [...]}}`` in seconds; ``fns`` must block
+  until their results are ready.
+  """
+  for f in fns.values():
+    f()
+  out: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in fns}
+  for _ in range(rounds):
+    for k, f in fns.items():
+      c0, t0 = time.process_time(), time.perf_counter()
+      f()
+      out[k]["wall"].append(time.perf_counter() - t0)
+      out[k]["cpu"].append(time.process_time() - c0)
+  return out
+
+
+def default_clock(threads: int) -> str:
+  """``"cpu"`` for one thread (robust to a busy machine), ``"wall"`` otherwise."""
+  return "cpu" if threads == 1 else "wall"
 
 
 def tree_bytes(tree: Any) -> int:

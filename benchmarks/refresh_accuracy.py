@@ -32,9 +32,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import time
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
@@ -53,20 +50,6 @@ def subspace_metrics(exact: np.ndarray, basis: np.ndarray, g: np.ndarray, s: np.
   g64 = np.asarray(g, np.float64)
   kept = np.linalg.norm(b.T @ g64 if side == "left" else g64 @ b) ** 2
   return float(np.mean(cos**2)), float(np.min(cos**2)), float(kept / np.sum(s[:r] ** 2))
-
-
-def _time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
-  import jax
-
-  for f in fns.values():  # warm-up: compile
-    jax.block_until_ready(f())
-  out: dict[str, list[float]] = {k: [] for k in fns}
-  for _ in range(repeats):
-    for k, f in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(f())
-      out[k].append(time.perf_counter() - t0)
-  return out
 
 
 def warm_range(g, r: int, key, oversample: int, power_iters: int, start):
@@ -113,8 +96,11 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--threads", type=int, default=1)
   parser.add_argument("--no-pin", action="store_true")
   parser.add_argument("--warm", action="store_true", help="run the warm-start experiment")
+  parser.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                      help="time reported (default: cpu for 1 thread, else wall)")
   args = parser.parse_args(argv)
   common.configure_threads(args.threads, pin=not args.no_pin)
+  clock = args.clock or common.default_clock(args.threads)
 
   import jax
   import jax.numpy as jnp
@@ -169,15 +155,17 @@ def main(argv: list[str] | None = None) -> None:
       "olr.svd refresh (jnp.linalg.svd)": jax.jit(
           lambda g: svd_spec.make((m, n), None, g, jnp.float32)),
   }
-  timed = {("base", k): (lambda f=f: f(g_time)) for k, f in baselines.items()}
-  timed.update({("rsvd", pq): (lambda f=f: f(g_time, key0)) for pq, f in fns.items()})
-  times = _time_interleaved(timed, args.repeats)
+  timed = {("base", k): (lambda f=f: jax.block_until_ready(f(g_time)))
+           for k, f in baselines.items()}
+  timed.update({("rsvd", pq): (lambda f=f: jax.block_until_ready(f(g_time, key0)))
+                for pq, f in fns.items()})
+  times = {k: v[clock] for k, v in common.timed_once(timed, args.repeats).items()}
   contrib_med = float(np.median(times[("base", next(iter(baselines)))]))
 
   print()
   print(f"## refresh: randomized_svd vs exact SVD at {m}×{n}, rank {r} (olr side: {side}; "
-        f"optax.contrib.galore side: {contrib_side}), float32, {args.repeats} timed rounds, "
-        f"accuracy over {args.keys} keys")
+        f"optax.contrib.galore side: {contrib_side}), float32, {args.repeats} timed rounds "
+        f"({clock} time), accuracy over {args.keys} keys")
   print()
   rows = []
   for k in baselines:
@@ -217,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         f"power_iters={spec_default.power_iters}")
 
   if args.warm:
-    _warm_experiment(m, n, r, side, args.repeats)
+    _warm_experiment(m, n, r, side, args.repeats, clock)
 
   print()
   print("machine:")
@@ -225,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"- {line}")
 
 
-def _warm_experiment(m: int, n: int, r: int, side: str, repeats: int) -> None:
+def _warm_experiment(m: int, n: int, r: int, side: str, repeats: int, clock: str) -> None:
   """Warm start from the previous basis vs a cold start, on rotated subspaces."""
   import jax
   import jax.numpy as jnp
@@ -253,16 +241,16 @@ def _warm_experiment(m: int, n: int, r: int, side: str, repeats: int) -> None:
       res[f"cold q={q}"] = (f, (g2j,))
     for q, f in warm.items():
       res[f"warm q={q}"] = (f, (g2j, u1))
-    times = _time_interleaved({k: (lambda f=f, a=a: f(*a)) for k, (f, a) in res.items()},
-                              repeats)
+    calls = {k: (lambda f=f, a=a: jax.block_until_ready(f(*a))) for k, (f, a) in res.items()}
+    times = {k: v[clock] for k, v in common.timed_once(calls, repeats).items()}
     for k, (f, a) in res.items():
       b = np.asarray(f(*a))
       mc, mn, en = subspace_metrics(ex, b, g2, s, r, "left")
       rows.append([f"{overlap:.2f}", k, common.fmt_ms(float(np.median(times[k])), 1),
                    f"{mc:.4f}", f"{mn:.4f}", f"{en:.5f}"])
   print()
-  print(f"## warm start from the previous basis ({m}×{n}, rank {r}, oversample {p_def}); "
-        "previous gradient's basis from the defaults")
+  print(f"## warm start from the previous basis ({m}×{n}, rank {r}, oversample {p_def}, "
+        f"{clock} time); previous gradient's basis from the defaults")
   print()
   print(common.markdown_table(
       ["subspace overlap (mean cos²)", "start", "ms (median)", "mean cos²", "min cos²",

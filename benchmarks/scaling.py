@@ -56,13 +56,13 @@ def _steps(shape: tuple[int, int], rank: int, refresh_every: int):
   return steps
 
 
-def measure(shape, rank, refresh_every, repeats):
+def measure(shape, rank, refresh_every, repeats, clock):
   t = common.interleaved(_steps(shape, rank, refresh_every), refresh_every, repeats)
-  return {k: (common.Timing.stats(v.ordinary)[0], common.Timing.stats(v.refresh)[0])
+  return {k: (common.Timing.stats(v[clock].ordinary)[0], common.Timing.stats(v[clock].refresh)[0])
           for k, v in t.items()}
 
 
-def plot(size_rows, rank_rows, out: str) -> None:
+def plot(size_rows, rank_rows, out: str, clock: str) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
@@ -86,7 +86,7 @@ def plot(size_rows, rank_rows, out: str) -> None:
     ax.set_xticks(xs)
     ax.set_xticklabels([str(x) for x in xs])
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("ms per step (median)")
+    ax.set_ylabel(f"ms per step (median, {clock} time)")
     ax.set_title(f"GaLore-Adam step time {title}")
     ax.grid(True, which="both", alpha=0.3)
   axes[0].legend(fontsize=8)
@@ -106,9 +106,12 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--threads", type=int, default=1)
   parser.add_argument("--no-pin", action="store_true")
   parser.add_argument("--quick", action="store_true", help="small sizes and ranks only")
+  parser.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                      help="time reported (default: cpu for 1 thread, else wall)")
   parser.add_argument("--out", default=os.path.join("docs", "img", "scaling.png"))
   args = parser.parse_args(argv)
   common.configure_threads(args.threads, pin=not args.no_pin)
+  clock = args.clock or common.default_clock(args.threads)
   sizes, ranks, rank_shape = args.sizes, args.ranks, (1024, 2816)
   if args.quick:
     sizes, ranks, rank_shape = [64, 128, 256], [8, 16, 32], (128, 352)
@@ -116,9 +119,9 @@ def main(argv: list[str] | None = None) -> None:
   size_rows, rank_rows = [], []
   for n in sizes:
     r = min(args.size_rank, n)
-    size_rows.append((n, measure((n, n), r, args.refresh_every, args.repeats)))
+    size_rows.append((n, measure((n, n), r, args.refresh_every, args.repeats, clock)))
   for r in ranks:
-    rank_rows.append((r, measure(rank_shape, r, args.refresh_every, args.repeats)))
+    rank_rows.append((r, measure(rank_shape, r, args.refresh_every, args.repeats, clock)))
 
   def table(rows, label):
     out = []
@@ -127,13 +130,14 @@ def main(argv: list[str] | None = None) -> None:
       out.append([x, common.fmt_ms(a[0]), common.fmt_ms(b[0]), f"{a[0] / b[0]:.2f}",
                   common.fmt_ms(a[1], 1), common.fmt_ms(b[1], 1), f"{b[1] / a[1]:.1f}"])
     return common.markdown_table(
-        [label, f"{NAMES[0]} ordinary ms", f"{NAMES[1]} ordinary ms", "ordinary ratio (olr/contrib)",
+        [label, f"{NAMES[0]} ordinary ms", f"{NAMES[1]} ordinary ms",
+         "ordinary ratio (olr/contrib)",
          f"{NAMES[0]} refresh ms", f"{NAMES[1]} refresh ms", "refresh speed-up (contrib/olr)"],
         out)
 
   print()
   print(f"## scaling (medians of {args.repeats} cycles of {args.refresh_every} calls; "
-        f"{args.refresh_every - 1} ordinary + 1 refresh per cycle)")
+        f"{args.refresh_every - 1} ordinary + 1 refresh per cycle; {clock} time)")
   print()
   print(f"square n×n leaf, rank min({args.size_rank}, n):")
   print()
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
   print()
   print(table(rank_rows, "rank"))
   print()
-  plot(size_rows, rank_rows, args.out)
+  plot(size_rows, rank_rows, args.out, clock)
   print()
   print("machine:")
   for line in common.machine_info() + common.thread_report():

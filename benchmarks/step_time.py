@@ -240,8 +240,15 @@ def main(argv: list[str] | None = None) -> None:
                       help="threads for XLA, BLAS/LAPACK and torch (default 1)")
   parser.add_argument("--no-pin", action="store_true", help="do not pin the process to CPUs")
   parser.add_argument("--no-torch", action="store_true")
+  parser.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                      help="which time the table reports (default: cpu for 1 thread, else wall)")
+  parser.add_argument("--only", default=None,
+                      help="comma-separated substrings: keep only rows whose name contains one "
+                           f"(the reference row '{REFERENCE}' is always kept)")
   args = parser.parse_args(argv)
   common.configure_threads(args.threads, pin=not args.no_pin)
+  clock = args.clock or common.default_clock(args.threads)
+  other = "wall" if clock == "cpu" else "cpu"
 
   leaves, rank = SHAPES[args.shapes]
   rank = args.rank or rank
@@ -257,20 +264,24 @@ def main(argv: list[str] | None = None) -> None:
     else:
       cands.append(tc)
 
+  if args.only:
+    keep = [k.strip() for k in args.only.split(",") if k.strip()]
+    cands = [c for c in cands if c.name == REFERENCE or any(k in c.name for k in keep)]
   timings = common.interleaved(
       {c.name: c.step for c in cands}, args.refresh_every, repeats,
       has_refresh={c.name: c.has_refresh for c in cands},
   )
-  ref_med = common.Timing.stats(timings[REFERENCE].ordinary)[0]
+  ref_med = common.Timing.stats(timings[REFERENCE][clock].ordinary)[0]
   rows = []
   for c in cands:
-    t = timings[c.name]
-    o = common.Timing.stats(t.ordinary)
-    r = common.Timing.stats(t.refresh)
+    t, t2 = timings[c.name][clock], timings[c.name][other]
+    o, r = common.Timing.stats(t.ordinary), common.Timing.stats(t.refresh)
+    o2, r2 = common.Timing.stats(t2.ordinary), common.Timing.stats(t2.refresh)
     rows.append([
         c.name, c.sides,
-        common.fmt_ms(o[0]), common.fmt_ms(o[1]),
-        common.fmt_ms(r[0] if r else None), common.fmt_ms(r[1] if r else None),
+        common.fmt_ms(o[0]), common.fmt_ms(o[1]), common.fmt_ms(o2[0]),
+        common.fmt_ms(r[0] if r else None, 1), common.fmt_ms(r[1] if r else None, 1),
+        common.fmt_ms(r2[0] if r2 else None, 1),
         common.fmt_bytes(c.state_bytes()),
         f"{o[0] / ref_med:.2f}",
     ])
@@ -278,13 +289,15 @@ def main(argv: list[str] | None = None) -> None:
   print()
   print(f"## step time, shapes={args.shapes} (rank {rank}, refresh every {args.refresh_every}, "
         f"{repeats} measured cycles: {repeats * (args.refresh_every - 1)} ordinary and "
-        f"{repeats} refresh calls per row)")
+        f"{repeats} refresh calls per row; {clock} time, {other} time for comparison)")
   print()
   print(f"leaves: {shape_desc}; float32; sides listed for the distinct shapes in that order")
   print()
   print(common.markdown_table(
-      ["optimizer", "sides", "ordinary ms (median)", "ordinary ms (max)",
-       "refresh ms (median)", "refresh ms (max)", "state bytes", f"ordinary / {REFERENCE}"],
+      ["optimizer", "sides", f"ordinary ms median ({clock})", f"ordinary ms max ({clock})",
+       f"ordinary ms median ({other})", f"refresh ms median ({clock})",
+       f"refresh ms max ({clock})", f"refresh ms median ({other})", "state bytes",
+       f"ordinary / {REFERENCE}"],
       rows,
   ))
   notes = [f"- {c.name}: {c.note}" for c in cands if c.note]
@@ -293,31 +306,37 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(notes))
 
   def med(name, kind="ordinary"):
-    xs = getattr(timings[name], kind)
+    xs = getattr(timings[name][clock], kind) if name in timings else []
     return common.Timing.stats(xs)[0] if xs else float("nan")
 
-  print()
-  print("ratios (medians):")
-  floor_auto = med("two projection GEMMs only (olr's sides)")
-  floor_contrib = med("two projection GEMMs only (contrib's sides)")
-  print(f"- olr.galore (svd) ordinary / its two GEMMs (olr's sides): {med(REFERENCE) / floor_auto:.2f}")
-  print("- olr.galore (svd, contrib's sides) ordinary / optax.contrib.galore ordinary: "
-        f"{med('olr.galore (svd, contrib' + chr(39) + 's sides)') / med('optax.contrib.galore'):.2f}")
-  print(f"- olr.galore (svd) ordinary / optax.contrib.galore ordinary: "
-        f"{med(REFERENCE) / med('optax.contrib.galore'):.2f}")
-  print(f"- optax.contrib.galore ordinary / its two GEMMs (contrib's sides): "
-        f"{med('optax.contrib.galore') / floor_contrib:.2f}")
-  print("- optax.contrib.galore refresh / olr.galore (randomized_svd) refresh: "
-        f"{med('optax.contrib.galore', 'refresh') / med('olr.galore (randomized_svd)', 'refresh'):.2f}")
+  matched = "olr.galore (svd, contrib's sides)"
+  ratios = [
+      ("olr.galore (svd) ordinary / its two GEMMs (olr's sides)",
+       med(REFERENCE), med("two projection GEMMs only (olr's sides)")),
+      ("olr.galore (svd, contrib's sides) ordinary / optax.contrib.galore ordinary",
+       med(matched), med("optax.contrib.galore")),
+      ("olr.galore (svd) ordinary / optax.contrib.galore ordinary",
+       med(REFERENCE), med("optax.contrib.galore")),
+      ("optax.contrib.galore ordinary / its two GEMMs (contrib's sides)",
+       med("optax.contrib.galore"), med("two projection GEMMs only (contrib's sides)")),
+      ("optax.contrib.galore refresh / olr.galore (randomized_svd) refresh",
+       med("optax.contrib.galore", "refresh"), med("olr.galore (randomized_svd)", "refresh")),
+  ]
   torch_rows = [c.name for c in cands if c.name.startswith("galore-torch")]
   if torch_rows:
-    tn = torch_rows[0]
-    print(f"- olr.galore (svd) + apply_updates ordinary / galore-torch ordinary: "
-          f"{med('olr.galore (svd) + apply_updates') / med(tn):.2f}")
-    print(f"- olr.galore (svd) ordinary / galore-torch ordinary: {med(REFERENCE) / med(tn):.2f}")
+    ratios += [
+        ("olr.galore (svd) + apply_updates ordinary / galore-torch ordinary",
+         med("olr.galore (svd) + apply_updates"), med(torch_rows[0])),
+        ("olr.galore (svd) ordinary / galore-torch ordinary", med(REFERENCE), med(torch_rows[0])),
+    ]
   for name in ("olr.natural_galore", "olr.adamem", "olr.flora"):
     if name in timings:
-      print(f"- {name} ordinary / olr.galore (svd) ordinary: {med(name) / med(REFERENCE):.2f}")
+      ratios.append((f"{name} ordinary / olr.galore (svd) ordinary", med(name), med(REFERENCE)))
+  print()
+  print(f"ratios (of {clock}-time medians):")
+  for label, a, b in ratios:
+    if a == a and b == b:  # both rows measured (not NaN)
+      print(f"- {label}: {a / b:.2f}")
   print()
   print("machine:")
   for line in common.machine_info() + common.thread_report():

@@ -216,10 +216,12 @@ def make_train_step(
   Args:
     graphdef: the model graph from :func:`init_params`.
     tx: the method's optimizer.
-    method: the method (for its ``param_transform`` hooks).
+    method: the method (for its ``param_transform`` hooks, see
+      :class:`examples.methods.ParamTransform` for the order of operations).
 
   Returns:
-    The step; ``loss`` is the batch loss before the update.
+    The step; ``loss`` is the batch loss before the update (after
+    ``before_update``).
   """
   materialize = _materializer(method)
   transform = method.param_transform
@@ -228,18 +230,17 @@ def make_train_step(
     return loss_fn(nnx.merge(graphdef, params), batch)
 
   def step(state: TrainState, batch: jax.Array) -> tuple[TrainState, jax.Array]:
-    loss, grads = jax.value_and_grad(
-        lambda t: batch_loss(materialize(t, state.frozen), batch)
-    )(state.trainable)
-    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
-    count = state.step + 1
-    frozen = state.frozen
-    if transform is not None and transform.after_update is not None:
-      trainable, frozen, opt_state = transform.after_update(
-          trainable, frozen, opt_state, count, lambda p: jax.grad(batch_loss)(p, batch)
+    trainable, frozen, opt_state = state.trainable, state.frozen, state.opt_state
+    if transform is not None and transform.before_update is not None:
+      trainable, frozen, opt_state = transform.before_update(
+          trainable, frozen, opt_state, state.step, lambda p: jax.grad(batch_loss)(p, batch)
       )
-    return TrainState(count, trainable, frozen, opt_state), loss
+    loss, grads = jax.value_and_grad(
+        lambda t: batch_loss(materialize(t, frozen), batch)
+    )(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    return TrainState(state.step + 1, trainable, frozen, opt_state), loss
 
   return step
 

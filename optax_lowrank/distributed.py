@@ -15,15 +15,14 @@ every round (``refresh_every = L``).  How the workers' projections relate
 decides how much of the weights one round can move (paper 000, §4.2,
 Tables 3–4):
 
-=================  =====================================  ================================
-``scheme``         worker ``k``'s key / basis             the round's change lies in
-=================  =====================================  ================================
-``"identical"``    the shared key: ``P_k = P``            one rank-``r`` subspace
-``"independent"``  ``fold_in(key, k)``: ``E[P_i P_jᵀ]=0``  ``K·r`` dimensions, almost surely
-``"disjoint"``     block ``k`` of the columns of one      exactly ``K·r`` dimensions,
-                   shared random orthonormal matrix:      ``P_i P_jᵀ = 0``
-                   :func:`disjoint_factor`
-=================  =====================================  ================================
+=================  ================================================  ==========================
+``scheme``         worker ``k``'s basis                              the round's change lies in
+=================  ================================================  ==========================
+``"identical"``    from the shared key: ``P_k = P``                  one rank-``r`` subspace
+``"independent"``  from ``fold_in(key, k)``: ``E[P_i P_jᵀ] = 0``     ``K·r`` dimensions, a.s.
+``"disjoint"``     block ``k`` of one shared random orthonormal      exactly ``K·r`` dimensions
+                   matrix (:func:`disjoint_factor`): ``P_i P_jᵀ = 0``
+=================  ================================================  ==========================
 
 No basis is ever communicated: every worker rebuilds its own from the shared
 seed, the round and its index (``jax.lax.axis_index``), so a sync sends only
@@ -79,7 +78,12 @@ rows::
 :func:`make_diloco` maps only the worker axis by hand (``shard_map`` with
 ``axis_names={axis_name}``); other mesh axes stay under the compiler's
 automatic partitioning, so parameters placed with a ``NamedSharding`` over
-``"fsdp"`` stay sharded inside each worker.
+``"fsdp"`` stay sharded inside each worker.  The map runs with
+``check_vma=False``: optax transformations that build fresh constants inside a
+``lax.cond`` (``on_refresh="reset"``, ``optax.MultiSteps``,
+``optax.apply_if_finite``) are not typed for ``shard_map``'s per-axis
+replication checks, and the outputs declared replicated (weights, outer state)
+are replicated by construction, computed from the ``pmean``.
 
 Sharded single-job training (FSDP)
 ----------------------------------
@@ -95,23 +99,26 @@ off the compiled update, so the state can be created sharded::
   shardings = olr.distributed.state_shardings(tx, params)   # params: sharded arrays
   opt_state = jax.jit(tx.init, out_shardings=shardings)(params)
 
-What a refresh gathers, for an ``m × n`` gradient sharded over ``D`` devices
-along the unprojected axis, ``k = rank + oversample`` (measured from the
-compiled HLO on 8 host devices, ``tests/test_distributed.py``):
+What a refresh gathers, for an ``m × n`` gradient sharded along its
+unprojected axis, ``k = rank + oversample`` (read from the compiled HLO on 8
+host devices in ``tests/test_distributed.py``):
 
-==========================  ==================================================
-projection                  communication and memory at a refresh
-==========================  ==================================================
-``svd``, ``two_sided(svd)``  all-gather of the full ``m × n`` gradient; every
-``tucker``                   device then runs the same dense SVD
-                             (``O(m n min(m, n))`` FLOPs, ``m·n`` floats of
-                             temporary memory per device).
-``randomized_svd``           the products with ``G`` stay sharded; only the thin
-                             ``m × k`` panels are gathered for their QRs.
-``gaussian``, ``rademacher``  nothing: the basis is made from the key on every
-``semi_orthogonal``,          device; only the ``n × r`` factor (``O(n r²)`` QR
-``disjoint``                  for orthonormal kinds) is computed, replicated.
-==========================  ==================================================
+===============================  ==================================================
+projection                       communication and memory at a refresh
+===============================  ==================================================
+``svd``, ``two_sided(svd)``,     all-gather of the full ``m × n`` gradient; every
+``tucker``                       device then runs the same dense SVD
+                                 (``O(m n min(m, n))`` FLOPs, ``m·n`` floats of
+                                 temporary memory per device).
+``randomized_svd``               the products with ``G`` stay sharded; only the
+                                 thin ``m × k`` panels are gathered for their QRs.
+``gaussian``, ``rademacher``,    nothing: every device makes the ``n × r`` factor
+``semi_orthogonal``,             from the key (replicated; an ``O(n r²)`` QR for
+``disjoint``                     the orthonormal kinds).
+===============================  ==================================================
+
+The tests measure this for ``svd``, ``randomized_svd`` and ``semi_orthogonal``;
+``two_sided(svd)`` and ``tucker`` call the same dense SVD.
 """
 
 from __future__ import annotations
@@ -572,13 +579,13 @@ def make_diloco(
         inner, spec, refresh_every=local_steps, on_refresh=on_refresh, scale=scale,
         where=where, seed=seed, reshape=reshape,
     )
-  replicated = NamedSharding(mesh, P())
   per_worker = P(axis_name)
   rows = NamedSharding(mesh, P(None, axis_name))
 
   def shard_map(f, in_specs, out_specs):
     return jax.shard_map(
-        f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names={axis_name}
+        f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names={axis_name},
+        check_vma=False,
     )
 
   def init_worker(params):
@@ -607,7 +614,7 @@ def make_diloco(
   def init_fn(params: Params) -> DiLoCoState:
     if spec is not None:  # bad ranks / leaves fail here, in Python, naming the leaf
       leaves_lib.plan(params, spec, where, reshape)
-    return init_jit(jax.device_put(params, replicated))
+    return init_jit(params)
 
   def round_fn(state: DiLoCoState, batches: Batch) -> tuple[DiLoCoState, RoundMetrics]:
     _check_batches(batches, local_steps, num_workers, axis_name)

@@ -134,9 +134,16 @@ def randomized_range(
   QR; ``benchmarks/refresh_accuracy.py`` measured the same subspaces, to four
   digits of the mean squared cosine, in float32 on gradients whose spectra span
   four decades.
+
+  When ``k`` reaches ``min(m, n)`` the sketch would span the whole space and
+  cost more than an exact decomposition, so the exact SVD is used instead
+  (``key`` is then unused); small leaves thus get exact bases.
   """
   m, n = g.shape
   k = min(r + oversample, m, n)
+  if k >= min(m, n):
+    u, _, _ = jnp.linalg.svd(g, full_matrices=False)
+    return u[:, :r]
   omega = jax.random.normal(key, (n, k), g.dtype)
   q, _ = jnp.linalg.qr(g @ omega)
   for _ in range(power_iters):

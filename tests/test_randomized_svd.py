@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import optax_lowrank as olr
@@ -29,13 +29,12 @@ def _planted(rng, m, n, r, gap, dtype=np.float32):
 
 
 def _basis(spec, g, seed=0):
-  """The leaf's plan and the factor ``spec`` builds at refresh 0 from gradient ``g``."""
+  """The factor ``spec`` builds at refresh 0 from gradient ``g``, and its side."""
   params = {"w": jax.ShapeDtypeStruct(g.shape, g.dtype)}
   (p,) = jax.tree.leaves(leaves.plan(params, spec), is_leaf=leaves.is_plan)
-  b = p.make_basis(jax.random.PRNGKey(seed), jnp.asarray(0), jnp.asarray(g))
-  (factor,) = [f for f in b.factors if f is not None]
-  side = "left" if b.factors[0] is not None else "right"
-  return factor, side
+  make = jax.jit(lambda x: p.make_basis(jax.random.PRNGKey(seed), jnp.asarray(0), x).factors)
+  left, right = make(jnp.asarray(g))
+  return (left, "left") if left is not None else (right, "right")
 
 
 def _exact(g, r, side):
@@ -54,16 +53,16 @@ def test_defaults():
   assert (spec.oversample, spec.power_iters) == (16, 2)
 
 
-@settings(max_examples=12)
+@settings(max_examples=10)
 @given(
-    m=st.integers(8, 48),
-    n=st.integers(8, 48),
-    rank=st.integers(1, 6),
+    m=st.integers(32, 80),
+    n=st.integers(32, 80),
+    rank=st.integers(1, 8),
     side=st.sampled_from(["auto", "left", "right"]),
     seed=st.integers(0, 2**16),
 )
 def test_defaults_recover_a_planted_subspace(m, n, rank, side, seed):
-  assume(rank <= min(m, n) // 2)
+  # rank + oversample < min(m, n): the range finder does not see the whole space.
   g = _planted(np.random.default_rng(seed), m, n, rank, gap=3.0)
   factor, resolved = _basis(olr.randomized_svd(rank, side=side), g)
   assert factor.dtype == jnp.float32
@@ -87,10 +86,14 @@ def test_defaults_on_a_small_gap(shape, rank, side):
 
 
 def test_oversampling_to_the_full_dimension_is_exact():
-  # k = min(rank + oversample, m, n) = n: the range finder spans all of range(G).
+  # k = min(rank + oversample, m, n) = n: a sketch would span all of range(G), so the
+  # exact SVD is used and the key does not matter.
   g = np.random.default_rng(3).normal(size=(10, 7)).astype(np.float32)
-  factor, side = _basis(olr.randomized_svd(3, side="left", oversample=16, power_iters=0), g)
+  spec = olr.randomized_svd(3, side="left", oversample=16, power_iters=0)
+  factor, side = _basis(spec, g)
   np.testing.assert_allclose(_cos2(_exact(g, 3, side), factor), 1.0, atol=1e-4)
+  other, _ = _basis(spec, g, seed=1)
+  np.testing.assert_array_equal(np.asarray(factor), np.asarray(other))
 
 
 def test_bf16_leaf_is_decomposed_in_float32():

@@ -2,8 +2,10 @@
 
 Everything runs on the ``tiny`` preset with a small slice of the stdlib corpus.
 The CLI is called in-process (``main(argv)``); its compiled steps are cached
-per process, so the per-method step test and the end-to-end test (same
-method, schedule and shapes) compile each method once.
+per process, so the per-method step test, the end-to-end test and the resume
+runs of ``test_checkpoint.py`` (same method, schedule and shapes: keep the
+flags in step) compile each method once. ``--refresh-every 2`` puts a basis
+refresh inside every 4-step run.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from optax_lowrank.leaves import path_names
 
 TINY = LlamaConfig.preset("tiny", dtype=jnp.float32, param_dtype=jnp.float32)
 MAX_BYTES = 200_000
-BATCH, SEQ, STEPS = 4, 32, 3
+BATCH, SEQ, STEPS, REFRESH = 4, 32, 4, 2
 
 # Flags shared by the in-process CLI runs (match ``_settings`` below).
 COMMON = [
     "--size", "tiny", "--steps", str(STEPS), "--batch-size", str(BATCH), "--seq-len", str(SEQ),
-    "--max-bytes", str(MAX_BYTES), "--eval-every", "2", "--eval-batches", "2", "--no-progress",
+    "--max-bytes", str(MAX_BYTES), "--eval-every", "2", "--eval-batches", "2",
+    "--refresh-every", str(REFRESH), "--no-progress",
 ]
 
 
@@ -48,7 +51,7 @@ def _settings(corpus: data_lib.Corpus, **overrides) -> train.RunSettings:
       eval_every=2,
       eval_batches=2,
       learning_rate=None,
-      method_config=methods_lib.MethodConfig.for_model(TINY, refresh_every=50, seed=0),
+      method_config=methods_lib.MethodConfig.for_model(TINY, refresh_every=REFRESH, seed=0),
       data=str(Path(corpus.root).resolve()),
       max_bytes=MAX_BYTES,
   )
@@ -137,7 +140,7 @@ def test_jitted_step_decreases_loss(name: str, corpus: data_lib.Corpus) -> None:
 
 
 def test_param_transform_hooks_follow_the_plain_trajectory(corpus: data_lib.Corpus) -> None:
-  """An additive full-size 'adapter' W0 + Δ, merged every 2 steps, matches plain Adam."""
+  """An additive full-size 'adapter' W0 + Δ, merged before steps 2, 4, ..., matches plain Adam."""
 
   def make_tx(learning_rate, steps, config):
     return optax.adam(methods_lib.cosine_schedule(learning_rate, steps, config))
@@ -149,37 +152,44 @@ def test_param_transform_hooks_follow_the_plain_trajectory(corpus: data_lib.Corp
   def materialize(delta, base):
     return jax.tree.map(jnp.add, base, delta)
 
-  def after_update(delta, base, opt_state, step, full_grad):
-    del full_grad
-
+  def before_update(delta, base, opt_state, step, full_grad):
     def merge(operand):
       d, b = operand
-      return jax.tree.map(jnp.zeros_like, d), materialize(d, b)
+      merged = materialize(d, b)
+      # The hook may use the full gradient of this batch at the merged weights.
+      _ = jax.tree.map(lambda g, w: g.shape == w.shape, full_grad(merged), merged)
+      return jax.tree.map(jnp.zeros_like, d), merged
 
-    delta, base = jax.lax.cond(step % 2 == 0, merge, lambda o: o, (delta, base))
+    is_refresh = (step > 0) & (step % 2 == 0)
+    delta, base = jax.lax.cond(is_refresh, merge, lambda o: o, (delta, base))
     return delta, base, opt_state
 
   plain = methods_lib.Method("plain_adam", make_tx, 3e-3, "Adam")
   adapter = methods_lib.Method(
       "additive", make_tx, 3e-3, "W0 + delta",
-      param_transform=methods_lib.ParamTransform(init, materialize, after_update),
+      param_transform=methods_lib.ParamTransform(init, materialize, before_update),
   )
-  settings = _settings(corpus, steps=4)
+  settings = _settings(corpus)
   model = LlamaConfig.preset("tiny", n_layers=1)  # one block: cheaper to compile
   runs = {}
   for method in (plain, adapter):
     result, state = train.train_method(method, model, corpus, settings, progress=False)
     runs[method.name] = (result, state)
-  _, plain_state = runs["plain_adam"]
-  _, adapter_state = runs["additive"]
-  # Step 4 merged: the adapter's delta is zero and its base holds the weights.
-  assert all(not np.any(x) for x in jax.tree.leaves(adapter_state.trainable))
-  for a, b in zip(
-      jax.tree.leaves(plain_state.trainable), jax.tree.leaves(adapter_state.frozen), strict=True
-  ):
+  (plain_result, plain_state), (adapter_result, adapter_state) = runs.values()
+  # Merged before step 3 (count 2): since then Δ holds the last two updates only.
+  assert int(adapter_state.step) == STEPS and np.any(jax.tree.leaves(adapter_state.trainable)[0])
+  _, initial = train.init_params(model, 0)
+  assert not any(  # the base moved: merges happened
+      np.array_equal(a, b)
+      for a, b in zip(jax.tree.leaves(initial), jax.tree.leaves(adapter_state.frozen), strict=True)
+  )
+  effective = materialize(adapter_state.trainable, adapter_state.frozen)
+  for a, b in zip(jax.tree.leaves(plain_state.trainable), jax.tree.leaves(effective), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(plain_result["train_loss"], adapter_result["train_loss"], rtol=1e-5)
   np.testing.assert_allclose(
-      runs["plain_adam"][0]["train_loss"], runs["additive"][0]["train_loss"], rtol=1e-5
+      plain_result["val_history"]["val_loss"], adapter_result["val_history"]["val_loss"],
+      rtol=1e-5,
   )
 
 
@@ -203,7 +213,7 @@ def test_cli_end_to_end_writes_table_json_png(tmp_path: Path, capsys) -> None:
         np.exp(r["final_val_loss"])
     )
     assert r["opt_state_mib"] > 0 and r["step_peak_mib"] > 0 and r["ms_per_step"] is not None
-    assert r["val_history"]["step"] == [0, 2, 3]
+    assert r["val_history"]["step"] == [0, 2, 4]
     assert len(r["train_loss"]) == STEPS
   by_name = {r["method"]: r for r in report["results"]}
   assert by_name["galore"]["opt_state_bytes"] < by_name["adamw"]["opt_state_bytes"]

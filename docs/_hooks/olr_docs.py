@@ -1,8 +1,8 @@
 """MkDocs hooks for the optax_lowrank site (loaded through ``hooks:`` in mkdocs.yml).
 
-The site is written ahead of some features.  These hooks keep it honest about
-what the installed package actually contains, so that ``mkdocs build --strict``
-passes at every stage of development and every page says what is missing:
+The site may be written ahead of some features.  These hooks keep it honest
+about what the installed package actually contains, so that the site builds at
+every stage of development and every page says what is missing:
 
 * A ```` ```python```` block whose first line is ``# requires: a, b.c`` needs
   those attributes of ``optax_lowrank``.  The marker line is removed from the
@@ -66,7 +66,7 @@ print(json.dumps({"attrs": attrs, "exports": exports}))
 """
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe() -> dict:
   """What a fresh ``import optax_lowrank`` provides (one subprocess per process)."""
   out = subprocess.run(
