@@ -62,20 +62,22 @@ def _adapter_step(model, inner, scale, quantize=None):
 _RANK = 32
 
 
-def measure(size: str = "small", rank: int = 32, batch_size: int = 8,
-            seq_len: int | None = None) -> dict:
-  """``{row: (StepMemory without donation, StepMemory with donation)}``."""
+def measure(size: str | LlamaConfig = "small", rank: int = 32, batch_size: int = 8,
+            seq_len: int | None = None, donation: tuple[bool, ...] = (False, True)) -> dict:
+  """``{row: tuple of StepMemory, one per entry of donation}``."""
   global _RANK
   _RANK = rank
-  config = LlamaConfig.preset(size)
+  config = LlamaConfig.preset(size) if isinstance(size, str) else size
   seq_len = seq_len or config.max_seq_len
   batch = jnp.zeros((batch_size, seq_len + 1), jnp.int32)
   lr = 1e-3
   rows = {}
 
   def add(name, step, args):
-    rows[name] = (olr.memory.step_memory(step, *args, batch),
-                  olr.memory.step_memory(step, *args, batch, donate_argnums=(0, 1)))
+    rows[name] = tuple(
+        olr.memory.step_memory(step, *args, batch, donate_argnums=(0, 1) if d else ())
+        for d in donation
+    )
 
   model = lambda: Llama(config, rngs=nnx.Rngs(0))
   add("a adamw", *_dense_step(model(), optax.adamw(lr)))

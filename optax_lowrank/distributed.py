@@ -21,7 +21,8 @@ Tables 3–4):
 ``"identical"``    from the shared key: ``P_k = P``                  one rank-``r`` subspace
 ``"independent"``  from ``fold_in(key, k)``: ``E[P_i P_jᵀ] = 0``     ``K·r`` dimensions, a.s.
 ``"disjoint"``     block ``k`` of one shared random orthonormal      exactly ``K·r`` dimensions
-                   matrix (:func:`disjoint_factor`): ``P_i P_jᵀ = 0``
+                   matrix (:func:`disjoint_factor`),
+                   ``P_i P_jᵀ = 0``
 =================  ================================================  ==========================
 
 No basis is ever communicated: every worker rebuilds its own from the shared

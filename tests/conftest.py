@@ -15,7 +15,7 @@ jax.config.update("jax_enable_x64", True)
 
 settings.register_profile(
     "ci",
-    max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "20")),
+    max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "10")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
     derandomize=True,
