@@ -442,7 +442,7 @@ def scale_by_adamem(
     return leaves_lib.plan(tree, spec, where, reshape)
 
   def init_fn(params):
-    plans = make_plans(params)
+    plans = make_plans(leaves_lib.unwrap_variables(params))
     fields = map_plans(lambda p: _init_leaf(p, mu_dtype), plans)
     return ScaleByAdaMeMState(
         jnp.zeros([], jnp.int32),
@@ -452,6 +452,8 @@ def scale_by_adamem(
 
   def update_fn(updates, state, params=None):
     del params
+    updates_in = updates
+    updates = leaves_lib.unwrap_variables(updates)
     plans = make_plans(updates)
     count = state.count
 
@@ -480,7 +482,7 @@ def scale_by_adamem(
     new_updates, mu, nu_row, nu_col, nu_res = (
         map_plans(lambda p, o, i=i: o[i], plans, out) for i in range(5)
     )
-    return new_updates, ScaleByAdaMeMState(
+    return leaves_lib.rewrap_like(updates_in, new_updates), ScaleByAdaMeMState(
         optax.safe_increment(count), new_bases, mu, nu_row, nu_col, nu_res
     )
 

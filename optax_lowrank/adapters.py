@@ -143,6 +143,8 @@ def init(
     ValueError naming the leaf if ``grads`` is needed and missing, or if
     ``where``/``reshape`` do not fit the params.
   """
+  params = leaves_lib.unwrap_variables(params)
+  grads = leaves_lib.unwrap_variables(grads)
   plans = leaves_lib.plan(params, projection, where, reshape)
   key = jax.random.PRNGKey(seed)
   refresh_index = jnp.zeros([], jnp.int32)
@@ -254,6 +256,7 @@ def merge(
     is not touched here: apply the refresh policy with :func:`refresh_state`.
   """
   _check_spec(adapter, projection)
+  grads = leaves_lib.unwrap_variables(grads)
   _require_grads(adapter.plans, grads, "merge")
   merged = materialize(adapter, lam)
   refresh_index = adapter.refresh_index + 1

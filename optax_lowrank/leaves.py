@@ -26,6 +26,31 @@ Array = jax.Array
 ReshapeRule = int | tuple[tuple[int, ...], tuple[int, ...]]
 
 
+def _is_variable(x) -> bool:
+  from flax import nnx
+
+  return isinstance(x, nnx.Variable)
+
+
+def unwrap_variables(tree: Any) -> Any:
+  """Replace Flax NNX ``Variable`` wrappers (``nnx.Param`` ...) by their values.
+
+  ``nnx.state(model, nnx.Param)`` and ``nnx.Optimizer`` hand optax trees whose
+  leaves sit inside ``Variable`` nodes.  Both paths plan and store their
+  state on the plain arrays, so the state never holds a ``Basis`` inside a
+  ``Param``, and paths seen by ``where`` do not end in ``'value'``.
+  """
+  if tree is None:
+    return None
+  return jax.tree.map(lambda x: x.get_value() if _is_variable(x) else x, tree,
+                      is_leaf=_is_variable)
+
+
+def rewrap_like(like: Any, tree: Any) -> Any:
+  """Give ``tree`` (plain arrays) the structure of ``like`` (which may hold Variables)."""
+  return jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(tree))
+
+
 def path_names(path) -> tuple[str, ...]:
   """A key path as a tuple of strings: ``('layers', '0', 'kernel')``."""
   names = []

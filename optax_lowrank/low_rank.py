@@ -157,6 +157,7 @@ def low_rank(
     return optax.multi_transform(groups, labels)
 
   def init_fn(params):
+    params = leaves_lib.unwrap_variables(params)
     plans = make_plans(params)
     return LowRankState(
         count=jnp.zeros([], jnp.int32),
@@ -167,6 +168,9 @@ def low_rank(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
+    updates_in = updates
+    updates = leaves_lib.unwrap_variables(updates)
+    params = leaves_lib.unwrap_variables(params)
     plans = make_plans(updates)
     inner_tx = inner_for(plans)
     count = state.count
@@ -220,7 +224,7 @@ def low_rank(
         inner_state=inner_state,
         coefficients=coefficients,
     )
-    return new_updates, new_state
+    return leaves_lib.rewrap_like(updates_in, new_updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

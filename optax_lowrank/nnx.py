@@ -86,15 +86,13 @@ class LowRankLinear(nnx.Module):
 
 
 def _kernel_paths(adapter: adapters_lib.Adapter) -> dict[str, Any]:
-  """Projected leaves by module path (the kernel's path without 'kernel'/'value')."""
+  """Projected leaves by module path (the kernel's path without 'kernel')."""
   out = {}
   for p in jax.tree.leaves(adapter.plans, is_leaf=is_plan):
     if not p.projected:
       continue
     parts = p.path.split("/")
-    if parts and parts[-1] == "value":
-      parts = parts[:-1]
-    if not parts or parts[-1] != "kernel":
+    if parts[-1] != "kernel":
       continue
     out["/".join(parts[:-1])] = p
   return out

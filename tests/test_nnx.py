@@ -145,3 +145,34 @@ def test_layer_with_an_int8_base_is_close_to_the_dense_layer():
   # merging re-quantizes the layer's base
   adapter = olr.nnx.merge(model, adapter)
   assert isinstance(model.fc1.base.get_value(), olr.quantization.QuantizedArray)
+
+
+@pytest.mark.parametrize("make", [lambda: olr.galore(1e-2, rank=2, refresh_every=2),
+                                  lambda: olr.adamem(1e-2, rank=2, refresh_every=2)],
+                         ids=["galore", "adamem"])
+def test_nnx_optimizer_with_stored_bases_matches_the_functional_step(make):
+  # nnx.Optimizer hands optax trees of nnx.Param; stored bases must not end up
+  # inside Param wrappers (regression: the second step used to fail).
+  x, y = _data(3)
+  model = MLP(nnx.Rngs(3))
+  opt = nnx.Optimizer(model, make(), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, opt):
+    loss, grads = nnx.value_and_grad(loss_of)(model, x, y)
+    opt.update(model, grads)
+    return loss
+
+  nnx_losses = [float(step(model, opt)) for _ in range(4)]
+  model = MLP(nnx.Rngs(3))
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx = make()
+  state = tx.init(params)
+  losses = []
+  for _ in range(4):
+    loss, g = jax.value_and_grad(lambda p: loss_of(nnx.merge(graphdef, p), x, y))(params)
+    u, state = tx.update(g, state, params)
+    params = optax.apply_updates(params, u)
+    losses.append(float(loss))
+  np.testing.assert_allclose(nnx_losses, losses, rtol=1e-12)
+  assert losses[-1] < losses[0]
