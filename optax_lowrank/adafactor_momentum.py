@@ -419,10 +419,11 @@ def scale_by_adamem(
   against ``2·m·n`` for Adam (exact bytes: :func:`adamem_state_bytes`).
 
   Raises:
-    ValueError / TypeError at construction for ``rank`` ≤ 0, ``refresh_every``
-    < 1, ``b1`` or ``b2`` outside [0, 1), ``delta`` or ``eps`` < 0, an unknown
-    ``side``; at ``init`` for a ``where``/``reshape`` that does not fit a leaf
-    (naming the leaf path and shape).
+    ValueError: at construction, for ``rank`` ≤ 0, ``refresh_every`` < 1,
+      ``b1`` or ``b2`` outside [0, 1), ``delta`` or ``eps`` < 0, or an unknown
+      ``side``; at ``init``, for a ``where``/``reshape`` that does not fit a
+      leaf (naming the leaf path and shape).
+    TypeError: an argument of the wrong type (e.g. a non-integer ``rank``).
   """
   spec = proj.svd(rank, side)
   # Python values are checked here; arrays (``optax.inject_hyperparams`` turns

@@ -140,8 +140,8 @@ def init(
     An :class:`Adapter` at refresh index 0.
 
   Raises:
-    ValueError naming the leaf if ``grads`` is needed and missing, or if
-    ``where``/``reshape`` do not fit the params.
+    ValueError: naming the leaf, if ``grads`` is needed and missing, or if
+      ``where``/``reshape`` do not fit the params.
   """
   params = leaves_lib.unwrap_variables(params)
   grads = leaves_lib.unwrap_variables(grads)
@@ -340,8 +340,8 @@ def quantize_base(adapter: Adapter, format: str = "int8", block_size: int = 256)
   are trained).  A block size that does not divide a leaf pads its last block.
 
   Raises:
-    ValueError for an unknown format, a block size ≤ 0, or non-finite values
-    in a base leaf (naming the leaf path and shape).
+    ValueError: an unknown format, a block size ≤ 0, or non-finite values in a
+      base leaf (naming the leaf path and shape).
   """
   from optax_lowrank import quantization
 

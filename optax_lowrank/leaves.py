@@ -204,7 +204,9 @@ def plan(
       callable ``(path, leaf) -> rule | None``.
 
   Raises:
-    ValueError / TypeError naming the leaf path, its shape and the argument.
+    ValueError: a ``where``/``reshape`` that does not fit a leaf (the message
+      names the leaf path, its shape and the argument).
+    TypeError: a spec that is not a projection, or a selected non-float leaf.
   """
   if not isinstance(spec, proj.Projection):
     raise TypeError(

@@ -126,9 +126,11 @@ def low_rank(
   floats for a stored basis, nothing for ``gaussian``/``rademacher``.
 
   Raises:
-    ValueError / TypeError at construction (bad ``refresh_every``,
-    ``on_refresh``, spec) or at ``init`` (a ``where`` tree that does not match
-    the params, a leaf that cannot be projected), naming the leaf and argument.
+    ValueError: at construction, for a bad ``refresh_every`` or ``on_refresh``;
+      at ``init``, for a ``where`` tree that does not match the params or a leaf
+      that cannot be projected (naming the leaf and the argument).
+    TypeError: at construction, when ``projection`` is not a projection spec or
+      ``seed`` is not an int.
   """
   if not isinstance(projection, proj.Projection):
     raise TypeError(

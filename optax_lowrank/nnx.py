@@ -122,8 +122,8 @@ def to_low_rank(model: nnx.Module, adapter: adapters_lib.Adapter) -> nnx.Module:
     ``model`` (modified in place), for chaining.
 
   Raises:
-    ValueError if a projected kernel uses a reshape rule or a non-matrix spec,
-    or if no layer was converted.
+    ValueError: if a projected kernel uses a reshape rule or a non-matrix spec,
+      or if no layer was converted.
   """
   targets = _kernel_paths(adapter)
   current = adapters_lib.bases(adapter)
