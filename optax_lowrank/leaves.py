@@ -68,6 +68,17 @@ def path_names(path) -> tuple[str, ...]:
   return tuple(names)
 
 
+def field_names(path) -> set[str]:
+  """The attribute and dict-key names along a key path (e.g. ``{'mu', 'w'}``).
+
+  Used to recognise what a statistic in an optimizer state is by the field it
+  sits under (Adam's ``nu``, a ``LowRankState``'s ``bases``...).
+  """
+  return {k.name if isinstance(k, jax.tree_util.GetAttrKey) else str(k.key)
+          for k in path
+          if isinstance(k, (jax.tree_util.GetAttrKey, jax.tree_util.DictKey))}
+
+
 @dataclasses.dataclass(frozen=True)
 class LeafPlan:
   """What happens to one leaf (all static).

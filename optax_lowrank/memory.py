@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import optax
 
-from optax_lowrank.leaves import path_names
+from optax_lowrank.leaves import field_names, path_names
 
 __all__ = [
     "StateBytes",
@@ -79,16 +79,6 @@ def _kind(names: set[str], leaf) -> str:
   return "inner"
 
 
-def _field_names(path) -> set[str]:
-  out = set()
-  for k in path:
-    if isinstance(k, jax.tree_util.GetAttrKey):
-      out.add(k.name)
-    elif isinstance(k, jax.tree_util.DictKey):
-      out.add(str(k.key))
-  return out
-
-
 def state_bytes(tx: optax.GradientTransformation, params: Any) -> StateBytes:
   """Exact bytes of ``tx.init(params)``, by kind and by parameter leaf.
 
@@ -115,7 +105,7 @@ def state_bytes(tx: optax.GradientTransformation, params: Any) -> StateBytes:
   by_leaf = {p: dict.fromkeys(KINDS, 0) for p in param_paths}
 
   def visit(path, sub):
-    names = _field_names(path)
+    names = field_names(path)
     if params_like(sub):
       for pname, subtree in zip(param_paths, params_def.flatten_up_to(sub)):
         for leaf in jax.tree.leaves(subtree):

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_lowrank import bases as bases_lib
-from optax_lowrank.leaves import LeafPlan, is_plan
+from optax_lowrank.leaves import LeafPlan, field_names, is_plan
 
 POLICIES = ("keep", "reset", "transport")
 
@@ -55,16 +55,6 @@ def check_policy(on_refresh: str) -> str:
   if on_refresh not in POLICIES:
     raise ValueError(f"`on_refresh` must be one of {POLICIES}, got {on_refresh!r}")
   return on_refresh
-
-
-def _names(path) -> set[str]:
-  out = set()
-  for k in path:
-    if isinstance(k, jax.tree_util.GetAttrKey):
-      out.add(k.name)
-    elif isinstance(k, jax.tree_util.DictKey):
-      out.add(str(k.key))
-  return out
 
 
 def apply_policy(
@@ -117,7 +107,7 @@ def apply_policy(
   def per_subtree(path, old_sub, fresh_sub):
     if not is_params_like(old_sub):
       return old_sub
-    names = _names(path)
+    names = field_names(path)
     cleared = bool(names & CLEARED_NAMES)
     if on_refresh == "keep" and not cleared:
       return old_sub
