@@ -345,8 +345,9 @@ SCRIPT = MODEL + textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def multi():
+  # One OpenBLAS thread: on a busy 2-core machine its thread pool can make a small QR 100× slower.
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+             JAX_PLATFORMS="cpu", OPENBLAS_NUM_THREADS="1")
   proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                         timeout=600)
   lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
