@@ -46,6 +46,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import argparse
 import datetime
 import json
+import math
 import platform
 import sys
 import time
@@ -91,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--inner-lr", type=float, default=3e-3, help="peak Adam lr (default: 3e-3)")
   p.add_argument("--outer-lr", type=float, default=0.7, help="default: 0.7 (DiLoCo)")
   p.add_argument("--outer-momentum", type=float, default=0.9, help="default: 0.9 (DiLoCo)")
-  p.add_argument("--seed", type=int, default=0, help="model, data and bases (default: 0)")
+  p.add_argument("--on-refresh", default="keep", choices=("keep", "reset", "transport"),
+                 help="what a new basis does to Adam's moments (default: keep)")
+  p.add_argument("--seeds", default="0",
+                 help="comma-separated seeds of the model init and batch order (default: 0)")
+  p.add_argument("--bases-seed", type=int, default=0, help="seed of the random bases (0)")
   p.add_argument("--eval-batches", type=int, default=8, help="validation batches of 32 (8)")
   p.add_argument("--max-bytes", type=int, default=8_000_000, help="corpus budget (8e6)")
   p.add_argument("--plot", default="docs/img/diloco.png", help="'' to skip")
@@ -101,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check(args: argparse.Namespace) -> list[str]:
   """Validates the arguments; returns the runs.  Raises UsageError."""
+  try:
+    args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+  except ValueError:
+    raise UsageError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+  if not args.seeds:
+    raise UsageError("--seeds is empty")
   runs = [r.strip() for r in args.runs.split(",") if r.strip()]
   unknown = [r for r in runs if r not in RUNS]
   if unknown or not runs:
@@ -131,8 +142,14 @@ def run_one(
     corpus: data_lib.Corpus,
     mesh: Mesh,
 ) -> dict[str, Any]:
-  """Trains one run and returns its validation history and costs."""
-  graphdef, params = init_params(config, args.seed)
+  """Trains one run for every seed of ``--seeds``; returns its histories and costs.
+
+  The seed sets the model initialisation and the batch order.  The bases' seed
+  is ``--bases-seed`` for every seed, so that one compiled program serves them
+  all; each round draws new bases anyway (the refresh index is folded into
+  the key), so one run already sees ``--rounds`` independent draws.
+  """
+  graphdef, _ = init_params(config, 0)
 
   def batch_loss(p: Any, batch: jax.Array) -> jax.Array:
     return loss_fn(nnx.merge(graphdef, p), batch)
@@ -146,39 +163,43 @@ def run_one(
   diloco = dist.make_diloco(
       batch_loss, optax.adam(schedule), mesh, local_steps=args.local_steps,
       projection=projection, scheme="identical" if name == "diloco" else name, outer=outer,
-      seed=args.seed, on_refresh="reset", where=methods_lib.is_projected,
+      seed=args.bases_seed, on_refresh=args.on_refresh, where=methods_lib.is_projected,
   )
-  evaluate = jax.jit(lambda p, b: batch_loss(p, b))
+  evaluate = jax.jit(batch_loss)
   val = list(data_lib.val_batches(corpus.val, 32, args.seq_len, args.eval_batches))
 
   def val_loss(p: Any) -> float:
     return float(np.mean([evaluate(p, b) for b in val]))
 
-  # The same batches for every run: K·B windows per step, worker k gets rows k·B..(k+1)·B.
-  stream = data_lib.batches(corpus.train, args.workers * args.batch_size, args.seq_len,
-                            seed=args.seed)
-  state = diloco.init(params)
-  history = {"step": [0], "val_loss": [val_loss(state.params)], "train_loss": [float("nan")]}
-  start = time.perf_counter()
-  for g in range(args.rounds):
-    batches = np.stack([next(stream) for _ in range(args.local_steps)])
-    state, metrics = diloco.round(state, batches)
-    history["step"].append((g + 1) * args.local_steps)
-    history["val_loss"].append(val_loss(state.params))
-    history["train_loss"].append(float(metrics.loss))
-    print(f"  {name:12s} round {g + 1:3d}/{args.rounds}  train {float(metrics.loss):.4f}  "
-          f"val {history['val_loss'][-1]:.4f}", flush=True)
-  seconds = time.perf_counter() - start
+  histories, start = [], time.perf_counter()
+  for seed in args.seeds:
+    # The same batches for every run: K·B windows per step, worker k gets rows k·B..(k+1)·B.
+    stream = data_lib.batches(corpus.train, args.workers * args.batch_size, args.seq_len,
+                              seed=seed)
+    state = diloco.init(init_params(config, seed)[1])
+    history = {"step": [0], "val_loss": [val_loss(state.params)], "train_loss": [math.nan]}
+    for g in range(args.rounds):
+      batches = np.stack([next(stream) for _ in range(args.local_steps)])
+      state, metrics = diloco.round(state, batches)
+      history["step"].append((g + 1) * args.local_steps)
+      history["val_loss"].append(val_loss(state.params))
+      history["train_loss"].append(float(metrics.loss))
+      print(f"  {name:12s} seed {seed}  round {g + 1:3d}/{args.rounds}  "
+            f"train {float(metrics.loss):.4f}  val {history['val_loss'][-1]:.4f}", flush=True)
+    histories.append(history)
+  finals = [h["val_loss"][-1] for h in histories]
   per_worker = jax.tree.map(lambda x: x[0], state.inner_states)
   return {
       "run": name,
       "projection": "full rank" if projection is None else f"semi-orthogonal r={args.rank}",
-      "final_val_loss": history["val_loss"][-1],
-      "best_val_loss": min(history["val_loss"]),
+      "seeds": list(args.seeds),
+      "final_val_loss": finals,
+      "mean": float(np.mean(finals)),
+      "std": float(np.std(finals, ddof=1)) if len(finals) > 1 else math.nan,
       "inner_state_kib": tree_nbytes(per_worker) / 1024,
       "dims_per_round": _dims(name, args),
-      "seconds": seconds,
-      "history": history,
+      "seconds": time.perf_counter() - start,
+      "histories": histories,
   }
 
 
@@ -192,19 +213,20 @@ def _dims(name: str, args: argparse.Namespace) -> str:
 
 
 def format_table(results: Sequence[dict[str, Any]]) -> str:
-  """The results as a Markdown table."""
-  base = next((r["final_val_loss"] for r in results if r["run"] == "diloco"), None)
+  """The results as a Markdown table (mean ± sample std over the seeds)."""
+  base = next((r for r in results if r["run"] == "diloco"), None)
   lines = [
       "| run | worker projection | dims moved / round | final val loss | vs DiLoCo | "
-      "best val loss | inner state / worker (KiB) | seconds |",
+      "per seed | inner state / worker (KiB) | seconds |",
       "|---|---|---|---|---|---|---|---|",
   ]
   for r in results:
-    delta = "" if base is None else f"{r['final_val_loss'] - base:+.4f}"
+    loss = f"{r['mean']:.4f}" + ("" if math.isnan(r["std"]) else f" ± {r['std']:.4f}")
+    delta = "" if base is None else f"{r['mean'] - base['mean']:+.4f}"
+    seeds = " / ".join(f"{x:.3f}" for x in r["final_val_loss"])
     lines.append(
-        f"| {r['run']} | {r['projection']} | {r['dims_per_round']} | "
-        f"{r['final_val_loss']:.4f} | {delta} | {r['best_val_loss']:.4f} | "
-        f"{r['inner_state_kib']:.0f} | {r['seconds']:.0f} |"
+        f"| {r['run']} | {r['projection']} | {r['dims_per_round']} | {loss} | {delta} | "
+        f"{seeds} | {r['inner_state_kib']:.0f} | {r['seconds']:.0f} |"
     )
   return "\n".join(lines)
 
@@ -218,8 +240,12 @@ def plot(results: Sequence[dict[str, Any]], path: Path, title: str) -> None:
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
   for r in results:
-    h = r["history"]
-    ax.plot(h["step"][1:], h["val_loss"][1:], marker=".", label=r["run"])
+    steps = r["histories"][0]["step"][1:]
+    curves = np.array([h["val_loss"][1:] for h in r["histories"]])
+    (line,) = ax.plot(steps, curves.mean(axis=0), marker=".", label=r["run"])
+    if len(curves) > 1:  # the band spans the seeds
+      ax.fill_between(steps, curves.min(axis=0), curves.max(axis=0), color=line.get_color(),
+                      alpha=0.15)
   ax.set_xlabel("local steps per worker (one point per round)")
   ax.set_ylabel("validation loss (nats/byte)")
   ax.set_title(title, fontsize=9)
@@ -248,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       f"{args.workers} workers × {args.rounds} rounds × {args.local_steps} local steps, "
       f"Llama dim {args.dim} × {args.layers} layers, seq {args.seq_len}, "
       f"batch {args.batch_size}/worker, rank {args.rank}, inner Adam {args.inner_lr:g}, "
-      f"outer Nesterov {args.outer_lr:g}/{args.outer_momentum:g}"
+      f"outer Nesterov {args.outer_lr:g}/{args.outer_momentum:g}, on_refresh={args.on_refresh}, "
+      f"seeds {','.join(map(str, args.seeds))}"
   )
   print(setting, flush=True)
   results = [run_one(name, args, config, corpus, mesh) for name in runs]

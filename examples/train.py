@@ -74,7 +74,7 @@ __all__ = [
     "train_method",
 ]
 
-DEFAULT_STEPS = 200
+DEFAULT_STEPS = 150
 """Steps per method of the default run (all methods, ``small``: ≤ 5 min on 2 CPU cores)."""
 
 WARMUP_STEPS = 3

@@ -36,6 +36,7 @@ import optax
 
 from optax_lowrank import leaves as leaves_lib
 from optax_lowrank import projections as proj
+from optax_lowrank import quantization
 from optax_lowrank import refresh as refresh_lib
 from optax_lowrank.bases import project_back
 from optax_lowrank.leaves import is_plan, map_plans
@@ -230,8 +231,6 @@ def dequantized_base(adapter: Adapter) -> Any:
 
 def dequantize_leaf(w: Any) -> jax.Array:
   """A base leaf as an array: dequantized if it is stored quantized."""
-  from optax_lowrank import quantization
-
   if isinstance(w, quantization.QuantizedArray):
     return quantization.dequantize(w)
   return w
@@ -267,7 +266,6 @@ def merge(
 
 
 def _requantize_like(old_base: Any, merged: Any) -> Any:
-  from optax_lowrank import quantization
 
   def one(old, new):
     if isinstance(old, quantization.QuantizedArray):
@@ -343,8 +341,6 @@ def quantize_base(adapter: Adapter, format: str = "int8", block_size: int = 256)
     ValueError: an unknown format, a block size ≤ 0, or non-finite values in a
       base leaf (naming the leaf path and shape).
   """
-  from optax_lowrank import quantization
-
   base = quantization.quantize_tree(adapter.base, format, block_size,
                                     where=projected_mask(adapter))
   return Adapter(base, adapter.stored_bases, adapter.key, adapter.refresh_index, adapter.plans)
@@ -368,7 +364,6 @@ def decay_base(adapter: Adapter, lam: Any, rate: float | jax.Array) -> Adapter:
 
 
 def _has_quantized(tree: Any) -> bool:
-  from optax_lowrank import quantization
   return any(isinstance(x, quantization.QuantizedArray)
              for x in jax.tree.leaves(tree,
                                       is_leaf=lambda x: isinstance(x, quantization.QuantizedArray)))
