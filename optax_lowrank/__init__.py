@@ -5,7 +5,7 @@ back (``low_rank``); or train the dual linear adapter ``Θ0 + SᵀΛ``
 (``adapters``).  See ``docs/`` and the README.
 """
 
-from optax_lowrank import adapters, eight_bit, memory, nnx, quantization, testing
+from optax_lowrank import adapters, distributed, eight_bit, memory, nnx, quantization, testing
 from optax_lowrank.adafactor_momentum import adamem, adamem_state_bytes, scale_by_adamem
 from optax_lowrank.bases import Basis, project, project_back
 from optax_lowrank.eight_bit import adam_8bit, scale_by_adam_8bit
@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Basis",
     "adapters",
+    "distributed",
     "adam_8bit",
     "eight_bit",
     "quantization",
