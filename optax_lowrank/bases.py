@@ -84,7 +84,9 @@ class Basis:
     )
 
   def __repr__(self) -> str:
-    fs = ", ".join("None" if f is None else f"{tuple(f.shape)}" for f in self.factors)
+    fs = ", ".join(
+        repr(tuple(f.shape)) if hasattr(f, "shape") else repr(f) for f in self.factors
+    )
     return f"Basis(shape={self.shape}, view={self.view_shape}, factors=({fs}))"
 
 

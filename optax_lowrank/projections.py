@@ -416,8 +416,8 @@ def randomized_svd(
 
   The defaults (``oversample=16``, ``power_iters=2``) come from
   ``benchmarks/refresh_accuracy.py`` (``docs/benchmarks.md``): on a
-  ``1024 × 2816`` gradient made of a rank-128 signal plus noise (singular-value
-  gap 1.5 at the rank) and ``rank=128`` they recover the exact SVD's subspace
+  ``1024 × 2816`` gradient made of a rank-128 signal plus noise (a gap
+  ``σ_128/σ_129 ≈ 1.7``) and ``rank=128`` they recover the exact SVD's subspace
   with a mean squared cosine of the principal angles above 0.99 and keep more
   than 99.9 % of the gradient energy the exact subspace keeps, about ten times
   faster than ``jnp.linalg.svd`` on a CPU.  Flat spectra without a gap (a
