@@ -27,7 +27,7 @@ can be added with :func:`register`.
 Example:
   >>> method = get("galore")
   >>> config = MethodConfig.for_model(LlamaConfig.preset("small"))
-  >>> tx = method.make_tx(method.learning_rate, 300, config)
+  >>> tx = method.make_tx(method.learning_rate, 120, config)
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ class MethodConfig:
       head), none on the norm scales; the same for every method.
     warmup_fraction: fraction of the steps spent in linear warm-up from 0.
     final_lr_fraction: the cosine decays to this fraction of the peak.
-    b1, b2: Adam's moment decay rates, shared by all methods.
+    b1, b2: Adam's moment decay rates of adamw, galore, flora and two_sided
+      (natural_galore and adamem keep their recipes' own, as well as eps).
     seed: seed of random projections.
   """
 

@@ -16,6 +16,9 @@ and finally prints one table:
   gradients, the same for every method;
 * ms/step: median wall time of a step after the first few (warm-up) steps.
 
+``results.json`` also holds, per run, the validation curve, the training
+losses, the XLA byte counts of the step, its compile time and wall time.
+
 It also writes ``results.json``, ``results.md`` (the table) and
 ``val_loss.png`` (validation curves) to ``--out``.
 
@@ -74,7 +77,7 @@ __all__ = [
     "train_method",
 ]
 
-DEFAULT_STEPS = 150
+DEFAULT_STEPS = 120
 """Steps per method of the default run (all methods, ``small``: ≤ 5 min on 2 CPU cores)."""
 
 WARMUP_STEPS = 3
@@ -259,7 +262,7 @@ def make_eval_step(
 
 def compile_step(
     step: Callable[..., Any], state: TrainState, batch: jax.Array
-) -> tuple[Callable[..., Any], dict[str, float]]:
+) -> tuple[Callable[..., Any], dict[str, float], float]:
   """Compiles ``step`` ahead of time (donating the state) and reads its memory.
 
   Args:
@@ -267,11 +270,14 @@ def compile_step(
     state, batch: example inputs (shapes and dtypes only).
 
   Returns:
-    ``(compiled, memory)``; ``memory`` has the XLA byte counts ``argument``,
-    ``output``, ``alias``, ``temp`` (NaN if the backend gives none) and
-    ``peak = argument + output + temp − alias``.
+    ``(compiled, memory, seconds)``; ``memory`` has the XLA byte counts
+    ``argument``, ``output``, ``alias``, ``temp`` (NaN if the backend gives
+    none) and ``peak = argument + output + temp − alias``; ``seconds`` is the
+    time taken to trace, lower and compile.
   """
+  start = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+  seconds = time.perf_counter() - start
   stats = compiled.memory_analysis()
   names = {
       "argument": "argument_size_in_bytes",
@@ -281,13 +287,13 @@ def compile_step(
   }
   memory = {k: float(getattr(stats, v, math.nan)) if stats else math.nan for k, v in names.items()}
   memory["peak"] = memory["argument"] + memory["output"] + memory["temp"] - memory["alias"]
-  return compiled, memory
+  return compiled, memory, seconds
 
 
 # Compiled steps and jitted evaluations, per process: repeated runs with the same
 # method, model, schedule and shapes (several main() calls in a notebook or a
 # test session, a resume) reuse the executable instead of compiling it again.
-_STEP_CACHE: dict[Any, tuple[Callable[..., Any], dict[str, float]]] = {}
+_STEP_CACHE: dict[Any, tuple[Callable[..., Any], dict[str, float], float]] = {}
 _EVAL_CACHE: dict[Any, Callable[..., jax.Array]] = {}
 _CACHE_SIZE = 16
 
@@ -305,7 +311,7 @@ def cached_train_step(
     tx: optax.GradientTransformation,
     state: TrainState,
     batch: jax.Array,
-) -> tuple[Callable[..., Any], dict[str, float]]:
+) -> tuple[Callable[..., Any], dict[str, float], float]:
   """:func:`compile_step` of :func:`make_train_step`, cached per process.
 
   ``tx`` must be ``method.make_tx(settings.lr_for(method), settings.steps,
@@ -438,7 +444,7 @@ def train_method(
         )
     ]
     eval_step = cached_eval_step(method, model_config, graphdef)
-    step_fn, memory = cached_train_step(
+    step_fn, memory, compile_s = cached_train_step(
         method, model_config, settings, graphdef, tx, state, val[0]
     )
     opt_bytes = tree_nbytes(state.opt_state)
@@ -498,6 +504,7 @@ def train_method(
       "step_memory_bytes": memory,
       "step_peak_mib": memory["peak"] / _MIB,
       "ms_per_step": float(np.median(timed) * 1e3) if timed else None,
+      "compile_s": compile_s,
       "train_wall_s": wall,
       "val_history": history,
       "train_loss": train_losses,
@@ -624,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=_positive_int, default=8, help="default: 8")
   p.add_argument("--seq-len", type=_positive_int, default=None,
                  help="input length (default: the preset's max_seq_len)")
-  p.add_argument("--eval-every", type=_positive_int, default=25, help="default: 25")
+  p.add_argument("--eval-every", type=_positive_int, default=20, help="default: 20")
   p.add_argument("--eval-batches", type=_positive_int, default=4,
                  help="validation batches per evaluation (default: 4)")
   p.add_argument("--lr", type=_positive_float, default=None,
@@ -750,6 +757,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   Returns:
     The exit code: 0, or 2 for bad input (nothing written then).
   """
+  job_start = time.perf_counter()
   try:
     args = build_parser().parse_args(argv)
     job = _prepare(args)
@@ -770,7 +778,6 @@ def main(argv: Sequence[str] | None = None) -> int:
       flush=True,
   )
   results = []
-  wall = time.perf_counter()
   for method in job.methods:
     use_ckpt = args.save_every > 0 or (args.resume and job.resumable[method.name])
     try:
@@ -787,13 +794,16 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(f"error: {e}", file=sys.stderr)
       return 2
     results.append(result)
-  wall = time.perf_counter() - wall
+  wall = time.perf_counter() - job_start
 
   table = format_table(results)
   print()
   print(table)
   print(TABLE_NOTE)
-  print(f"total training wall time {wall:.0f} s; results in {job.out}/")
+  print(
+      f"job wall time {wall:.0f} s (compiling {sum(r['compile_s'] for r in results):.0f} s); "
+      f"results in {job.out}/"
+  )
   report = {
       "model": {"size": args.size, **model_config_json(job.model_config)},
       "settings": dataclasses.asdict(settings),

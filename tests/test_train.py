@@ -124,7 +124,7 @@ def test_jitted_step_decreases_loss(name: str, corpus: data_lib.Corpus) -> None:
   tx = method.make_tx(settings.lr_for(method), settings.steps, settings.method_config)
   state = train.init_state(method, tx, params, settings.method_config)
   batch = _fixed_batch(corpus)
-  step, memory = train.cached_train_step(method, TINY, settings, graphdef, tx, state, batch)
+  step, memory, _ = train.cached_train_step(method, TINY, settings, graphdef, tx, state, batch)
   eval_step = train.cached_eval_step(method, TINY, graphdef)
   before = float(eval_step(state.trainable, state.frozen, batch))
   structure = jax.tree.structure(state)
