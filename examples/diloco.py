@@ -19,36 +19,34 @@ The projected leaves are the attention and feed-forward kernels of the blocks
 trained at full size by every worker in every run.  The rank defaults to
 ``dim / workers``, as in the paper's Table 4 (``rank × workers`` = model
 width), so the disjoint blocks together cover each kernel's projected side.
-New bases are drawn at the start of every round; Adam's statistics of the
-projected leaves are reset then (``on_refresh="reset"``: the old moments are
-coordinates in a basis that no longer exists).
+New bases are drawn at the start of every round; Adam's statistics are kept
+across it by default (``--on-refresh keep``, GaLore's policy).  ``reset``
+zeroes the projected leaves' moments but keeps Adam's step count, so its
+bias correction no longer undoes the zeros and the first steps after every
+refresh are several times larger than Adam's usual ``lr``: a confound when
+comparing against full-rank workers.
 
-It prints one table (final validation loss per run, nats per byte) and writes
-a plot of the validation loss after every round (``--plot``, default
-``docs/img/diloco.png``) and the numbers as JSON (``--json``, optional).
+Every run trains for each seed of ``--seeds`` (model initialisation and batch
+order); one compiled program per run serves all seeds.
+
+It prints one table (final validation loss per run, nats per byte, mean ±
+sample standard deviation over the seeds) and writes a plot of the validation
+loss after every round (``--plot``, default ``docs/img/diloco.png``) and the
+numbers as JSON (``--json``, optional).
 Bad input (an unknown scheme, a rank with ``rank × workers`` above the model
 width, too few devices) prints one line and exits with code 2.
 """
 
 from __future__ import annotations
 
-import os
-
-# A thread per core for OpenBLAS (the LAPACK behind QR on the CPU): on a busy
-# 2-core machine its default thread pool made a 352×128 QR take 1 s instead of
-# 4 ms.  The simulated devices must exist before JAX starts its CPU backend.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  ).strip()
-
 import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,7 +66,7 @@ from examples.llama import LlamaConfig, loss_fn
 from examples.train import UsageError, init_params, tree_nbytes
 from optax_lowrank import distributed as dist
 
-__all__ = ["RUNS", "build_parser", "main", "run_one"]
+__all__ = ["RUNS", "build_parser", "configure_host", "format_table", "main", "plot", "run_one"]
 
 RUNS = ("diloco", "identical", "independent", "disjoint")
 """Run names: the full-rank baseline, then the three worker-projection schemes."""
@@ -92,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--inner-lr", type=float, default=3e-3, help="peak Adam lr (default: 3e-3)")
   p.add_argument("--outer-lr", type=float, default=0.7, help="default: 0.7 (DiLoCo)")
   p.add_argument("--outer-momentum", type=float, default=0.9, help="default: 0.9 (DiLoCo)")
+  p.add_argument("--scale", type=float, default=1.0,
+                 help="α on the back-projected updates of projected leaves (default: 1)")
   p.add_argument("--on-refresh", default="keep", choices=("keep", "reset", "transport"),
                  help="what a new basis does to Adam's moments (default: keep)")
   p.add_argument("--seeds", default="0",
@@ -163,7 +163,8 @@ def run_one(
   diloco = dist.make_diloco(
       batch_loss, optax.adam(schedule), mesh, local_steps=args.local_steps,
       projection=projection, scheme="identical" if name == "diloco" else name, outer=outer,
-      seed=args.bases_seed, on_refresh=args.on_refresh, where=methods_lib.is_projected,
+      seed=args.bases_seed, on_refresh=args.on_refresh, scale=args.scale,
+      where=methods_lib.is_projected,
   )
   evaluate = jax.jit(batch_loss)
   val = list(data_lib.val_batches(corpus.val, 32, args.seq_len, args.eval_batches))
@@ -248,7 +249,7 @@ def plot(results: Sequence[dict[str, Any]], path: Path, title: str) -> None:
                       alpha=0.15)
   ax.set_xlabel("local steps per worker (one point per round)")
   ax.set_ylabel("validation loss (nats/byte)")
-  ax.set_title(title, fontsize=9)
+  ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
@@ -256,18 +257,33 @@ def plot(results: Sequence[dict[str, Any]], path: Path, title: str) -> None:
   fig.savefig(path)
 
 
+def configure_host(workers: int) -> None:
+  """Simulated devices and one OpenBLAS thread, unless the environment says otherwise.
+
+  Takes effect only before JAX starts its CPU backend (the first device query)
+  and before the first LAPACK call: ``python -m examples.diloco`` calls it
+  first thing.  One OpenBLAS thread because its default pool, on a busy
+  2-core machine, made a 352×128 QR take 1 s instead of 4 ms.
+  """
+  os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={workers}".strip()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the comparison; returns the exit code."""
   args = build_parser().parse_args(argv)
+  configure_host(max(1, args.workers))
   try:
     runs = _check(args)
-  except UsageError as e:
+    config = LlamaConfig.preset(
+        "tiny", dim=args.dim, n_layers=args.layers, n_heads=4, hidden_dim=args.dim * 11 // 4,
+        max_seq_len=args.seq_len, dtype=jnp.float32, param_dtype=jnp.float32,
+    )
+  except (UsageError, ValueError) as e:  # ValueError: a width the model cannot take
     print(f"error: {e}", file=sys.stderr)
     return 2
-  config = LlamaConfig.preset(
-      "tiny", dim=args.dim, n_layers=args.layers, n_heads=4, hidden_dim=args.dim * 11 // 4,
-      max_seq_len=args.seq_len, dtype=jnp.float32, param_dtype=jnp.float32,
-  )
   corpus = data_lib.load_corpus(max_bytes=args.max_bytes)
   mesh = Mesh(np.array(jax.devices()[: args.workers]), ("workers",))
   setting = (
@@ -275,6 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       f"Llama dim {args.dim} × {args.layers} layers, seq {args.seq_len}, "
       f"batch {args.batch_size}/worker, rank {args.rank}, inner Adam {args.inner_lr:g}, "
       f"outer Nesterov {args.outer_lr:g}/{args.outer_momentum:g}, on_refresh={args.on_refresh}, "
+      f"{'' if args.scale == 1 else f'scale {args.scale:g}, '}"
       f"seeds {','.join(map(str, args.seeds))}"
   )
   print(setting, flush=True)

@@ -15,15 +15,12 @@ every round (``refresh_every = L``).  How the workers' projections relate
 decides how much of the weights one round can move (paper 000, §4.2,
 Tables 3–4):
 
-=================  ================================================  ==========================
-``scheme``         worker ``k``'s basis                              the round's change lies in
-=================  ================================================  ==========================
-``"identical"``    from the shared key: ``P_k = P``                  one rank-``r`` subspace
-``"independent"``  from ``fold_in(key, k)``: ``E[P_i P_jᵀ] = 0``     ``K·r`` dimensions, a.s.
-``"disjoint"``     block ``k`` of one shared random orthonormal      exactly ``K·r`` dimensions
-                   matrix (:func:`disjoint_factor`),
-                   ``P_i P_jᵀ = 0``
-=================  ================================================  ==========================
+| ``scheme`` | worker ``k``'s basis | the round's change lies in |
+|---|---|---|
+| ``"identical"`` | from the shared key: ``P_k = P`` | one rank-``r`` subspace |
+| ``"independent"`` | from ``fold_in(key, k)``: ``E[P_i P_jᵀ] = 0`` | ``K·r`` dimensions, a.s. |
+| ``"disjoint"`` | block ``k`` of one shared random orthonormal matrix \
+(:func:`disjoint_factor`): ``P_i P_jᵀ = 0`` | exactly ``K·r`` dimensions |
 
 No basis is ever communicated: every worker rebuilds its own from the shared
 seed, the round and its index (``jax.lax.axis_index``), so a sync sends only
@@ -32,16 +29,18 @@ made from the gradient (``olr.svd``) each worker's basis comes from its own
 data and ``scheme`` only changes random keys.
 
 Quick start (one process; on a CPU simulate devices with
-``XLA_FLAGS=--xla_force_host_platform_device_count=4`` set before JAX starts)::
+``XLA_FLAGS=--xla_force_host_platform_device_count=4`` set before JAX starts):
 
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("workers",))
-  diloco = olr.distributed.make_diloco(
-      loss_fn, optax.adam(1e-3), mesh, local_steps=50,
-      projection=olr.semi_orthogonal(64), scheme="disjoint")
-  state = diloco.init(params)
-  for batches in rounds:          # leaves of shape (local_steps, batch, ...)
-    state, metrics = diloco.round(state, batches)
-  params = state.params
+```python
+mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("workers",))
+diloco = olr.distributed.make_diloco(
+    loss_fn, optax.adam(1e-3), mesh, local_steps=50,
+    projection=olr.semi_orthogonal(64), scheme="disjoint")
+state = diloco.init(params)
+for batches in rounds:          # leaves of shape (local_steps, batch, ...)
+  state, metrics = diloco.round(state, batches)
+params = state.params
+```
 
 Worker ``k`` trains on rows ``[k·B/K, (k+1)·B/K)`` of each batch.
 
@@ -58,23 +57,28 @@ Multiple hosts
 Run the same script on every host.  Before anything else touches devices,
 connect the processes; then build the mesh from the *global* device list and
 feed each round's batch as one global array assembled from the hosts' local
-rows::
+rows:
 
-  import jax
-  jax.distributed.initialize(            # on TPU pods / SLURM / Open MPI the
-      coordinator_address="10.0.0.1:8476",   # arguments are auto-detected:
-      num_processes=4, process_id=host_id)   # jax.distributed.initialize()
+```python
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
-  # One worker per host, the host's own devices on a second axis: the worker
-  # axis crosses the slow network once per round, "fsdp" stays inside a host.
-  devices = np.array(jax.devices()).reshape(jax.process_count(), -1)
-  mesh = jax.sharding.Mesh(devices, ("workers", "fsdp"))
-  diloco = olr.distributed.make_diloco(loss_fn, inner, mesh, local_steps=500, ...)
-  state = diloco.init(params)          # the same params (seed) on every host
+jax.distributed.initialize(            # on TPU pods / SLURM / Open MPI the
+    coordinator_address="10.0.0.1:8476",   # arguments are auto-detected:
+    num_processes=4, process_id=host_id)   # jax.distributed.initialize()
 
-  rows = jax.sharding.NamedSharding(mesh, P(None, "workers"))
-  batches = jax.make_array_from_process_local_data(rows, local_batches)
-  state, metrics = diloco.round(state, batches)   # local_batches: (L, B/hosts, ...)
+# One worker per host, the host's own devices on a second axis: the worker
+# axis crosses the slow network once per round, "fsdp" stays inside a host.
+devices = np.array(jax.devices()).reshape(jax.process_count(), -1)
+mesh = jax.sharding.Mesh(devices, ("workers", "fsdp"))
+diloco = olr.distributed.make_diloco(loss_fn, inner, mesh, local_steps=500, ...)
+state = diloco.init(params)          # the same params (seed) on every host
+
+rows = jax.sharding.NamedSharding(mesh, P(None, "workers"))
+batches = jax.make_array_from_process_local_data(rows, local_batches)
+state, metrics = diloco.round(state, batches)   # local_batches: (L, B/hosts, ...)
+```
 
 :func:`make_diloco` maps only the worker axis by hand (``shard_map`` with
 ``axis_names={axis_name}``); other mesh axes stay under the compiler's
@@ -95,28 +99,27 @@ right-projected ``m × n`` leaf sharded along its rows come out sharded along
 the rows, and so do the inner statistics over them.  Shard the dimension that
 is *not* projected (with ``side="auto"`` the larger one) and the state shrinks
 with the device count.  :func:`state_shardings` reads the state's shardings
-off the compiled update, so the state can be created sharded::
+off the compiled update, so the state can be created sharded:
 
-  shardings = olr.distributed.state_shardings(tx, params)   # params: sharded arrays
-  opt_state = jax.jit(tx.init, out_shardings=shardings)(params)
+```python
+shardings = olr.distributed.state_shardings(tx, params)   # params: sharded arrays
+opt_state = jax.jit(tx.init, out_shardings=shardings)(params)
+```
 
 What a refresh gathers, for an ``m × n`` gradient sharded along its
 unprojected axis, ``k = rank + oversample`` (read from the compiled HLO on 8
 host devices in ``tests/test_distributed.py``):
 
-===============================  ==================================================
-projection                       communication and memory at a refresh
-===============================  ==================================================
-``svd``, ``two_sided(svd)``,     all-gather of the full ``m × n`` gradient; every
-``tucker``                       device then runs the same dense SVD
-                                 (``O(m n min(m, n))`` FLOPs, ``m·n`` floats of
-                                 temporary memory per device).
-``randomized_svd``               the products with ``G`` stay sharded; only the
-                                 thin ``m × k`` panels are gathered for their QRs.
-``gaussian``, ``rademacher``,    nothing: every device makes the ``n × r`` factor
-``semi_orthogonal``,             from the key (replicated; an ``O(n r²)`` QR for
-``disjoint``                     the orthonormal kinds).
-===============================  ==================================================
+| projection | communication and memory at a refresh |
+|---|---|
+| ``svd``, ``two_sided(svd)``, ``tucker`` | all-gather of the full ``m × n`` gradient; \
+every device then runs the same dense SVD (``O(m n min(m, n))`` FLOPs, ``m·n`` floats \
+of temporary memory per device) |
+| ``randomized_svd`` | the products with ``G`` stay sharded; only the thin ``m × k`` \
+panels are gathered for their QRs |
+| ``gaussian``, ``rademacher``, ``semi_orthogonal``, ``disjoint`` | nothing: every \
+device makes the ``n × r`` factor from the key (replicated; an ``O(n r²)`` QR for the \
+orthonormal kinds) |
 
 The tests measure this for ``svd``, ``randomized_svd`` and ``semi_orthogonal``;
 ``two_sided(svd)`` and ``tucker`` call the same dense SVD.
@@ -146,6 +149,7 @@ __all__ = [
     "DisjointSketch",
     "RoundMetrics",
     "assign_worker",
+    "default_outer",
     "diloco_round",
     "disjoint",
     "disjoint_factor",
@@ -254,7 +258,7 @@ def disjoint_factor(
 
 
 @dataclasses.dataclass(frozen=True)
-class DisjointSketch(proj._OneSided):  # noqa: SLF001 - the package's one-sided spec base
+class DisjointSketch(proj._OneSided):  # the package's one-sided spec base
   """One-sided spec: this worker's block of a shared random orthonormal matrix.
 
   A :class:`~optax_lowrank.Projection` that plugs into ``olr.low_rank``
@@ -467,7 +471,12 @@ def diloco_round(
 
 
 def _varying(tree: Any, axis_name: str) -> Any:
-  """Mark replicated values as per-worker (``shard_map`` types the scan carry)."""
+  """Mark replicated values as per-worker.
+
+  ``shard_map`` with ``check_vma=True`` types a ``lax.scan`` carry by the axes
+  it varies over, and the worker's weights start replicated (``θ``) but vary
+  after one local step.  Under ``check_vma=False`` or ``pmap`` this is a no-op.
+  """
 
   def one(x):
     # The aval records the axes a value varies over (``aval.mat.varying`` in
@@ -488,8 +497,9 @@ class DiLoCo(NamedTuple):
   """DiLoCo training on a mesh, from :func:`make_diloco`.
 
   Attributes:
-    init: ``params -> DiLoCoState`` (jitted; ``params`` replicated, each
-      worker's inner state made on its own device with its own keys).
+    init: ``params -> DiLoCoState`` (jitted; ``params`` stay as placed,
+      replicated over the worker axis and possibly sharded over others; each
+      worker's inner state is made on its own devices with its own keys).
     round: ``(state, batches) -> (state, RoundMetrics)`` (jitted ``shard_map``
       of :func:`diloco_round`); ``batches`` leaves have shape
       ``(local_steps, batch, ...)`` with ``batch`` divisible by ``num_workers``.
@@ -659,9 +669,11 @@ def state_shardings(
   shaped statistics follow the unprojected axis of their leaf (the row-sharded
   ``m × r`` coefficients of a row-sharded, right-projected leaf), stored
   bases and counters are replicated.  Use them to create the state sharded
-  instead of replicated::
+  instead of replicated:
 
-    opt_state = jax.jit(tx.init, out_shardings=state_shardings(tx, params))(params)
+  ```python
+  opt_state = jax.jit(tx.init, out_shardings=state_shardings(tx, params))(params)
+  ```
 
   Args:
     tx: any optax transformation.

@@ -149,8 +149,8 @@ def _plain_training(tx, params, rounds):
 
 
 @pytest.mark.parametrize("projection,scheme", [
-    (olr.semi_orthogonal(3), "identical"),
-    (None, "identical"),                   # full-rank DiLoCo
+    pytest.param(olr.semi_orthogonal(3), "identical", id="low_rank"),
+    pytest.param(None, "identical", id="full_rank"),
 ])
 def test_one_worker_with_outer_sgd_1_is_plain_training(projection, scheme):
   mesh = Mesh(np.array(jax.devices()[:1]), ("workers",))
@@ -422,3 +422,41 @@ def test_what_a_refresh_gathers_from_a_sharded_gradient(multi):
   assert gathers["semi_orthogonal"] == [], gathers
   # the randomized range finder gathers only thin 64×k panels (k = rank + oversample = 6)
   assert gathers["randomized_svd"] and all(",6]" in g for g in gathers["randomized_svd"]), gathers
+
+
+# ----------------------------------------------------------------------------
+# examples/diloco.py, in this process on one device (its 4-worker run is the docs' job).
+
+
+@pytest.fixture
+def one_device_env(monkeypatch):
+  jax.devices()  # the backend is up: the example's configure_host can no longer change it
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+  monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+
+
+def test_example_rejects_bad_input_with_exit_code_2(one_device_env, capsys):
+  from examples import diloco as example
+
+  assert example.main(["--rank", "32", "--runs", "disjoint"]) == 2
+  assert "--rank 32 × --workers 4 exceeds the model width 64" in capsys.readouterr().err
+  assert example.main(["--runs", "disjoint,sideways"]) == 2
+  assert example.main(["--workers", "4", "--runs", "identical"]) == 2  # one device here
+  assert "4 workers need 4 devices" in capsys.readouterr().err
+  assert example.main(["--workers", "1", "--dim", "30", "--runs", "diloco"]) == 2
+  assert "dim (30) must be divisible by n_heads (4)" in capsys.readouterr().err
+
+
+def test_example_runs_end_to_end_on_one_worker(one_device_env, tmp_path):
+  from examples import diloco as example
+
+  argv = ["--workers", "1", "--runs", "disjoint", "--rounds", "2", "--local-steps", "2",
+          "--dim", "16", "--layers", "1", "--seq-len", "16", "--batch-size", "2",
+          "--eval-batches", "1", "--max-bytes", "200000", "--seeds", "0,1",
+          "--plot", str(tmp_path / "d.png"), "--json", str(tmp_path / "d.json")]
+  assert example.main(argv) == 0
+  (result,) = json.loads((tmp_path / "d.json").read_text())["results"]
+  assert result["run"] == "disjoint" and len(result["histories"]) == 2
+  assert all(len(h["val_loss"]) == 3 and np.isfinite(h["val_loss"]).all()
+             for h in result["histories"])
+  assert np.isfinite(result["std"]) and (tmp_path / "d.png").stat().st_size > 0
