@@ -14,7 +14,11 @@ gradients) holds, at each projected position, a statistic of that leaf.
 * ``"keep"`` (GaLore): leave every statistic as it is.
 * ``"reset"`` (ReLoRA): set the projected leaves' statistics to their value in
   a freshly initialised inner state (zeros for moments).  Step counters and the
-  statistics of non-projected leaves are kept.
+  statistics of non-projected leaves are kept.  With Adam this means the bias
+  correction is already ~1 when the moments restart from zero, so the first
+  steps after a reset are larger than Adam's usual ones (about 2× ten steps
+  after a reset at step 100, growing with the count): pair "reset" with a
+  learning-rate re-warm-up, as ReLoRA does.
 * ``"transport"``: carry each statistic into the new basis with the per-axis
   least-squares change of coordinates ``T_i = pinv(U_i^new) U_i^old``
   (``U^newᵀ U^old`` for orthonormal bases).  Statistics shaped like the

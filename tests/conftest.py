@@ -8,8 +8,12 @@ float32/bfloat16 behaviour create their arrays with explicit dtypes.
 
 import os
 
-import jax
-from hypothesis import HealthCheck, settings
+# Multi-threaded OpenBLAS (behind the CPU QR/SVD kernels) stalls on small,
+# shared 2-core machines; one thread is faster and steadier there.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import jax  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
