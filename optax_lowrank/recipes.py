@@ -51,17 +51,23 @@ def adam_in_subspace(
     weight_decay: decoupled weight decay on the full weights.
     mask: which leaves weight decay applies to (as in ``optax.adamw``).
   """
+  return _with_decay_and_learning_rate(
+      low_rank(optax.scale_by_adam(b1=b1, b2=b2, eps=eps), projection,
+               refresh_every=refresh_every, on_refresh=on_refresh, scale=scale, where=where,
+               seed=seed, reshape=reshape),
+      learning_rate, weight_decay, mask,
+  )
+
+
+def _with_decay_and_learning_rate(
+    tx: optax.GradientTransformation,
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: float,
+    mask: Any,
+) -> optax.GradientTransformationExtraArgs:
+  """``tx``, then decoupled weight decay on the full weights, then ``−η``."""
   return optax.chain(
-      low_rank(
-          optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-          projection,
-          refresh_every=refresh_every,
-          on_refresh=on_refresh,
-          scale=scale,
-          where=where,
-          seed=seed,
-          reshape=reshape,
-      ),
+      tx,
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -165,10 +171,10 @@ def natural_galore(
   cleared at every refresh (its coordinates change); Adam's moments follow
   ``on_refresh``.
   """
-  adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
-  return optax.chain(
+  return _with_decay_and_learning_rate(
       low_rank(
-          optax.chain(woodbury_precondition(history, damping), adam),
+          optax.chain(woodbury_precondition(history, damping),
+                      optax.scale_by_adam(b1=b1, b2=b2, eps=eps)),
           proj.svd(rank, side),
           refresh_every=refresh_every,
           on_refresh=on_refresh,
@@ -177,6 +183,5 @@ def natural_galore(
           reshape=reshape,
           unprojected=optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
       ),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
+      learning_rate, weight_decay, mask,
   )
