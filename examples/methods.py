@@ -38,6 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import optax_lowrank as olr
@@ -357,6 +358,8 @@ LEARNING_RATES: dict[str, float] = {
     "two_sided": 3e-2,
     "natural_galore": 1e-2,
     "adamem": 1e-3,
+    # the dual of Flora-with-"keep": same random subspaces, so flora's rate
+    "adapter": 1e-2,
 }
 
 register(Method("adamw", _adamw, LEARNING_RATES["adamw"], "AdamW at full rank (optax.adamw)"))
@@ -392,3 +395,62 @@ if hasattr(olr, "adamem"):
           "AdaMeM: projected momentum plus Adafactor on the residual (olr.adamem)",
       )
   )
+
+
+# ----------------------------------------------------------------------------
+# The adapter path: train only Λ in Θ0 + SᵀΛ (olr.adapters), the dual of
+# olr.low_rank(adam, olr.gaussian(rank)) with the "keep" policy.
+
+
+def _projected_mask(tree: Any) -> Any:
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: is_projected(olr.leaves.path_names(path), x), tree
+  )
+
+
+def _adapter_tx(learning_rate: float, steps: int, config: MethodConfig):
+  # olr.adapters.optimizer(adam, adapter, scale) with the mask taken from paths,
+  # since the factory does not see the adapter; weight decay acts on Λ (the
+  # adapter view of paper 000, App. B).
+  return optax.chain(
+      optax.scale_by_adam(b1=config.b1, b2=config.b2),
+      optax.masked(optax.scale(config.scale), _projected_mask),
+      optax.add_decayed_weights(config.weight_decay, decay_mask),
+      optax.scale_by_learning_rate(cosine_schedule(learning_rate, steps, config)),
+  )
+
+
+def _adapter_init(params, config: MethodConfig):
+  adapter = olr.adapters.init(params, olr.gaussian(config.rank), seed=config.seed,
+                              where=is_projected)
+  # refresh_every travels with the frozen state, so the traced hook can read it
+  frozen = {"adapter": adapter, "refresh_every": jnp.asarray(config.refresh_every, jnp.int32)}
+  return olr.adapters.zeros(adapter), frozen
+
+
+def _adapter_materialize(lam, frozen):
+  return olr.adapters.materialize(frozen["adapter"], lam)
+
+
+def _adapter_before_update(lam, frozen, opt_state, step, full_grad):
+  del full_grad  # random bases need no gradient
+  refresh = (step > 0) & (step % frozen["refresh_every"] == 0)
+
+  def merge(operand):
+    lam, adapter = operand
+    adapter, lam = olr.adapters.merge(adapter, lam)
+    return lam, adapter
+
+  lam, adapter = jax.lax.cond(refresh, merge, lambda operand: operand, (lam, frozen["adapter"]))
+  # "keep": Adam's moments carry over the merge, as olr.low_rank's default
+  return lam, dict(frozen, adapter=adapter), opt_state
+
+
+register(
+    Method(
+        "adapter", _adapter_tx, LEARNING_RATES["adapter"],
+        "the dual path: only Λ of Θ0 + SᵀΛ trained (Gaussian S), merged at every refresh",
+        param_transform=ParamTransform(_adapter_init, _adapter_materialize,
+                                       _adapter_before_update),
+    )
+)
