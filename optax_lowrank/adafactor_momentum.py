@@ -191,6 +191,54 @@ def _factored_scale(x: Array, nu_row: Array, nu_col: Array, correction, eps) -> 
   return x / (jnp.sqrt(v / correction) + eps)
 
 
+class _LowRankPart(NamedTuple):
+  """What both forms of the step share (see :func:`_low_rank_part`)."""
+
+  axis: int          # the projected axis of the 2-D view
+  p: int             # the projected dimension
+  full_rank: bool    # r == p: I − PPᵀ = 0 exactly
+  grad_view: Array   # G_t in the view, projector dtype
+  coeffs: Array      # R_t = Pᵀ G_t
+  scaled: Array      # AF(M̂_t), coefficient-shaped
+  c2: Array          # 1 − β2^t
+  mu: Array
+  nu_row: Array
+  nu_col: Array
+
+
+def _low_rank_part(basis, grad, mu, nu_row, nu_col, count, b1, b2, eps) -> _LowRankPart:
+  """Alg. 1 l.6 and l.8–9 up to the last product with ``P``: one GEMM."""
+  axes = [i for i, f in enumerate(basis.factors) if f is not None]
+  if len(basis.factors) != 2 or len(axes) != 1:
+    raise ValueError(
+        f"AdaMeM needs a one-sided matrix basis (one factor on a 2-D view); got {basis!r}"
+    )
+  axis = axes[0]
+  factor = basis.factors[axis]
+  dtype = factor.dtype
+  tf = (jnp.asarray(count, jnp.int32) + 1).astype(dtype)
+  c1 = 1 - jnp.asarray(b1, dtype) ** tf
+  c2 = 1 - jnp.asarray(b2, dtype) ** tf
+
+  g = bases_lib.to_view(basis, grad.astype(dtype))
+  coeffs = project(basis, grad.astype(dtype))           # R_t
+  new_mu = b1 * mu.astype(dtype) + (1 - b1) * coeffs              # M_t
+  mu_hat = new_mu / c1
+  new_row, new_col = _factored_ema(nu_row.astype(dtype), nu_col.astype(dtype), mu_hat, b2)
+  p, r = factor.shape
+  return _LowRankPart(
+      axis, p, r == p, g, coeffs, _factored_scale(mu_hat, new_row, new_col, c2, eps), c2,
+      new_mu, new_row, new_col,
+  )
+
+
+def _residual_scale(part: _LowRankPart, nu_res: Array, sq_norms: Array, b2, eps):
+  """Alg. 4: the new one-sided statistic and ``1/(√V̂ + ε)`` broadcastable to the view."""
+  new_res = b2 * nu_res.astype(part.c2.dtype) + (1 - b2) * sq_norms
+  v_res = jnp.expand_dims(new_res, part.axis) / (part.p * part.c2)
+  return new_res, 1 / (jnp.sqrt(v_res) + eps)
+
+
 def adamem_parts(
     basis: Basis,
     grad: Array,
@@ -205,6 +253,10 @@ def adamem_parts(
     eps: float | Array = 1e-8,
 ) -> AdaMeMParts:
   """Both preconditioned directions of one AdaMeM step on one projected leaf.
+
+  This is the step as the paper writes it, with the residual ``S_t`` formed
+  explicitly (three GEMMs); :func:`scale_by_adamem` computes the same sum
+  ``low_rank + δ·residual`` with two (see :func:`_adamem_update`).
 
   Args:
     basis: a one-sided basis with orthonormal factor ``P`` (``(p, r)``), as kept
@@ -221,43 +273,51 @@ def adamem_parts(
     Claim 3.1), and the new statistics.  The step itself is
     ``low_rank + δ·residual``.
   """
-  axes = [i for i, f in enumerate(basis.factors) if f is not None]
-  if len(basis.factors) != 2 or len(axes) != 1:
-    raise ValueError(
-        f"AdaMeM needs a one-sided matrix basis (one factor on a 2-D view); got {basis!r}"
-    )
-  axis = axes[0]
-  factor = basis.factors[axis]
-  dtype = factor.dtype
-  t = jnp.asarray(count, jnp.int32) + 1
-  tf = t.astype(dtype)
-  c1 = 1 - jnp.asarray(b1, dtype) ** tf
-  c2 = 1 - jnp.asarray(b2, dtype) ** tf
-
-  g = grad.astype(dtype)
-  coeffs = project(basis, g)                                      # R_t
-  new_mu = b1 * mu.astype(dtype) + (1 - b1) * coeffs              # M_t
-  mu_hat = new_mu / c1
-  new_row, new_col = _factored_ema(nu_row.astype(dtype), nu_col.astype(dtype), mu_hat, b2)
-  low_rank = project_back(basis, _factored_scale(mu_hat, new_row, new_col, c2, eps))
-
-  p, r = factor.shape
-  if r == p:
+  part = _low_rank_part(basis, grad, mu, nu_row, nu_col, count, b1, b2, eps)
+  if part.full_rank:
     # I − PPᵀ = 0 exactly; do not amplify round-off.
-    s_view = jnp.zeros(basis.view_shape, dtype)
-  else:
-    s_view = bases_lib.to_view(basis, g - project_back(basis, coeffs))   # S_t
-  new_res = b2 * nu_res.astype(dtype) + (1 - b2) * jnp.sum(jnp.square(s_view), axis=axis)
-  v_res = jnp.expand_dims(new_res, axis) / (p * c2)
-  residual = bases_lib.from_view(basis, s_view / (jnp.sqrt(v_res) + eps))
+    s_view = jnp.zeros_like(part.grad_view)
+  else:                                                                   # S_t
+    s_view = part.grad_view - bases_lib.to_view(basis, project_back(basis, part.coeffs))
+  new_res, inv = _residual_scale(
+      part, nu_res, jnp.sum(jnp.square(s_view), axis=part.axis), b2, eps
+  )
   return AdaMeMParts(
-      low_rank=low_rank,
-      residual=residual,
-      mu=new_mu.astype(mu.dtype),
-      nu_row=new_row.astype(nu_row.dtype),
-      nu_col=new_col.astype(nu_col.dtype),
+      low_rank=project_back(basis, part.scaled),
+      residual=bases_lib.from_view(basis, s_view * inv),
+      mu=part.mu.astype(mu.dtype),
+      nu_row=part.nu_row.astype(nu_row.dtype),
+      nu_col=part.nu_col.astype(nu_col.dtype),
       nu_res=new_res.astype(nu_res.dtype),
   )
+
+
+def _adamem_update(basis, grad, mu, nu_row, nu_col, nu_res, count, *, b1, b2, eps, delta):
+  """``low_rank + δ·residual`` of :func:`adamem_parts` with two GEMMs instead of three.
+
+  With ``D = diag(1/(√V̂_res + ε))`` on the non-projected axis and ``P``
+  orthonormal, ``OS(S_t) = (G − P R) D = G D − P (R D)``, so::
+
+      u = P · (AF(M̂_t) − δ · R D) + δ · G D
+
+  and the residual's column norms are ``‖S_j‖² = ‖G_j‖² − ‖R_j‖²`` (clamped at
+  0 against round-off): ``S_t`` is never formed.  Returns the update (view
+  dtype of the projector, leaf-shaped) and the new ``(mu, nu_row, nu_col,
+  nu_res)``.
+  """
+  part = _low_rank_part(basis, grad, mu, nu_row, nu_col, count, b1, b2, eps)
+  stats = (part.mu.astype(mu.dtype), part.nu_row.astype(nu_row.dtype),
+           part.nu_col.astype(nu_col.dtype))
+  if part.full_rank:
+    new_res, _ = _residual_scale(part, nu_res, jnp.zeros_like(nu_res, part.c2.dtype), b2, eps)
+    return project_back(basis, part.scaled), (*stats, new_res.astype(nu_res.dtype))
+  sq = jnp.sum(jnp.square(part.grad_view), axis=part.axis) - jnp.sum(
+      jnp.square(part.coeffs), axis=part.axis
+  )
+  new_res, inv = _residual_scale(part, nu_res, jnp.maximum(sq, 0), b2, eps)
+  small = part.scaled - delta * (part.coeffs * inv)
+  update = bases_lib.to_view(basis, project_back(basis, small)) + delta * (part.grad_view * inv)
+  return bases_lib.from_view(basis, update), (*stats, new_res.astype(nu_res.dtype))
 
 
 def _adafactor_leaf(g: Array, nu_row: Array, nu_col: Array | None, count, b2, eps):
@@ -469,11 +529,10 @@ def scale_by_adamem(
 
     def leaf(p: LeafPlan, g, basis, mu, nu_row, nu_col, nu_res):
       if p.projected:
-        parts = adamem_parts(
-            basis, g, mu, nu_row, nu_col, nu_res, count, b1=b1, b2=b2, eps=eps
+        u, stats = _adamem_update(
+            basis, g, mu, nu_row, nu_col, nu_res, count, b1=b1, b2=b2, eps=eps, delta=delta
         )
-        u = parts.low_rank + delta * parts.residual
-        return u.astype(g.dtype), parts.mu, parts.nu_row, parts.nu_col, parts.nu_res
+        return (u.astype(g.dtype), *stats)
       u, nu_row, nu_col = _adafactor_leaf(g, nu_row, nu_col, count, b2, eps)
       return u.astype(g.dtype), None, nu_row, nu_col, None
 
