@@ -39,6 +39,7 @@ import optax
 from flax import nnx
 
 from optax_lowrank import adapters as adapters_lib
+from optax_lowrank import quantization
 from optax_lowrank.leaves import is_plan, map_plans
 
 __all__ = ["Frozen", "LowRankLinear", "to_low_rank", "merge", "optimizer", "lam_mask"]
@@ -70,8 +71,11 @@ class LowRankLinear(nnx.Module):
     self.path = path
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    base = adapters_lib.dequantize_leaf(self.base.get_value())
-    y = x @ base.astype(x.dtype)
+    base = self.base.get_value()
+    if isinstance(base, quantization.QuantizedArray):
+      y = _dequantized_matmul(x, base)
+    else:
+      y = x @ base.astype(x.dtype)
     lam = self.lam.get_value()
     t = x.astype(jnp.promote_types(x.dtype, lam.dtype))
     if self.left is not None:
@@ -83,6 +87,34 @@ class LowRankLinear(nnx.Module):
     if self.bias is not None:
       y = y + self.bias.get_value().astype(y.dtype)
     return y
+
+
+@jax.custom_vjp
+def _dequantized_matmul(x: jax.Array, q: quantization.QuantizedArray) -> jax.Array:
+  """``x @ dequantize(q)`` whose backward pass saves ``q``, not the float ``W``.
+
+  Plain autodiff keeps the dequantized ``W`` of every layer as a residual for
+  ``dx = dy·Wᵀ``, alive from the forward to the backward pass, so a quantized
+  base would cost more memory at the peak than a float one.  Here the residual
+  is the quantized array itself (already held as an argument) and the backward
+  dequantizes it again.  ``W0`` is frozen: it gets no cotangent.
+  """
+  return x @ quantization.dequantize(q).astype(x.dtype)
+
+
+def _dequantized_matmul_fwd(x, q):
+  return _dequantized_matmul(x, q), q
+
+
+def _dequantized_matmul_bwd(q, dy):
+  # Tie the second dequantization to the incoming cotangent: XLA can then
+  # neither merge it with the forward one (CSE) nor schedule it early.
+  q, dy = jax.lax.optimization_barrier((q, dy))
+  w = quantization.dequantize(q).astype(dy.dtype)
+  return dy @ w.T, None
+
+
+_dequantized_matmul.defvjp(_dequantized_matmul_fwd, _dequantized_matmul_bwd)
 
 
 def _kernel_paths(adapter: adapters_lib.Adapter) -> dict[str, Any]:

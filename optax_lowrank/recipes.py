@@ -157,6 +157,7 @@ def natural_galore(
     where: Any = None,
     reshape: Any = None,
     mask: Any = None,
+    refine: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Natural GaLore (Das 2024, paper 002, Alg. 1 with §2.2).
 
@@ -170,10 +171,17 @@ def natural_galore(
   the history of ``k``-sized coefficients and its Gram matrix.  The history is
   cleared at every refresh (its coordinates change); Adam's moments follow
   ``on_refresh``.
+
+  Time per ordinary step: GaLore's two GEMMs plus ``O(history·k)`` to stream
+  the history: four passes with ``refine=True`` (the Gram row, the solve and
+  one refinement step against the stored vectors, see
+  :func:`~optax_lowrank.woodbury_solve`), two with ``refine=False``, which is
+  faster and only loses accuracy when the stored gradients are nearly
+  parallel and ``damping`` is tiny next to ``‖g‖²``.
   """
   return _with_decay_and_learning_rate(
       low_rank(
-          optax.chain(woodbury_precondition(history, damping),
+          optax.chain(woodbury_precondition(history, damping, refine=refine),
                       optax.scale_by_adam(b1=b1, b2=b2, eps=eps)),
           proj.svd(rank, side),
           refresh_every=refresh_every,

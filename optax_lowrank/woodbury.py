@@ -29,8 +29,9 @@ Layout and cost, per leaf (``k = leaf.size``, ``s = history``):
   accumulates over steps.
 * memory: ``s·k + s²`` values in the leaf's dtype promoted to at least float32
   (a bfloat16 leaf keeps a float32 history).
-* time: ``O(k·s)`` per step: the Gram row, an exact-duplicate test, and three
-  products with the buffer in the solve (two of them for the refinement step),
+* time: ``O(k·s)`` per step: the Gram row and three products with the buffer
+  in the solve (two of them for the refinement step); the exact-duplicate test
+  reads the buffer only when the Gram matrix shows a row within 10% of ``g``,
   plus ``O(s³)`` for the small Cholesky factorisations.  The transformation
   runs the small ``s×s`` stage of all leaves of one dtype as one batched
   computation (the same code :func:`woodbury_solve` runs for one leaf), so the
@@ -304,6 +305,25 @@ def _woodbury_form(h, g, gram, lam, same):
   return (g - jnp.matmul(scale * z, h, precision=_HIGHEST)) / lam
 
 
+def _rows_equal_to(h, g, row, old_diagonal, hit):
+  """Which rows of the history ``h`` equal (``==``) ``g``, which sits in row ``hit``.
+
+  The exact test reads the whole buffer, so it runs only when the Gram matrix
+  says some other row is near ``g``: ``‖h_i − g‖² = G_ii − 2 h_i·g + g·g``
+  from the stored diagonal and the new Gram row.  A row equal to ``g`` gives 0
+  up to the rounding of three dot products of the same vectors (relative
+  ``~log₂(k)·eps``); the gate ``≤ 10⁻²·‖g‖²`` is orders of magnitude wider, so
+  no exact duplicate is missed, and gradients that far from each other are
+  rare enough that the extra pass almost never runs.
+  """
+  g_norm2 = jnp.sum(jnp.where(hit, row, 0))
+  dist2 = jnp.where(hit, 0, old_diagonal - 2 * row + g_norm2)
+  near = jnp.any(~hit & (dist2 <= 1e-2 * g_norm2))
+  return jax.lax.cond(
+      near, lambda h, g: jnp.all(h == g[None, :], axis=1), lambda h, g: hit, h, g
+  )
+
+
 def woodbury_solve(
     history_matrix: jax.Array,
     g: jax.Array,
@@ -437,13 +457,14 @@ def woodbury_precondition(
     histories = treedef.flatten_up_to(state.history)
     grams = treedef.flatten_up_to(state.gram)
     new_histories, flat_grads, rows, sames = [], [], [], []
-    for u, h in zip(flat, histories, strict=True):
+    for u, h, gram in zip(flat, histories, grams, strict=True):
       g = jnp.reshape(jnp.asarray(u), (-1,)).astype(h.dtype)
       h = jax.lax.dynamic_update_slice(h, g[None, :], (slot, jnp.zeros_like(slot)))
       new_histories.append(h)
       flat_grads.append(g)
-      rows.append(jnp.matmul(h, g, precision=_HIGHEST))  # new row/column `slot` of GᵀG
-      sames.append(jnp.all(h == g[None, :], axis=1))
+      row = jnp.matmul(h, g, precision=_HIGHEST)  # new row/column `slot` of GᵀG
+      rows.append(row)
+      sames.append(_rows_equal_to(h, g, row, jnp.diagonal(gram), hit))
     out = [None] * len(flat)
     new_grams = [None] * len(flat)
     by_dtype = {}

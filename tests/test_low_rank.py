@@ -292,3 +292,24 @@ def test_unprojected_group_and_history_cleared_at_every_refresh():
   mu_after = after[0].inner_state.inner_states["projected"].inner_state[1].mu["tall"]
   nat = (c / (1e-3 + c @ c)).reshape(12, 2)
   np.testing.assert_allclose(mu_after, 0.9 * mu_before + 0.1 * nat, rtol=1e-6, atol=1e-12)
+
+
+def test_natural_galore_refine_flag_changes_only_the_last_digits_on_easy_data():
+  # In float64 with λ = 1e-3 next to O(1) coefficients no damping floor bites
+  # (τ = s·eps₆₄ ≈ 7e-16 ≪ λ/‖g‖²), so the refinement step only polishes the
+  # solve: both settings agree to ~1e-12 relative.  The flag must reach the
+  # preconditioner: the lean variant's jaxpr has fewer products (no H·y, dwᵀH
+  # and small residual solve per dtype group).
+  grads = grad_stream(PARAMS, 6, seed=3)
+  outs = {}
+  for refine in (True, False):
+    tx = olr.natural_galore(0.01, rank=2, history=3, refresh_every=4, refine=refine)
+    state, ups = tx.init(PARAMS), []
+    for g in grads:
+      u, state = tx.update(g, state, PARAMS)
+      ups.append(u["tall"])
+    outs[refine] = np.stack(ups)
+    jaxpr = str(jax.make_jaxpr(tx.update)(grads[0], tx.init(PARAMS), PARAMS))
+    outs[refine, "dots"] = jaxpr.count("dot_general")
+  np.testing.assert_allclose(outs[False], outs[True], rtol=1e-10, atol=1e-14)
+  assert outs[True, "dots"] > outs[False, "dots"]
