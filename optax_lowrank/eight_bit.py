@@ -91,12 +91,12 @@ import optax.tree
 from optax_lowrank import quantization
 
 __all__ = [
-    "MU_FORMAT",
-    "NU_FORMAT",
-    "ScaleByAdam8bitState",
-    "adam_8bit",
-    "adam_8bit_state_nbytes",
-    "scale_by_adam_8bit",
+  "MU_FORMAT",
+  "NU_FORMAT",
+  "ScaleByAdam8bitState",
+  "adam_8bit",
+  "adam_8bit_state_nbytes",
+  "scale_by_adam_8bit",
 ]
 
 MU_FORMAT = "dynamic8"  # signed dynamic tree code for the first moment
@@ -104,256 +104,256 @@ NU_FORMAT = "dynamic8_unsigned"  # unsigned dynamic tree code for sqrt(second mo
 
 
 class ScaleByAdam8bitState(NamedTuple):
-    """State of :func:`scale_by_adam_8bit`.
+  """State of :func:`scale_by_adam_8bit`.
 
-    ``mu`` and ``nu`` have the structure of the params; each leaf of ``n`` elements
-    is a :class:`~optax_lowrank.quantization.QuantizedArray` when
-    ``n >= min_8bit_size`` and a float32 array of the param's shape otherwise.
-    """
+  ``mu`` and ``nu`` have the structure of the params; each leaf of ``n`` elements
+  is a :class:`~optax_lowrank.quantization.QuantizedArray` when
+  ``n >= min_8bit_size`` and a float32 array of the param's shape otherwise.
+  """
 
-    count: jax.Array  # shape=(), dtype=jnp.int32.
-    mu: optax.Updates  # leaf: QuantizedArray("dynamic8") of m, or float32[*shape] m.
-    # leaf: QuantizedArray("dynamic8_unsigned") of sqrt(v), or float32[*shape] v.
-    nu: optax.Updates
+  count: jax.Array  # shape=(), dtype=jnp.int32.
+  mu: optax.Updates  # leaf: QuantizedArray("dynamic8") of m, or float32[*shape] m.
+  # leaf: QuantizedArray("dynamic8_unsigned") of sqrt(v), or float32[*shape] v.
+  nu: optax.Updates
 
 
 def _is_quantized(x: Any) -> bool:
-    return isinstance(x, quantization.QuantizedArray)
+  return isinstance(x, quantization.QuantizedArray)
 
 
 def _check_decay(name: str, value: Any) -> None:
-    if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
-        raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")
+  if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
+    raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")
 
 
 def _static_int(name: str, value: Any, minimum: int) -> int:
-    """``value`` as a Python int ``>= minimum``; it fixes array shapes, so it is static."""
-    is_int = isinstance(value, (int, np.integer)) or (
-        isinstance(value, (jax.Array, np.ndarray))
-        and not isinstance(value, jax.core.Tracer)
-        and value.ndim == 0
-        and jnp.issubdtype(value.dtype, jnp.integer)
+  """``value`` as a Python int ``>= minimum``; it fixes array shapes, so it is static."""
+  is_int = isinstance(value, (int, np.integer)) or (
+    isinstance(value, (jax.Array, np.ndarray))
+    and not isinstance(value, jax.core.Tracer)
+    and value.ndim == 0
+    and jnp.issubdtype(value.dtype, jnp.integer)
+  )
+  if isinstance(value, bool) or not is_int or int(value) < minimum:
+    raise ValueError(
+      f"`{name}` must be a static int >= {minimum}, got {value!r} (with "
+      f"optax.inject_hyperparams, list '{name}' in static_args)."
     )
-    if isinstance(value, bool) or not is_int or int(value) < minimum:
-        raise ValueError(
-            f"`{name}` must be a static int >= {minimum}, got {value!r} (with "
-            f"optax.inject_hyperparams, list '{name}' in static_args)."
-        )
-    return int(value)
+  return int(value)
 
 
 def _check_float_leaves(params: Any, caller: str) -> None:
-    """Raises naming the first leaf that is not a real floating-point array."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        dtype = jnp.result_type(leaf)
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(
-                f"{caller}: leaf {jax.tree_util.keystr(path)} with shape "
-                f"{tuple(jnp.shape(leaf))} has dtype {dtype}; only real floating-point "
-                "leaves are supported."
-            )
+  """Raises naming the first leaf that is not a real floating-point array."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(
+        f"{caller}: leaf {jax.tree_util.keystr(path)} with shape "
+        f"{tuple(jnp.shape(leaf))} has dtype {dtype}; only real floating-point "
+        "leaves are supported."
+      )
 
 
 def _rounding_seeds(seed: int | jax.Array, count: jax.Array, tree: Any) -> tuple[Any, Any]:
-    """Two trees (first/second moment) of stochastic-rounding seeds, one per leaf.
+  """Two trees (first/second moment) of stochastic-rounding seeds, one per leaf.
 
-    The seed of leaf ``i`` of moment ``j`` at step ``count`` is
-    ``mix_seed(seed, count, i, j)``: distinct for every (step, leaf, moment).
-    """
-    leaves, treedef = jax.tree.flatten(tree)
-    return tuple(
-        jax.tree.unflatten(
-            treedef, [quantization.mix_seed(seed, count, i, moment) for i in range(len(leaves))]
-        )
-        for moment in (0, 1)
+  The seed of leaf ``i`` of moment ``j`` at step ``count`` is
+  ``mix_seed(seed, count, i, j)``: distinct for every (step, leaf, moment).
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  return tuple(
+    jax.tree.unflatten(
+      treedef, [quantization.mix_seed(seed, count, i, moment) for i in range(len(leaves))]
     )
+    for moment in (0, 1)
+  )
 
 
 def scale_by_adam_8bit(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
-    *,
-    stochastic_rounding: bool = True,
-    seed: int | jax.Array = 0,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  block_size: int = 256,
+  min_8bit_size: int = 4096,
+  *,
+  stochastic_rounding: bool = True,
+  seed: int | jax.Array = 0,
 ) -> optax.GradientTransformation:
-    """Rescales updates by Adam with 8-bit block-wise quantized moments.
+  """Rescales updates by Adam with 8-bit block-wise quantized moments.
 
-    Same update rule and bias correction as :func:`optax.scale_by_adam` (with
-    ``eps_root = 0``), computed in float32; the moments carried between steps are
-    quantized as described in the module docstring (first moment: signed dynamic
-    tree code; second moment: ``sqrt(v)`` in the unsigned dynamic tree code; one
-    float32 absmax scale per block). Updates are returned in each gradient's dtype.
+  Same update rule and bias correction as :func:`optax.scale_by_adam` (with
+  ``eps_root = 0``), computed in float32; the moments carried between steps are
+  quantized as described in the module docstring (first moment: signed dynamic
+  tree code; second moment: ``sqrt(v)`` in the unsigned dynamic tree code; one
+  float32 absmax scale per block). Updates are returned in each gradient's dtype.
 
-    ``block_size`` and ``min_8bit_size`` fix array shapes and must be static
-    Python ints: with :func:`optax.inject_hyperparams` pass
-    ``static_args=("block_size", "min_8bit_size")``.
+  ``block_size`` and ``min_8bit_size`` fix array shapes and must be static
+  Python ints: with :func:`optax.inject_hyperparams` pass
+  ``static_args=("block_size", "min_8bit_size")``.
 
-    Args:
-      b1: decay rate of the first moment, in [0, 1).
-      b2: decay rate of the second moment, in [0, 1).
-      eps: term added to the denominator, ``>= 0``.
-      block_size: elements per quantization block (positive int).
-      min_8bit_size: leaves with fewer elements keep float32 moments
-        (non-negative int; 0 quantizes every leaf).
-      stochastic_rounding: re-quantize the moments with unbiased stochastic
-        rounding (default) instead of round-to-nearest (bitsandbytes' choice);
-        see the module docstring for why.
-      seed: seed of the rounding noise, an int in [0, 2**32) or an integer array
-        (e.g. from :func:`optax.inject_hyperparams`). Step ``t``, leaf ``i`` and
-        moment ``j`` round with ``quantization.mix_seed(seed, t, i, j)``, so no
-        key is stored and runs are reproducible.
+  Args:
+    b1: decay rate of the first moment, in [0, 1).
+    b2: decay rate of the second moment, in [0, 1).
+    eps: term added to the denominator, ``>= 0``.
+    block_size: elements per quantization block (positive int).
+    min_8bit_size: leaves with fewer elements keep float32 moments
+      (non-negative int; 0 quantizes every leaf).
+    stochastic_rounding: re-quantize the moments with unbiased stochastic
+      rounding (default) instead of round-to-nearest (bitsandbytes' choice);
+      see the module docstring for why.
+    seed: seed of the rounding noise, an int in [0, 2**32) or an integer array
+      (e.g. from :func:`optax.inject_hyperparams`). Step ``t``, leaf ``i`` and
+      moment ``j`` round with ``quantization.mix_seed(seed, t, i, j)``, so no
+      key is stored and runs are reproducible.
 
-    Returns:
-      A :class:`optax.GradientTransformation` whose state is a
-      :class:`ScaleByAdam8bitState`. State bytes:
-      ``4 + sum over leaves of (2 * ceil(n / block_size) * (block_size + 4)`` if
-      ``n >= min_8bit_size`` else ``8 * n)``; see :func:`adam_8bit_state_nbytes`.
+  Returns:
+    A :class:`optax.GradientTransformation` whose state is a
+    :class:`ScaleByAdam8bitState`. State bytes:
+    ``4 + sum over leaves of (2 * ceil(n / block_size) * (block_size + 4)`` if
+    ``n >= min_8bit_size`` else ``8 * n)``; see :func:`adam_8bit_state_nbytes`.
 
-    Raises:
-      ValueError: at construction for out-of-range arguments (named); at init for a
-        non-floating or complex leaf (named by its path and shape).
-    """
-    _check_decay("b1", b1)
-    _check_decay("b2", b2)
-    if isinstance(eps, (int, float)) and eps < 0:
-        raise ValueError(f"`eps` must be >= 0, got {eps!r}.")
-    block_size = _static_int("block_size", block_size, 1)
-    min_8bit_size = _static_int("min_8bit_size", min_8bit_size, 0)
-    if isinstance(seed, bool) or (isinstance(seed, int) and not 0 <= seed < 2**32):
-        raise ValueError(f"`seed` must be an int in [0, 2**32), got {seed!r}.")
+  Raises:
+    ValueError: at construction for out-of-range arguments (named); at init for a
+      non-floating or complex leaf (named by its path and shape).
+  """
+  _check_decay("b1", b1)
+  _check_decay("b2", b2)
+  if isinstance(eps, (int, float)) and eps < 0:
+    raise ValueError(f"`eps` must be >= 0, got {eps!r}.")
+  block_size = _static_int("block_size", block_size, 1)
+  min_8bit_size = _static_int("min_8bit_size", min_8bit_size, 0)
+  if isinstance(seed, bool) or (isinstance(seed, int) and not 0 <= seed < 2**32):
+    raise ValueError(f"`seed` must be an int in [0, 2**32), got {seed!r}.")
 
-    def use_8bit(x: jax.Array) -> bool:
-        return math.prod(jnp.shape(x)) >= min_8bit_size
+  def use_8bit(x: jax.Array) -> bool:
+    return math.prod(jnp.shape(x)) >= min_8bit_size
 
-    def encode_mu(m: jax.Array, seed: jax.Array | None = None) -> Any:
-        return quantization.quantize(m, MU_FORMAT, block_size, seed=seed) if use_8bit(m) else m
+  def encode_mu(m: jax.Array, seed: jax.Array | None = None) -> Any:
+    return quantization.quantize(m, MU_FORMAT, block_size, seed=seed) if use_8bit(m) else m
 
-    def encode_nu(v: jax.Array, seed: jax.Array | None = None) -> Any:
-        if not use_8bit(v):
-            return v
-        return quantization.quantize(jnp.sqrt(v), NU_FORMAT, block_size, seed=seed)
+  def encode_nu(v: jax.Array, seed: jax.Array | None = None) -> Any:
+    if not use_8bit(v):
+      return v
+    return quantization.quantize(jnp.sqrt(v), NU_FORMAT, block_size, seed=seed)
 
-    def decode_mu(m: Any) -> jax.Array:
-        return quantization.dequantize(m) if _is_quantized(m) else m
+  def decode_mu(m: Any) -> jax.Array:
+    return quantization.dequantize(m) if _is_quantized(m) else m
 
-    def decode_nu(v: Any) -> jax.Array:
-        return jnp.square(quantization.dequantize(v)) if _is_quantized(v) else v
+  def decode_nu(v: Any) -> jax.Array:
+    return jnp.square(quantization.dequantize(v)) if _is_quantized(v) else v
 
-    def zeros(x: jax.Array, format: str) -> Any:
-        if use_8bit(x):
-            return quantization.quantized_zeros(jnp.shape(x), format, block_size)
-        return jnp.zeros(jnp.shape(x), jnp.float32)
+  def zeros(x: jax.Array, format: str) -> Any:
+    if use_8bit(x):
+      return quantization.quantized_zeros(jnp.shape(x), format, block_size)
+    return jnp.zeros(jnp.shape(x), jnp.float32)
 
-    def init_fn(params: optax.Params) -> ScaleByAdam8bitState:
-        _check_float_leaves(params, "scale_by_adam_8bit")
-        return ScaleByAdam8bitState(
-            count=jnp.zeros([], jnp.int32),
-            mu=jax.tree.map(lambda x: zeros(x, MU_FORMAT), params),
-            nu=jax.tree.map(lambda x: zeros(x, NU_FORMAT), params),
-        )
+  def init_fn(params: optax.Params) -> ScaleByAdam8bitState:
+    _check_float_leaves(params, "scale_by_adam_8bit")
+    return ScaleByAdam8bitState(
+      count=jnp.zeros([], jnp.int32),
+      mu=jax.tree.map(lambda x: zeros(x, MU_FORMAT), params),
+      nu=jax.tree.map(lambda x: zeros(x, NU_FORMAT), params),
+    )
 
-    def update_fn(
-        updates: optax.Updates, state: ScaleByAdam8bitState, params: optax.Params | None = None
-    ) -> tuple[optax.Updates, ScaleByAdam8bitState]:
-        del params
-        grads = optax.tree.cast(updates, jnp.float32)
-        mu = jax.tree.map(decode_mu, state.mu, is_leaf=_is_quantized)
-        nu = jax.tree.map(decode_nu, state.nu, is_leaf=_is_quantized)
-        # v == 0 implies m == 0 in exact arithmetic; enforce it after decoding so a
-        # second moment rounded to zero cannot turn a small m into m / eps.
-        mu = jax.tree.map(
-            lambda m, v, stored: jnp.where(v > 0, m, 0.0) if _is_quantized(stored) else m,
-            mu,
-            nu,
-            state.nu,
-        )
-        mu = optax.tree.update_moment(grads, mu, b1, 1)
-        nu = optax.tree.update_moment_per_elem_norm(grads, nu, b2, 2)
-        count_inc = optax.safe_increment(state.count)
-        mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
-        nu_hat = optax.tree.bias_correction(nu, b2, count_inc)
-        new_updates = jax.tree.map(
-            lambda m, v, g: (m / (jnp.sqrt(v) + eps)).astype(g.dtype), mu_hat, nu_hat, updates
-        )
-        if stochastic_rounding:
-            mu_seeds, nu_seeds = _rounding_seeds(seed, count_inc, mu)
-            new_mu = jax.tree.map(encode_mu, mu, mu_seeds)
-            new_nu = jax.tree.map(encode_nu, nu, nu_seeds)
-        else:
-            new_mu = jax.tree.map(encode_mu, mu)
-            new_nu = jax.tree.map(encode_nu, nu)
-        return new_updates, ScaleByAdam8bitState(count=count_inc, mu=new_mu, nu=new_nu)
+  def update_fn(
+    updates: optax.Updates, state: ScaleByAdam8bitState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, ScaleByAdam8bitState]:
+    del params
+    grads = optax.tree.cast(updates, jnp.float32)
+    mu = jax.tree.map(decode_mu, state.mu, is_leaf=_is_quantized)
+    nu = jax.tree.map(decode_nu, state.nu, is_leaf=_is_quantized)
+    # v == 0 implies m == 0 in exact arithmetic; enforce it after decoding so a
+    # second moment rounded to zero cannot turn a small m into m / eps.
+    mu = jax.tree.map(
+      lambda m, v, stored: jnp.where(v > 0, m, 0.0) if _is_quantized(stored) else m,
+      mu,
+      nu,
+      state.nu,
+    )
+    mu = optax.tree.update_moment(grads, mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(grads, nu, b2, 2)
+    count_inc = optax.safe_increment(state.count)
+    mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
+    nu_hat = optax.tree.bias_correction(nu, b2, count_inc)
+    new_updates = jax.tree.map(
+      lambda m, v, g: (m / (jnp.sqrt(v) + eps)).astype(g.dtype), mu_hat, nu_hat, updates
+    )
+    if stochastic_rounding:
+      mu_seeds, nu_seeds = _rounding_seeds(seed, count_inc, mu)
+      new_mu = jax.tree.map(encode_mu, mu, mu_seeds)
+      new_nu = jax.tree.map(encode_nu, nu, nu_seeds)
+    else:
+      new_mu = jax.tree.map(encode_mu, mu)
+      new_nu = jax.tree.map(encode_nu, nu)
+    return new_updates, ScaleByAdam8bitState(count=count_inc, mu=new_mu, nu=new_nu)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def adam_8bit(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
-    mask: Any | None = None,
-    *,
-    stochastic_rounding: bool = True,
-    seed: int | jax.Array = 0,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 0.0,
+  block_size: int = 256,
+  min_8bit_size: int = 4096,
+  mask: Any | None = None,
+  *,
+  stochastic_rounding: bool = True,
+  seed: int | jax.Array = 0,
 ) -> optax.GradientTransformation:
-    """8-bit Adam (AdamW when ``weight_decay > 0``).
+  """8-bit Adam (AdamW when ``weight_decay > 0``).
 
-    ``chain(scale_by_adam_8bit(...), add_decayed_weights(weight_decay, mask),
-    scale_by_learning_rate(learning_rate))``: the update is
-    ``-lr * (u_t + weight_decay * params)`` with ``u_t`` from
-    :func:`scale_by_adam_8bit`, i.e. decoupled weight decay as in
-    :func:`optax.adamw` (then ``update`` needs ``params``). With a Python
-    ``weight_decay == 0`` the weight-decay stage is omitted and the result
-    mirrors :func:`optax.adam`; an array or schedule ``weight_decay`` (e.g. from
-    :func:`optax.inject_hyperparams`) always keeps it, so ``params`` are needed.
+  ``chain(scale_by_adam_8bit(...), add_decayed_weights(weight_decay, mask),
+  scale_by_learning_rate(learning_rate))``: the update is
+  ``-lr * (u_t + weight_decay * params)`` with ``u_t`` from
+  :func:`scale_by_adam_8bit`, i.e. decoupled weight decay as in
+  :func:`optax.adamw` (then ``update`` needs ``params``). With a Python
+  ``weight_decay == 0`` the weight-decay stage is omitted and the result
+  mirrors :func:`optax.adam`; an array or schedule ``weight_decay`` (e.g. from
+  :func:`optax.inject_hyperparams`) always keeps it, so ``params`` are needed.
 
-    Args:
-      learning_rate: a float or an :data:`optax.Schedule`.
-      b1, b2, eps, block_size, min_8bit_size, stochastic_rounding, seed: see
-        :func:`scale_by_adam_8bit`.
-      weight_decay: decoupled weight-decay coefficient, ``>= 0``.
-      mask: optional pytree/callable selecting leaves to decay, as in
-        :func:`optax.add_decayed_weights`.
+  Args:
+    learning_rate: a float or an :data:`optax.Schedule`.
+    b1, b2, eps, block_size, min_8bit_size, stochastic_rounding, seed: see
+      :func:`scale_by_adam_8bit`.
+    weight_decay: decoupled weight-decay coefficient, ``>= 0``.
+    mask: optional pytree/callable selecting leaves to decay, as in
+      :func:`optax.add_decayed_weights`.
 
-    Returns:
-      A :class:`optax.GradientTransformation`. Its state memory is that of
-      :func:`scale_by_adam_8bit` (the other stages are stateless).
-    """
-    if isinstance(weight_decay, (int, float)) and weight_decay < 0:
-        raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}.")
-    decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
-    stages = [
-        scale_by_adam_8bit(
-            b1,
-            b2,
-            eps,
-            block_size,
-            min_8bit_size,
-            stochastic_rounding=stochastic_rounding,
-            seed=seed,
-        )
-    ]
-    if decays:
-        stages.append(optax.add_decayed_weights(weight_decay, mask))
-    stages.append(optax.scale_by_learning_rate(learning_rate))
-    return optax.chain(*stages)
+  Returns:
+    A :class:`optax.GradientTransformation`. Its state memory is that of
+    :func:`scale_by_adam_8bit` (the other stages are stateless).
+  """
+  if isinstance(weight_decay, (int, float)) and weight_decay < 0:
+    raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}.")
+  decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
+  stages = [
+    scale_by_adam_8bit(
+      b1,
+      b2,
+      eps,
+      block_size,
+      min_8bit_size,
+      stochastic_rounding=stochastic_rounding,
+      seed=seed,
+    )
+  ]
+  if decays:
+    stages.append(optax.add_decayed_weights(weight_decay, mask))
+  stages.append(optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(*stages)
 
 
 def adam_8bit_state_nbytes(params: Any, block_size: int = 256, min_8bit_size: int = 4096) -> int:
-    """Analytic bytes of the :func:`scale_by_adam_8bit` state for ``params``.
+  """Analytic bytes of the :func:`scale_by_adam_8bit` state for ``params``.
 
-    ``4 + sum_leaves (2 * ceil(n / block_size) * (block_size + 4) if n >= min_8bit_size
-    else 8 * n)``, with ``n`` the leaf size. ``params`` may hold arrays or
-    :class:`jax.ShapeDtypeStruct`. Equals ``quantization.nbytes(state)``.
-    """
-    sizes = (math.prod(jnp.shape(x)) for x in jax.tree.leaves(params))
-    return 4 + sum(
-        2 * -(-n // block_size) * (block_size + 4) if n >= min_8bit_size else 8 * n for n in sizes
-    )
+  ``4 + sum_leaves (2 * ceil(n / block_size) * (block_size + 4) if n >= min_8bit_size
+  else 8 * n)``, with ``n`` the leaf size. ``params`` may hold arrays or
+  :class:`jax.ShapeDtypeStruct`. Equals ``quantization.nbytes(state)``.
+  """
+  sizes = (math.prod(jnp.shape(x)) for x in jax.tree.leaves(params))
+  return 4 + sum(
+    2 * -(-n // block_size) * (block_size + 4) if n >= min_8bit_size else 8 * n for n in sizes
+  )
