@@ -31,6 +31,7 @@ Workflow::
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -54,7 +55,8 @@ class LowRankLinear(nnx.Module):
 
   Attributes:
     base: :class:`Frozen` ``W0`` of shape ``(in, out)`` (may hold a quantized
-      array, dequantized on the fly).
+      array, dequantized on the fly in the forward pass and again in the
+      backward pass, so that no layer's float ``W0`` is kept in between).
     left: :class:`Frozen` ``U`` of shape ``(in, r_l)`` or ``None``.
     right: :class:`Frozen` ``V`` of shape ``(out, r_r)`` or ``None``.
     lam: ``nnx.Param`` ``Λ``, the only trainable weight of the layer.
@@ -89,28 +91,52 @@ class LowRankLinear(nnx.Module):
     return y
 
 
+def _after(q: quantization.QuantizedArray, t: jax.Array) -> quantization.QuantizedArray:
+  """``q`` with the same values, made data-dependent on the array ``t``.
+
+  The codes are OR'ed with a zero computed from one element of ``t`` (its sign
+  bit shifted out of the word): exact for every value of ``t`` (NaN and inf
+  included), but not a constant XLA folds.  A dequantization of the result can
+  then neither run before ``t`` exists nor be merged (CSE) with another
+  dequantization of ``q``.  ``jax.lax.optimization_barrier`` is not enough
+  here: XLA on CPU expands the barriers before its last CSE pass.
+  """
+  if t.size == 0:
+    return q
+  first = t.reshape(-1)[:1]
+  bits = first.dtype.itemsize * 8
+  word = jax.lax.bitcast_convert_type(first, jnp.dtype(f"uint{bits}"))
+  zero = ((word >> (bits - 1)) >> 1).astype(q.codes.dtype)
+  return dataclasses.replace(q, codes=q.codes | zero)
+
+
+def _matmul(x: jax.Array, q: quantization.QuantizedArray) -> jax.Array:
+  return x @ quantization.dequantize(_after(q, x)).astype(x.dtype)
+
+
 @jax.custom_vjp
 def _dequantized_matmul(x: jax.Array, q: quantization.QuantizedArray) -> jax.Array:
-  """``x @ dequantize(q)`` whose backward pass saves ``q``, not the float ``W``.
+  """``x @ dequantize(q)`` whose backward pass keeps ``q``, not the float ``W``.
 
-  Plain autodiff keeps the dequantized ``W`` of every layer as a residual for
-  ``dx = dy·Wᵀ``, alive from the forward to the backward pass, so a quantized
-  base would cost more memory at the peak than a float one.  Here the residual
-  is the quantized array itself (already held as an argument) and the backward
-  dequantizes it again.  ``W0`` is frozen: it gets no cotangent.
+  Plain autodiff saves the dequantized ``W`` of every layer as the residual of
+  ``dx = dy·Wᵀ``, so the float weights of all layers are alive together from
+  the forward to the backward pass, and a quantized base costs more memory at
+  the peak than a float one.  Here the residual is ``q`` itself (an argument
+  of the step, held anyway) and the backward dequantizes it again; each
+  dequantization is tied to its layer's input (forward) or cotangent
+  (backward) by :func:`_after`, so only the weights of the layer being
+  computed are materialised.  ``W0`` is frozen: it gets no cotangent.  As any
+  ``custom_vjp``, this supports reverse-mode autodiff only (no ``jax.jvp``).
   """
-  return x @ quantization.dequantize(q).astype(x.dtype)
+  return _matmul(x, q)
 
 
 def _dequantized_matmul_fwd(x, q):
-  return _dequantized_matmul(x, q), q
+  return _matmul(x, q), q
 
 
 def _dequantized_matmul_bwd(q, dy):
-  # Tie the second dequantization to the incoming cotangent: XLA can then
-  # neither merge it with the forward one (CSE) nor schedule it early.
-  q, dy = jax.lax.optimization_barrier((q, dy))
-  w = quantization.dequantize(q).astype(dy.dtype)
+  w = quantization.dequantize(_after(q, dy)).astype(dy.dtype)
   return dy @ w.T, None
 
 
