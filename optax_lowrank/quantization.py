@@ -85,23 +85,23 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "DYNAMIC8_LEVELS",
-    "DYNAMIC8_UNSIGNED_LEVELS",
-    "FORMATS",
-    "NF4_LEVELS",
-    "QuantizedArray",
-    "dequantize",
-    "dequantize_tree",
-    "format_levels",
-    "max_abs_error_factor",
-    "mix_seed",
-    "nbytes",
-    "nf4_levels_from_definition",
-    "quantize",
-    "quantize_tree",
-    "quantized_nbytes",
-    "quantized_zeros",
-    "requantize_like",
+  "DYNAMIC8_LEVELS",
+  "DYNAMIC8_UNSIGNED_LEVELS",
+  "FORMATS",
+  "NF4_LEVELS",
+  "QuantizedArray",
+  "dequantize",
+  "dequantize_tree",
+  "format_levels",
+  "max_abs_error_factor",
+  "mix_seed",
+  "nbytes",
+  "nf4_levels_from_definition",
+  "quantize",
+  "quantize_tree",
+  "quantized_nbytes",
+  "quantized_zeros",
+  "requantize_like",
 ]
 
 FORMATS: tuple[str, ...] = ("int8", "nf4", "dynamic8", "dynamic8_unsigned")
@@ -114,66 +114,66 @@ FORMATS: tuple[str, ...] = ("int8", "nf4", "dynamic8", "dynamic8_unsigned")
 # all are divided by Phi^{-1}(delta). `nf4_levels_from_definition` recomputes
 # them from this definition (they agree to 2e-7, the float32 rounding).
 _NF4_LEVELS_F64 = np.array(
-    [
-        -1.0,
-        -0.6961928009986877,
-        -0.5250730514526367,
-        -0.39491748809814453,
-        -0.28444138169288635,
-        -0.18477343022823334,
-        -0.09105003625154495,
-        0.0,
-        0.07958029955625534,
-        0.16093020141124725,
-        0.24611230194568634,
-        0.33791524171829224,
-        0.44070982933044434,
-        0.5626170039176941,
-        0.7229568362236023,
-        1.0,
-    ]
+  [
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+  ]
 )
 
 
 def nf4_levels_from_definition() -> np.ndarray:
-    """Recomputes the 16 NF4 levels from their quantile definition.
+  """Recomputes the 16 NF4 levels from their quantile definition.
 
-    Uses the exact normal quantile function of the standard library
-    (:class:`statistics.NormalDist`); see the comment on :data:`NF4_LEVELS`.
+  Uses the exact normal quantile function of the standard library
+  (:class:`statistics.NormalDist`); see the comment on :data:`NF4_LEVELS`.
 
-    Returns:
-      float64[16], sorted increasingly, from -1 to 1 with an exact 0.
-    """
-    ppf = statistics.NormalDist().inv_cdf
-    delta = 0.5 * ((1.0 - 1.0 / 30.0) + (1.0 - 1.0 / 32.0))
-    positive = [ppf(p) for p in np.linspace(0.5, delta, 9)[1:]]
-    negative = [-ppf(p) for p in np.linspace(0.5, delta, 8)[1:]]
-    return np.sort(np.array(negative + [0.0] + positive)) / ppf(delta)
+  Returns:
+    float64[16], sorted increasingly, from -1 to 1 with an exact 0.
+  """
+  ppf = statistics.NormalDist().inv_cdf
+  delta = 0.5 * ((1.0 - 1.0 / 30.0) + (1.0 - 1.0 / 32.0))
+  positive = [ppf(p) for p in np.linspace(0.5, delta, 9)[1:]]
+  negative = [-ppf(p) for p in np.linspace(0.5, delta, 8)[1:]]
+  return np.sort(np.array(negative + [0.0] + positive)) / ppf(delta)
 
 
 def _dynamic_tree_levels(magnitude_bits: int, signed: bool) -> np.ndarray:
-    """Sorted float64 levels of a dynamic tree code with ``magnitude_bits`` bits.
+  """Sorted float64 levels of a dynamic tree code with ``magnitude_bits`` bits.
 
-    A magnitude code with ``e`` leading zero bits (``e < magnitude_bits``)
-    followed by the indicator bit leaves ``k = magnitude_bits - 1 - e`` fraction
-    bits; it encodes ``10^{-e} * (0.1 + 0.9 * j / 2^k)`` for ``j = 1..2^k``, i.e.
-    the decade ``(10^{-e-1}, 10^{-e}]`` split into ``2^k`` equal steps with its top
-    included (so the block maximum maps to exactly 1). The all-zero code is 0.
-    """
-    decades = [
-        10.0 ** (-e) * (0.1 + 0.9 * np.arange(1, 2**k + 1) / 2**k)
-        for e, k in ((e, magnitude_bits - 1 - e) for e in range(magnitude_bits))
-    ]
-    magnitudes = np.concatenate(decades)
-    parts = [-magnitudes, np.zeros(1), magnitudes] if signed else [np.zeros(1), magnitudes]
-    return np.sort(np.concatenate(parts))
+  A magnitude code with ``e`` leading zero bits (``e < magnitude_bits``)
+  followed by the indicator bit leaves ``k = magnitude_bits - 1 - e`` fraction
+  bits; it encodes ``10^{-e} * (0.1 + 0.9 * j / 2^k)`` for ``j = 1..2^k``, i.e.
+  the decade ``(10^{-e-1}, 10^{-e}]`` split into ``2^k`` equal steps with its top
+  included (so the block maximum maps to exactly 1). The all-zero code is 0.
+  """
+  decades = [
+    10.0 ** (-e) * (0.1 + 0.9 * np.arange(1, 2**k + 1) / 2**k)
+    for e, k in ((e, magnitude_bits - 1 - e) for e in range(magnitude_bits))
+  ]
+  magnitudes = np.concatenate(decades)
+  parts = [-magnitudes, np.zeros(1), magnitudes] if signed else [np.zeros(1), magnitudes]
+  return np.sort(np.concatenate(parts))
 
 
 _LEVELS_F64: dict[str, np.ndarray] = {
-    "int8": np.arange(-127, 128) / 127.0,
-    "nf4": _NF4_LEVELS_F64,
-    "dynamic8": _dynamic_tree_levels(7, signed=True),  # 255 levels, 7 magnitude bits + sign
-    "dynamic8_unsigned": _dynamic_tree_levels(8, signed=False),  # 256 levels
+  "int8": np.arange(-127, 128) / 127.0,
+  "nf4": _NF4_LEVELS_F64,
+  "dynamic8": _dynamic_tree_levels(7, signed=True),  # 255 levels, 7 magnitude bits + sign
+  "dynamic8_unsigned": _dynamic_tree_levels(8, signed=False),  # 256 levels
 }
 
 #: float32[16] NF4 levels (see the comment above ``_NF4_LEVELS_F64``).
@@ -185,449 +185,449 @@ DYNAMIC8_UNSIGNED_LEVELS: np.ndarray = _LEVELS_F64["dynamic8_unsigned"].astype(n
 
 
 def format_levels(format: str) -> np.ndarray:
-    """Levels ``ell(c)`` of a format in units of the block absmax, sorted, float32.
+  """Levels ``ell(c)`` of a format in units of the block absmax, sorted, float32.
 
-    The code of an element is its index in this table (for ``"int8"`` the stored
-    int8 is ``index - 127`` and the levels are ``c / 127``).
-    """
-    _check_format(format)
-    return _LEVELS_F64[format].astype(np.float32)
+  The code of an element is its index in this table (for ``"int8"`` the stored
+  int8 is ``index - 127`` and the levels are ``c / 127``).
+  """
+  _check_format(format)
+  return _LEVELS_F64[format].astype(np.float32)
 
 
 def max_abs_error_factor(format: str) -> float:
-    """Worst-case ``|x - x̂| / a_b`` (``a_b`` the block absmax) of a format.
+  """Worst-case ``|x - x̂| / a_b`` (``a_b`` the block absmax) of a format.
 
-    Half the largest gap between adjacent levels: ``1/254`` for ``"int8"``,
-    ``0.1519`` for ``"nf4"``, ``0.9/128`` and ``0.9/256`` for the dynamic codes.
-    """
-    _check_format(format)
-    return float(np.max(np.diff(_LEVELS_F64[format]))) / 2.0
+  Half the largest gap between adjacent levels: ``1/254`` for ``"int8"``,
+  ``0.1519`` for ``"nf4"``, ``0.9/128`` and ``0.9/256`` for the dynamic codes.
+  """
+  _check_format(format)
+  return float(np.max(np.diff(_LEVELS_F64[format]))) / 2.0
 
 
 def _check_format(format: Any) -> None:
-    if not isinstance(format, str) or format not in FORMATS:
-        raise ValueError(f"`format` must be one of {FORMATS}, got {format!r}.")
+  if not isinstance(format, str) or format not in FORMATS:
+    raise ValueError(f"`format` must be one of {FORMATS}, got {format!r}.")
 
 
 def _check_block_size(block_size: Any) -> None:
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
-        raise ValueError(f"`block_size` must be a positive int, got {block_size!r}.")
-    if block_size <= 0:
-        raise ValueError(f"`block_size` must be a positive int, got {block_size!r}.")
+  if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
+    raise ValueError(f"`block_size` must be a positive int, got {block_size!r}.")
+  if block_size <= 0:
+    raise ValueError(f"`block_size` must be a positive int, got {block_size!r}.")
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["codes", "scales"],
-    meta_fields=["shape", "dtype", "format", "block_size"],
+  jax.tree_util.register_dataclass,
+  data_fields=["codes", "scales"],
+  meta_fields=["shape", "dtype", "format", "block_size"],
 )
 @dataclasses.dataclass(frozen=True, eq=False)
 class QuantizedArray:
-    """A block-wise quantized array (a pytree; only ``codes``/``scales`` are leaves).
+  """A block-wise quantized array (a pytree; only ``codes``/``scales`` are leaves).
 
-    Attributes:
-      codes: flat integer codes. ``"int8"``: int8[n_blocks * block_size];
-        ``"nf4"``: uint8[ceil(n_blocks * block_size / 2)], two codes per byte,
-        element ``2i`` in the low nibble of byte ``i``; ``"dynamic8"`` and
-        ``"dynamic8_unsigned"``: uint8[n_blocks * block_size], indices into the
-        sorted level table.
-      scales: float32[n_blocks], the per-block multiplier ``s_b`` (``a_b / 127``
-        for ``"int8"``, ``a_b`` for the codebook formats).
-      shape: static shape of the original array.
-      dtype: static dtype of the original array (restored by :func:`dequantize`).
-      format: static format name, one of :data:`FORMATS`.
-      block_size: static number of elements per block.
-    """
+  Attributes:
+    codes: flat integer codes. ``"int8"``: int8[n_blocks * block_size];
+      ``"nf4"``: uint8[ceil(n_blocks * block_size / 2)], two codes per byte,
+      element ``2i`` in the low nibble of byte ``i``; ``"dynamic8"`` and
+      ``"dynamic8_unsigned"``: uint8[n_blocks * block_size], indices into the
+      sorted level table.
+    scales: float32[n_blocks], the per-block multiplier ``s_b`` (``a_b / 127``
+      for ``"int8"``, ``a_b`` for the codebook formats).
+    shape: static shape of the original array.
+    dtype: static dtype of the original array (restored by :func:`dequantize`).
+    format: static format name, one of :data:`FORMATS`.
+    block_size: static number of elements per block.
+  """
 
-    codes: jax.Array
-    scales: jax.Array
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    format: str
-    block_size: int
+  codes: jax.Array
+  scales: jax.Array
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  format: str
+  block_size: int
 
-    @property
-    def size(self) -> int:
-        """Number of elements of the original array."""
-        return math.prod(self.shape)
+  @property
+  def size(self) -> int:
+    """Number of elements of the original array."""
+    return math.prod(self.shape)
 
-    @property
-    def n_blocks(self) -> int:
-        """Number of blocks, ``ceil(size / block_size)``."""
-        return -(-self.size // self.block_size)
+  @property
+  def n_blocks(self) -> int:
+    """Number of blocks, ``ceil(size / block_size)``."""
+    return -(-self.size // self.block_size)
 
-    @property
-    def nbytes(self) -> int:
-        """Exact bytes held by ``codes`` and ``scales``."""
-        return nbytes(self)
+  @property
+  def nbytes(self) -> int:
+    """Exact bytes held by ``codes`` and ``scales``."""
+    return nbytes(self)
 
 
 def quantized_zeros(
-    shape: tuple[int, ...],
-    format: str = "int8",
-    block_size: int = 256,
-    dtype: jax.typing.DTypeLike = jnp.float32,
+  shape: tuple[int, ...],
+  format: str = "int8",
+  block_size: int = 256,
+  dtype: jax.typing.DTypeLike = jnp.float32,
 ) -> QuantizedArray:
-    """The :class:`QuantizedArray` of ``zeros(shape, dtype)``, built without quantizing.
+  """The :class:`QuantizedArray` of ``zeros(shape, dtype)``, built without quantizing.
 
-    Equal to ``quantize(jnp.zeros(shape, dtype), format, block_size)`` (zero scales,
-    every code the code of level 0) but cheaper: no reduction or rounding is traced,
-    which keeps optimizer ``init`` functions light.
-    """
-    _check_format(format)
-    _check_block_size(block_size)
-    shape = tuple(int(d) for d in shape)
-    n_blocks = -(-math.prod(shape) // block_size)
-    padded = n_blocks * block_size
-    if format == "int8":
-        codes = jnp.zeros((padded,), jnp.int8)
+  Equal to ``quantize(jnp.zeros(shape, dtype), format, block_size)`` (zero scales,
+  every code the code of level 0) but cheaper: no reduction or rounding is traced,
+  which keeps optimizer ``init`` functions light.
+  """
+  _check_format(format)
+  _check_block_size(block_size)
+  shape = tuple(int(d) for d in shape)
+  n_blocks = -(-math.prod(shape) // block_size)
+  padded = n_blocks * block_size
+  if format == "int8":
+    codes = jnp.zeros((padded,), jnp.int8)
+  else:
+    zero_code = int(np.flatnonzero(_LEVELS_F64[format] == 0)[0])
+    if format == "nf4":
+      codes = jnp.full((-(-padded // 2),), zero_code | (zero_code << 4), jnp.uint8)
     else:
-        zero_code = int(np.flatnonzero(_LEVELS_F64[format] == 0)[0])
-        if format == "nf4":
-            codes = jnp.full((-(-padded // 2),), zero_code | (zero_code << 4), jnp.uint8)
-        else:
-            codes = jnp.full((padded,), zero_code, jnp.uint8)
-    return QuantizedArray(
-        codes=codes,
-        scales=jnp.zeros((n_blocks,), jnp.float32),
-        shape=shape,
-        dtype=np.dtype(dtype),
-        format=format,
-        block_size=int(block_size),
-    )
+      codes = jnp.full((padded,), zero_code, jnp.uint8)
+  return QuantizedArray(
+    codes=codes,
+    scales=jnp.zeros((n_blocks,), jnp.float32),
+    shape=shape,
+    dtype=np.dtype(dtype),
+    format=format,
+    block_size=int(block_size),
+  )
 
 
 def quantized_nbytes(size: int, format: str = "int8", block_size: int = 256) -> int:
-    """Analytic bytes of ``quantize(x, format, block_size)`` for ``x.size == size``.
+  """Analytic bytes of ``quantize(x, format, block_size)`` for ``x.size == size``.
 
-    ``n_blocks = ceil(size / block_size)``; codes take ``n_blocks * block_size``
-    bytes (``ceil(n_blocks * block_size / 2)`` for ``"nf4"``) and scales
-    ``4 * n_blocks`` bytes.
-    """
-    _check_format(format)
-    _check_block_size(block_size)
-    n_blocks = -(-int(size) // int(block_size))
-    padded = n_blocks * int(block_size)
-    code_bytes = -(-padded // 2) if format == "nf4" else padded
-    return code_bytes + 4 * n_blocks
+  ``n_blocks = ceil(size / block_size)``; codes take ``n_blocks * block_size``
+  bytes (``ceil(n_blocks * block_size / 2)`` for ``"nf4"``) and scales
+  ``4 * n_blocks`` bytes.
+  """
+  _check_format(format)
+  _check_block_size(block_size)
+  n_blocks = -(-int(size) // int(block_size))
+  padded = n_blocks * int(block_size)
+  code_bytes = -(-padded // 2) if format == "nf4" else padded
+  return code_bytes + 4 * n_blocks
 
 
 def nbytes(tree: Any) -> int:
-    """Exact bytes of all array leaves of ``tree`` (e.g. a :class:`QuantizedArray`).
+  """Exact bytes of all array leaves of ``tree`` (e.g. a :class:`QuantizedArray`).
 
-    For a :class:`QuantizedArray` this is the bytes of its codes plus its scales;
-    for any pytree (such as an optimizer state) the sum over its array leaves.
-    """
-    return sum(
-        math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)
-    )
+  For a :class:`QuantizedArray` this is the bytes of its codes plus its scales;
+  for any pytree (such as an optimizer state) the sum over its array leaves.
+  """
+  return sum(
+    math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)
+  )
 
 
 def quantize(
-    x: jax.typing.ArrayLike,
-    format: str = "int8",
-    block_size: int = 256,
-    *,
-    seed: jax.typing.ArrayLike | None = None,
+  x: jax.typing.ArrayLike,
+  format: str = "int8",
+  block_size: int = 256,
+  *,
+  seed: jax.typing.ArrayLike | None = None,
 ) -> QuantizedArray:
-    """Quantizes a floating-point array block-wise.
+  """Quantizes a floating-point array block-wise.
 
-    With ``seed=None`` each normalized element ``y = x / s_b`` is rounded to the
-    nearest level (error at most half the gap between the two levels around ``y``).
-    With a ``seed`` it is rounded stochastically: to the level just above ``y``
-    with probability ``(y - lo) / (hi - lo)`` and to the one just below otherwise,
-    so ``E[x̂] = x`` (unbiased) and the error is below the full gap ``hi - lo``.
-    Unbiased rounding matters when a quantized quantity is updated by small
-    increments, e.g. an exponential moving average with decay close to 1, where
-    nearest rounding would discard every increment smaller than half a gap.
+  With ``seed=None`` each normalized element ``y = x / s_b`` is rounded to the
+  nearest level (error at most half the gap between the two levels around ``y``).
+  With a ``seed`` it is rounded stochastically: to the level just above ``y``
+  with probability ``(y - lo) / (hi - lo)`` and to the one just below otherwise,
+  so ``E[x̂] = x`` (unbiased) and the error is below the full gap ``hi - lo``.
+  Unbiased rounding matters when a quantized quantity is updated by small
+  increments, e.g. an exponential moving average with decay close to 1, where
+  nearest rounding would discard every increment smaller than half a gap.
 
-    The rounding noise of element ``i`` is ``u_i = H(H(i + c) xor seed) / 2^32``
-    with ``H`` the MurmurHash3 32-bit finalizer (an invertible integer mix with
-    full avalanche): a counter-based generator that costs a few integer ops per
-    element, fuses with the rounding (nothing is materialized) and compiles to a
-    handful of instructions, where :mod:`jax.random` bits cost tens of times more on
-    CPU.
-    Use a different seed at every call (e.g. ``mix_seed(run_seed, step, leaf)``).
+  The rounding noise of element ``i`` is ``u_i = H(H(i + c) xor seed) / 2^32``
+  with ``H`` the MurmurHash3 32-bit finalizer (an invertible integer mix with
+  full avalanche): a counter-based generator that costs a few integer ops per
+  element, fuses with the rounding (nothing is materialized) and compiles to a
+  handful of instructions, where :mod:`jax.random` bits cost tens of times more on
+  CPU.
+  Use a different seed at every call (e.g. ``mix_seed(run_seed, step, leaf)``).
 
-    Args:
-      x: array of any shape and floating dtype. It is flattened (row-major) and the
-        last block is zero-padded when ``block_size`` does not divide ``x.size``.
-      format: ``"int8"``, ``"nf4"``, ``"dynamic8"`` or ``"dynamic8_unsigned"`` (see
-        the module docstring for levels and error bounds).
-      block_size: elements per block (positive int; any value, it need not divide
-        ``x.size`` nor be even).
-      seed: ``None`` for round-to-nearest, or an integer scalar (Python int or
-        integer array, may be traced) or a :mod:`jax.random` key, which selects
-        stochastic rounding; see :func:`mix_seed`.
+  Args:
+    x: array of any shape and floating dtype. It is flattened (row-major) and the
+      last block is zero-padded when ``block_size`` does not divide ``x.size``.
+    format: ``"int8"``, ``"nf4"``, ``"dynamic8"`` or ``"dynamic8_unsigned"`` (see
+      the module docstring for levels and error bounds).
+    block_size: elements per block (positive int; any value, it need not divide
+      ``x.size`` nor be even).
+    seed: ``None`` for round-to-nearest, or an integer scalar (Python int or
+      integer array, may be traced) or a :mod:`jax.random` key, which selects
+      stochastic rounding; see :func:`mix_seed`.
 
-    Returns:
-      A :class:`QuantizedArray`; :func:`dequantize` inverts it up to the format's
-      rounding error.
+  Returns:
+    A :class:`QuantizedArray`; :func:`dequantize` inverts it up to the format's
+    rounding error.
 
-    Raises:
-      ValueError: unknown ``format`` or non-positive ``block_size``.
-      TypeError: ``x`` is not a real floating-point array.
-    """
-    _check_format(format)
-    _check_block_size(block_size)
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"`x` must be a real floating-point array, got dtype {x.dtype}.")
-    return _quantize(x, format, int(block_size), None if seed is None else mix_seed(seed))
+  Raises:
+    ValueError: unknown ``format`` or non-positive ``block_size``.
+    TypeError: ``x`` is not a real floating-point array.
+  """
+  _check_format(format)
+  _check_block_size(block_size)
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"`x` must be a real floating-point array, got dtype {x.dtype}.")
+  return _quantize(x, format, int(block_size), None if seed is None else mix_seed(seed))
 
 
 def requantize_like(
-    like: QuantizedArray, x: jax.typing.ArrayLike, *, seed: jax.typing.ArrayLike | None = None
+  like: QuantizedArray, x: jax.typing.ArrayLike, *, seed: jax.typing.ArrayLike | None = None
 ) -> QuantizedArray:
-    """Quantizes ``x`` in the format, block size and dtype of ``like``.
+  """Quantizes ``x`` in the format, block size and dtype of ``like``.
 
-    For writing an updated array back into an existing quantized slot (e.g. a
-    merged frozen base): ``dequantize`` of the result has ``like``'s shape and dtype.
+  For writing an updated array back into an existing quantized slot (e.g. a
+  merged frozen base): ``dequantize`` of the result has ``like``'s shape and dtype.
 
-    Raises:
-      ValueError: ``x`` does not have ``like.shape``.
-    """
-    x = jnp.asarray(x)
-    if tuple(x.shape) != like.shape:
-        raise ValueError(f"`x` must have the shape of `like`, {like.shape}; got {tuple(x.shape)}.")
-    return quantize(x.astype(like.dtype), like.format, like.block_size, seed=seed)
+  Raises:
+    ValueError: ``x`` does not have ``like.shape``.
+  """
+  x = jnp.asarray(x)
+  if tuple(x.shape) != like.shape:
+    raise ValueError(f"`x` must have the shape of `like`, {like.shape}; got {tuple(x.shape)}.")
+  return quantize(x.astype(like.dtype), like.format, like.block_size, seed=seed)
 
 
 def _fmix32(h: jax.Array) -> jax.Array:
-    """MurmurHash3's 32-bit finalizer: a bijection of uint32 with full avalanche."""
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * jnp.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
+  """MurmurHash3's 32-bit finalizer: a bijection of uint32 with full avalanche."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
 
 
 _GOLDEN32 = 0x9E3779B9  # 2^32 / golden ratio; keeps 0 away from H's fixed point
 
 
 def mix_seed(*words: jax.typing.ArrayLike) -> jax.Array:
-    """Hashes integers and/or :mod:`jax.random` keys into one uint32 seed.
+  """Hashes integers and/or :mod:`jax.random` keys into one uint32 seed.
 
-    ``mix_seed(run_seed, step, leaf_index)`` gives a distinct, well-mixed seed per
-    (run, step, leaf) for :func:`quantize`'s stochastic rounding. Works on Python
-    ints (taken mod 2^32) and (traced) integer scalars (cast to uint32); a key
-    contributes all words of its key data.
+  ``mix_seed(run_seed, step, leaf_index)`` gives a distinct, well-mixed seed per
+  (run, step, leaf) for :func:`quantize`'s stochastic rounding. Works on Python
+  ints (taken mod 2^32) and (traced) integer scalars (cast to uint32); a key
+  contributes all words of its key data.
 
-    Returns:
-      uint32[] scalar.
-    """
-    h = jnp.uint32(_GOLDEN32)
-    for word in words:
-        word = jnp.uint32(word & 0xFFFFFFFF) if isinstance(word, int) else jnp.asarray(word)
-        if jax.dtypes.issubdtype(word.dtype, jax.dtypes.prng_key):
-            parts = list(jax.random.key_data(word).ravel())
-        else:
-            parts = [word.astype(jnp.uint32).reshape(())]
-        for part in parts:
-            h = _fmix32(h ^ part.astype(jnp.uint32)) + jnp.uint32(_GOLDEN32)
-    return h
+  Returns:
+    uint32[] scalar.
+  """
+  h = jnp.uint32(_GOLDEN32)
+  for word in words:
+    word = jnp.uint32(word & 0xFFFFFFFF) if isinstance(word, int) else jnp.asarray(word)
+    if jax.dtypes.issubdtype(word.dtype, jax.dtypes.prng_key):
+      parts = list(jax.random.key_data(word).ravel())
+    else:
+      parts = [word.astype(jnp.uint32).reshape(())]
+    for part in parts:
+      h = _fmix32(h ^ part.astype(jnp.uint32)) + jnp.uint32(_GOLDEN32)
+  return h
 
 
 def _dither(seed: jax.Array, n: int) -> jax.Array:
-    """float32[n] uniform in [0, 1): 24 top bits of H(H(i + c) xor seed)."""
-    index = jnp.arange(n, dtype=jnp.uint32) + jnp.uint32(_GOLDEN32)
-    bits = _fmix32(_fmix32(index) ^ seed)
-    return (bits >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+  """float32[n] uniform in [0, 1): 24 top bits of H(H(i + c) xor seed)."""
+  index = jnp.arange(n, dtype=jnp.uint32) + jnp.uint32(_GOLDEN32)
+  bits = _fmix32(_fmix32(index) ^ seed)
+  return (bits >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
 
 
 def _blocks(x: jax.Array, block_size: int) -> jax.Array:
-    """float32[n_blocks, block_size] view of ``x``, zero-padded at the end."""
-    n = x.size
-    n_blocks = -(-n // block_size)
-    flat = jnp.ravel(x).astype(jnp.float32)
-    flat = jnp.pad(flat, (0, n_blocks * block_size - n))
-    return flat.reshape(n_blocks, block_size)
+  """float32[n_blocks, block_size] view of ``x``, zero-padded at the end."""
+  n = x.size
+  n_blocks = -(-n // block_size)
+  flat = jnp.ravel(x).astype(jnp.float32)
+  flat = jnp.pad(flat, (0, n_blocks * block_size - n))
+  return flat.reshape(n_blocks, block_size)
 
 
 def _dynamic_rank(a: jax.Array, magnitude_bits: int) -> jax.Array:
-    """Continuous rank of magnitudes ``a`` in [0, 1] among the dynamic tree levels.
+  """Continuous rank of magnitudes ``a`` in [0, 1] among the dynamic tree levels.
 
-    The returned ``r`` is an integer exactly at a level (0 for zero, ``2^K - 1``
-    for 1, with ``K = magnitude_bits``) and linear in ``a`` between two adjacent
-    levels. Decade ``e`` (``[10^{-e-1}, 10^{-e}]``, ``n_e = 2^{K-1-e}`` levels)
-    has ``n_e - 1`` non-zero levels below it, hence
-    ``r = n_e - 1 + n_e (a 10^e - 0.1) / 0.9``; below the smallest non-zero level
-    ``10^{-(K-1)}`` the neighbours are 0 and that level, hence ``r = a 10^{K-1}``.
-    The decade is found with ``K - 2`` comparisons and selects (no logarithm, no
-    table search), which is ~15x faster on CPU than ``log10`` and powers.
-    """
-    pow10 = jnp.ones_like(a)
-    n = jnp.full_like(a, 2.0 ** (magnitude_bits - 1))
-    for e in range(1, magnitude_bits - 1):
-        below = a < 10.0**-e
-        pow10 = jnp.where(below, 10.0**e, pow10)
-        n = jnp.where(below, 2.0 ** (magnitude_bits - 1 - e), n)
-    in_decade = (n - 1) + (a * pow10 - 0.1) * (n / 0.9)
-    smallest = 10.0 ** -(magnitude_bits - 1)
-    return jnp.where(a < smallest, a * (1.0 / smallest), in_decade)
+  The returned ``r`` is an integer exactly at a level (0 for zero, ``2^K - 1``
+  for 1, with ``K = magnitude_bits``) and linear in ``a`` between two adjacent
+  levels. Decade ``e`` (``[10^{-e-1}, 10^{-e}]``, ``n_e = 2^{K-1-e}`` levels)
+  has ``n_e - 1`` non-zero levels below it, hence
+  ``r = n_e - 1 + n_e (a 10^e - 0.1) / 0.9``; below the smallest non-zero level
+  ``10^{-(K-1)}`` the neighbours are 0 and that level, hence ``r = a 10^{K-1}``.
+  The decade is found with ``K - 2`` comparisons and selects (no logarithm, no
+  table search), which is ~15x faster on CPU than ``log10`` and powers.
+  """
+  pow10 = jnp.ones_like(a)
+  n = jnp.full_like(a, 2.0 ** (magnitude_bits - 1))
+  for e in range(1, magnitude_bits - 1):
+    below = a < 10.0**-e
+    pow10 = jnp.where(below, 10.0**e, pow10)
+    n = jnp.where(below, 2.0 ** (magnitude_bits - 1 - e), n)
+  in_decade = (n - 1) + (a * pow10 - 0.1) * (n / 0.9)
+  smallest = 10.0 ** -(magnitude_bits - 1)
+  return jnp.where(a < smallest, a * (1.0 / smallest), in_decade)
 
 
 def _rank(y: jax.Array, format: str) -> jax.Array:
-    """Continuous rank of ``y = x / s_b`` in the sorted level table of ``format``.
+  """Continuous rank of ``y = x / s_b`` in the sorted level table of ``format``.
 
-    (For ``"int8"``, ``y`` is in code units, ``s_b = a_b / 127``.)
+  (For ``"int8"``, ``y`` is in code units, ``s_b = a_b / 127``.)
 
-    Integer at each level, linear between adjacent levels, so rounding the rank to
-    the nearest integer rounds ``y`` to the nearest level, and rounding it up with
-    probability equal to its fractional part is unbiased in ``y``.
-    """
-    if format == "int8":
-        return y + 127.0
-    if format == "nf4":
-        table = jnp.asarray(NF4_LEVELS)
-        upper = jnp.clip(jnp.sum(y[:, None] > table[None, :], axis=1), 1, 15)
-        lo, hi = table[upper - 1], table[upper]
-        return (upper - 1) + (y - lo) / (hi - lo)
-    if format == "dynamic8":
-        return 127.0 + jnp.sign(y) * _dynamic_rank(jnp.abs(y), 7)
-    return _dynamic_rank(jnp.maximum(y, 0.0), 8)  # dynamic8_unsigned
+  Integer at each level, linear between adjacent levels, so rounding the rank to
+  the nearest integer rounds ``y`` to the nearest level, and rounding it up with
+  probability equal to its fractional part is unbiased in ``y``.
+  """
+  if format == "int8":
+    return y + 127.0
+  if format == "nf4":
+    table = jnp.asarray(NF4_LEVELS)
+    upper = jnp.clip(jnp.sum(y[:, None] > table[None, :], axis=1), 1, 15)
+    lo, hi = table[upper - 1], table[upper]
+    return (upper - 1) + (y - lo) / (hi - lo)
+  if format == "dynamic8":
+    return 127.0 + jnp.sign(y) * _dynamic_rank(jnp.abs(y), 7)
+  return _dynamic_rank(jnp.maximum(y, 0.0), 8)  # dynamic8_unsigned
 
 
 @functools.partial(jax.jit, static_argnames=("format", "block_size"))
 def _quantize(x: jax.Array, format: str, block_size: int, seed: jax.Array | None) -> QuantizedArray:
-    blocks = _blocks(x, block_size)
-    absmax = jnp.max(jnp.abs(blocks), axis=1)  # [n_blocks]
-    unit = absmax / 127.0 if format == "int8" else absmax
-    y = (blocks / jnp.where(unit > 0, unit, 1.0)[:, None]).ravel()
-    if format != "int8":
-        y = jnp.clip(y, -1.0, 1.0)
-    rank = _rank(y, format)
-    if seed is None:
-        rank = jnp.round(rank)
-    else:
-        below = jnp.floor(rank)
-        rank = below + (_dither(seed, rank.size) < rank - below)
-    n_levels = _LEVELS_F64[format].size
-    rank = jnp.clip(rank, 0, n_levels - 1)
-    if format == "int8":
-        codes = (rank - 127.0).astype(jnp.int8)
-    else:
-        codes = rank.astype(jnp.uint8)
-        if format == "nf4":
-            codes = _pack_nibbles(codes, zero_code=7)
-    return QuantizedArray(
-        codes=codes,
-        scales=unit.astype(jnp.float32),
-        shape=tuple(x.shape),
-        dtype=np.dtype(x.dtype),
-        format=format,
-        block_size=block_size,
-    )
+  blocks = _blocks(x, block_size)
+  absmax = jnp.max(jnp.abs(blocks), axis=1)  # [n_blocks]
+  unit = absmax / 127.0 if format == "int8" else absmax
+  y = (blocks / jnp.where(unit > 0, unit, 1.0)[:, None]).ravel()
+  if format != "int8":
+    y = jnp.clip(y, -1.0, 1.0)
+  rank = _rank(y, format)
+  if seed is None:
+    rank = jnp.round(rank)
+  else:
+    below = jnp.floor(rank)
+    rank = below + (_dither(seed, rank.size) < rank - below)
+  n_levels = _LEVELS_F64[format].size
+  rank = jnp.clip(rank, 0, n_levels - 1)
+  if format == "int8":
+    codes = (rank - 127.0).astype(jnp.int8)
+  else:
+    codes = rank.astype(jnp.uint8)
+    if format == "nf4":
+      codes = _pack_nibbles(codes, zero_code=7)
+  return QuantizedArray(
+    codes=codes,
+    scales=unit.astype(jnp.float32),
+    shape=tuple(x.shape),
+    dtype=np.dtype(x.dtype),
+    format=format,
+    block_size=block_size,
+  )
 
 
 def _pack_nibbles(codes: jax.Array, zero_code: int) -> jax.Array:
-    """uint8[m] with values < 16 -> uint8[ceil(m/2)], element 2i in the low nibble."""
-    if codes.size % 2:
-        codes = jnp.concatenate([codes, jnp.full((1,), zero_code, jnp.uint8)])
-    pairs = codes.reshape(-1, 2)
-    return pairs[:, 0] | (pairs[:, 1] << 4)
+  """uint8[m] with values < 16 -> uint8[ceil(m/2)], element 2i in the low nibble."""
+  if codes.size % 2:
+    codes = jnp.concatenate([codes, jnp.full((1,), zero_code, jnp.uint8)])
+  pairs = codes.reshape(-1, 2)
+  return pairs[:, 0] | (pairs[:, 1] << 4)
 
 
 def _unpack_nibbles(packed: jax.Array) -> jax.Array:
-    """Inverse of :func:`_pack_nibbles` (keeps the odd pad code, if any)."""
-    return jnp.stack([packed & 0x0F, packed >> 4], axis=-1).ravel()
+  """Inverse of :func:`_pack_nibbles` (keeps the odd pad code, if any)."""
+  return jnp.stack([packed & 0x0F, packed >> 4], axis=-1).ravel()
 
 
 @jax.jit
 def dequantize(q: QuantizedArray) -> jax.Array:
-    """Reconstructs ``x̂`` (original shape and dtype) from a :class:`QuantizedArray`.
+  """Reconstructs ``x̂`` (original shape and dtype) from a :class:`QuantizedArray`.
 
-    ``x̂_i = scales[i // block_size] * ell(codes[i])``, computed in float32 and
-    cast to ``q.dtype``; the zero padding of the last block is removed.
-    """
-    padded = q.n_blocks * q.block_size
-    if q.format == "int8":
-        values = q.codes.astype(jnp.float32)
-    else:
-        codes = _unpack_nibbles(q.codes)[:padded] if q.format == "nf4" else q.codes
-        values = jnp.asarray(format_levels(q.format))[codes.astype(jnp.int32)]
-    values = values.reshape(q.n_blocks, q.block_size) * q.scales[:, None]
-    return values.ravel()[: q.size].reshape(q.shape).astype(q.dtype)
+  ``x̂_i = scales[i // block_size] * ell(codes[i])``, computed in float32 and
+  cast to ``q.dtype``; the zero padding of the last block is removed.
+  """
+  padded = q.n_blocks * q.block_size
+  if q.format == "int8":
+    values = q.codes.astype(jnp.float32)
+  else:
+    codes = _unpack_nibbles(q.codes)[:padded] if q.format == "nf4" else q.codes
+    values = jnp.asarray(format_levels(q.format))[codes.astype(jnp.int32)]
+  values = values.reshape(q.n_blocks, q.block_size) * q.scales[:, None]
+  return values.ravel()[: q.size].reshape(q.shape).astype(q.dtype)
 
 
 def _is_quantized(x: Any) -> bool:
-    return isinstance(x, QuantizedArray)
+  return isinstance(x, QuantizedArray)
 
 
 def _resolve_where(tree: Any, where: Any) -> list[bool | None]:
-    """Flattened mask aligned with ``tree``'s leaves; None means 'floating leaves'."""
-    leaves, treedef = jax.tree.flatten(tree)
-    if where is None:
-        return [None] * len(leaves)
-    mask = where(tree) if callable(where) else where
-    mask_leaves, mask_def = jax.tree.flatten(mask)
-    if mask_def != treedef:
-        raise ValueError(
-            "`where` must be a pytree of bools with the same structure as `tree` (or a "
-            f"callable returning one); got structure {mask_def}, expected {treedef}."
-        )
-    return [bool(m) for m in mask_leaves]
+  """Flattened mask aligned with ``tree``'s leaves; None means 'floating leaves'."""
+  leaves, treedef = jax.tree.flatten(tree)
+  if where is None:
+    return [None] * len(leaves)
+  mask = where(tree) if callable(where) else where
+  mask_leaves, mask_def = jax.tree.flatten(mask)
+  if mask_def != treedef:
+    raise ValueError(
+      "`where` must be a pytree of bools with the same structure as `tree` (or a "
+      f"callable returning one); got structure {mask_def}, expected {treedef}."
+    )
+  return [bool(m) for m in mask_leaves]
 
 
 def quantize_tree(
-    tree: Any,
-    format: str = "int8",
-    block_size: int = 256,
-    where: Any | Callable[[Any], Any] | None = None,
+  tree: Any,
+  format: str = "int8",
+  block_size: int = 256,
+  where: Any | Callable[[Any], Any] | None = None,
 ) -> Any:
-    """Quantizes the leaves of a pytree with :func:`quantize`.
+  """Quantizes the leaves of a pytree with :func:`quantize`.
 
-    Args:
-      tree: a pytree of arrays.
-      format: see :func:`quantize`.
-      block_size: see :func:`quantize`.
-      where: which leaves to quantize. ``None`` quantizes every real floating-point
-        leaf and passes other leaves (integers, bools, ...) through unchanged.
-        Otherwise a pytree of bools with the structure of ``tree``, or a callable
-        ``tree -> such a pytree`` (as ``mask`` in :func:`optax.masked`); selected
-        leaves must be floating point.
+  Args:
+    tree: a pytree of arrays.
+    format: see :func:`quantize`.
+    block_size: see :func:`quantize`.
+    where: which leaves to quantize. ``None`` quantizes every real floating-point
+      leaf and passes other leaves (integers, bools, ...) through unchanged.
+      Otherwise a pytree of bools with the structure of ``tree``, or a callable
+      ``tree -> such a pytree`` (as ``mask`` in :func:`optax.masked`); selected
+      leaves must be floating point.
 
-    Returns:
-      A pytree of the same structure in which each selected leaf is replaced by a
-      :class:`QuantizedArray` (whose own leaves are ``codes`` and ``scales``).
+  Returns:
+    A pytree of the same structure in which each selected leaf is replaced by a
+    :class:`QuantizedArray` (whose own leaves are ``codes`` and ``scales``).
 
-    Raises:
-      ValueError: bad ``format``/``block_size``/``where``, or a selected leaf with
-        concrete values contains NaN or inf (the message names the leaf path and
-        shape). Under :func:`jax.jit` values are abstract and this check is skipped.
-      TypeError: a leaf selected by ``where`` is not floating point.
-    """
-    _check_format(format)
-    _check_block_size(block_size)
-    mask = _resolve_where(tree, where)
-    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  Raises:
+    ValueError: bad ``format``/``block_size``/``where``, or a selected leaf with
+      concrete values contains NaN or inf (the message names the leaf path and
+      shape). Under :func:`jax.jit` values are abstract and this check is skipped.
+    TypeError: a leaf selected by ``where`` is not floating point.
+  """
+  _check_format(format)
+  _check_block_size(block_size)
+  mask = _resolve_where(tree, where)
+  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
 
-    def convert(path_leaf: tuple[Any, Any], selected: bool | None) -> Any:
-        path, leaf = path_leaf
-        is_float = jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
-        if selected is None:
-            selected = is_float
-        if not selected:
-            return leaf
-        name = jax.tree_util.keystr(path)
-        shape = tuple(jnp.shape(leaf))
-        if not is_float:
-            raise TypeError(
-                f"quantize_tree: leaf {name} with shape {shape} has non-floating dtype "
-                f"{jnp.result_type(leaf)}; exclude it with `where`."
-            )
-        if not isinstance(leaf, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(leaf))):
-            raise ValueError(
-                f"quantize_tree: leaf {name} with shape {shape} contains non-finite "
-                "values (NaN or inf); block-wise absmax quantization cannot represent them."
-            )
-        return quantize(leaf, format, block_size)
+  def convert(path_leaf: tuple[Any, Any], selected: bool | None) -> Any:
+    path, leaf = path_leaf
+    is_float = jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+    if selected is None:
+      selected = is_float
+    if not selected:
+      return leaf
+    name = jax.tree_util.keystr(path)
+    shape = tuple(jnp.shape(leaf))
+    if not is_float:
+      raise TypeError(
+        f"quantize_tree: leaf {name} with shape {shape} has non-floating dtype "
+        f"{jnp.result_type(leaf)}; exclude it with `where`."
+      )
+    if not isinstance(leaf, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(leaf))):
+      raise ValueError(
+        f"quantize_tree: leaf {name} with shape {shape} contains non-finite "
+        "values (NaN or inf); block-wise absmax quantization cannot represent them."
+      )
+    return quantize(leaf, format, block_size)
 
-    return jax.tree.unflatten(treedef, list(map(convert, path_leaves, mask)))
+  return jax.tree.unflatten(treedef, list(map(convert, path_leaves, mask)))
 
 
 def dequantize_tree(tree: Any) -> Any:
-    """Replaces every :class:`QuantizedArray` in ``tree`` by :func:`dequantize` of it."""
-    return jax.tree.map(
-        lambda x: dequantize(x) if _is_quantized(x) else x, tree, is_leaf=_is_quantized
-    )
+  """Replaces every :class:`QuantizedArray` in ``tree`` by :func:`dequantize` of it."""
+  return jax.tree.map(
+    lambda x: dequantize(x) if _is_quantized(x) else x, tree, is_leaf=_is_quantized
+  )
