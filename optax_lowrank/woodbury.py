@@ -32,10 +32,12 @@ Layout and cost, per leaf (``k = leaf.size``, ``s = history``):
 * time: ``O(k·s)`` per step: the Gram row and three products with the buffer
   in the solve (two of them for the refinement step); the exact-duplicate test
   reads the buffer only when the Gram matrix shows a row within 10% of ``g``,
-  plus ``O(s³)`` for the small Cholesky factorisations.  The transformation
-  runs the small ``s×s`` stage of all leaves of one dtype as one batched
-  computation (the same code :func:`woodbury_solve` runs for one leaf), so the
-  compiled graph grows only by the per-leaf buffer products.
+  plus ``O(s³)`` for the small Cholesky factorisations.  Leaves are handled
+  one by one (the same code :func:`woodbury_solve` runs), so a leaf's passes
+  over its history can run back to back while it is in cache.  The history
+  must be read at least twice per step (the Gram row decides the coefficients
+  of the solve), so for large leaves the step is bound by memory bandwidth:
+  ``2·s·k`` floats read without refinement, ``4·s·k`` with it.
 
 Numerics (float32).  The textbook formula above fails in float32 long before
 ``S`` is singular in exact arithmetic: with gradients of norm ``~10³`` and
@@ -238,49 +240,30 @@ def _push_through_small(gram, same, lam):
   return a_inv, w, scale, mu, e, out_scale
 
 
-def _push_through(hs, gs, grams, sames, lam, refine):
-  """``F⁻¹ g`` for several leaves whose gradient is a row of their history.
+def _push_through(h, g, gram, same, lam, refine):
+  """``F⁻¹ g`` for one leaf whose gradient ``g`` is a row of its history ``h``.
 
-  ``hs``: list of ``(s, k_i)`` histories of one dtype; ``gs``: the flat
-  gradients (each equal to a row of its history); ``grams``: ``(L, s, s)``;
-  ``sames``: ``(L, s)``, the rows equal to each leaf's ``g``.  The small
-  systems of all leaves are handled as one batch (one batched Cholesky for
-  the whole tree, which keeps the compiled graph small); only the products
-  with the ``(s, k_i)`` buffers are per leaf.
+  ``h``: ``(s, k)``; ``g``: ``(k,)``; ``gram``: ``(s, s)``; ``same``: ``(s,)``,
+  the rows equal to ``g``.  Two products with ``h`` (three more with
+  ``refine``: the residual and the correction).
   """
-  a_inv, w, scale, mu, e, out_scale = jax.vmap(
-      _push_through_small, in_axes=(0, 0, None)
-  )(grams, sames, lam)
-  ys = [
-      jnp.matmul(scale[i] * w[i], h, precision=_HIGHEST) * out_scale[i]
-      for i, h in enumerate(hs)
-  ]
-  refined = [None] * len(hs)
-  if refine:
-    # residual of (μ I + ĜᵀĜ) w = e with ĜᵀĜ applied through the vectors
-    h_y = jnp.stack(
-        [jnp.matmul(h, y, precision=_HIGHEST) for h, y in zip(hs, ys, strict=True)]
-    ) / out_scale[:, None]
-    resid = e - mu * w - scale * h_y
-    dw = jnp.einsum("lij,lj->li", a_inv, resid, precision=_HIGHEST)
-    refined = [
-        y + jnp.matmul(scale[i] * dw[i], h, precision=_HIGHEST) * out_scale[i]
-        for i, (h, y) in enumerate(zip(hs, ys, strict=True))
-    ]
+  a_inv, w, scale, mu, e, out_scale = _push_through_small(gram, same, lam)
+  y = jnp.matmul(scale * w, h, precision=_HIGHEST) * out_scale
   # Certificate: gᵀF⁻¹g ≥ ‖g‖²/λ_max(F) ≥ ‖g‖²/(λ + ‖G‖_F²) holds exactly.
   # The refined result is kept if it satisfies half of it and keeps at least
   # half of the unrefined gᵀy; otherwise the unrefined one if it satisfies it;
   # otherwise (rounding noise dominates: λ far below the float32 resolution of
   # ‖g‖² and near-duplicate gradients) the safe step g/(λ + ‖G‖_F²).
-  frob2 = jnp.trace(grams, axis1=1, axis2=2)
-  out = []
-  for i, (g, y0, y1) in enumerate(zip(gs, ys, refined, strict=True)):
-    bound = jnp.vdot(g, g) / (lam + frob2[i])
-    g_y0 = jnp.vdot(g, y0)
-    y = jnp.where(g_y0 >= 0.5 * bound, y0, g / (lam + frob2[i]))
-    if y1 is not None:
-      y = jnp.where(jnp.vdot(g, y1) >= 0.5 * jnp.maximum(g_y0, bound), y1, y)
-    out.append(y)
+  safe = g / (lam + jnp.trace(gram))
+  bound = jnp.vdot(g, g) / (lam + jnp.trace(gram))
+  g_y = jnp.vdot(g, y)
+  out = jnp.where(g_y >= 0.5 * bound, y, safe)
+  if refine:
+    # residual of (μ I + ĜᵀĜ) w = e with ĜᵀĜ applied through the vectors
+    h_y = jnp.matmul(h, y, precision=_HIGHEST) / out_scale
+    dw = jnp.matmul(a_inv, e - mu * w - scale * h_y, precision=_HIGHEST)
+    refined = y + jnp.matmul(scale * dw, h, precision=_HIGHEST) * out_scale
+    out = jnp.where(jnp.vdot(g, refined) >= 0.5 * jnp.maximum(g_y, bound), refined, out)
   return out
 
 
@@ -384,7 +367,7 @@ def woodbury_solve(
 
   def push(ops):
     h, g, gram, lam, same = ops
-    return _push_through([h], [g], gram[None], same[None], lam, refine)[0]
+    return _push_through(h, g, gram, same, lam, refine)
 
   def general(ops):
     return _woodbury_form(*ops)
@@ -456,37 +439,23 @@ def woodbury_precondition(
     flat, treedef = jax.tree.flatten(updates)
     histories = treedef.flatten_up_to(state.history)
     grams = treedef.flatten_up_to(state.gram)
-    new_histories, flat_grads, rows, sames = [], [], [], []
+    new_histories, new_grams, out = [], [], []
     for u, h, gram in zip(flat, histories, grams, strict=True):
-      g = jnp.reshape(jnp.asarray(u), (-1,)).astype(h.dtype)
+      # One leaf at a time, so that XLA can schedule a leaf's two passes over
+      # its history back to back, while it is still in cache (batching the
+      # small solves of all leaves puts every leaf's first pass before any
+      # second one: measured 6-7% slower on a Llama block).
+      u = jnp.asarray(u)
+      g = jnp.reshape(u, (-1,)).astype(h.dtype)
       h = jax.lax.dynamic_update_slice(h, g[None, :], (slot, jnp.zeros_like(slot)))
-      new_histories.append(h)
-      flat_grads.append(g)
       row = jnp.matmul(h, g, precision=_HIGHEST)  # new row/column `slot` of GᵀG
-      rows.append(row)
-      sames.append(_rows_equal_to(h, g, row, jnp.diagonal(gram), hit))
-    out = [None] * len(flat)
-    new_grams = [None] * len(flat)
-    by_dtype = {}
-    for i, h in enumerate(new_histories):
-      by_dtype.setdefault(jnp.dtype(h.dtype), []).append(i)
-    for dt, members in by_dtype.items():
-      row = jnp.stack([rows[i] for i in members])
-      gram = jnp.stack([grams[i] for i in members])
-      gram = jnp.where(hit[None, None, :], row[:, :, None], gram)
-      gram = jnp.where(hit[None, :, None], row[:, None, :], gram)
-      ys = _push_through(
-          [new_histories[i] for i in members],
-          [flat_grads[i] for i in members],
-          gram,
-          jnp.stack([sames[i] for i in members]),
-          jnp.asarray(damping).astype(dt),
-          refine,
-      )
-      for n, i in enumerate(members):
-        u = jnp.asarray(flat[i])
-        out[i] = jnp.reshape(ys[n], u.shape).astype(u.dtype)
-        new_grams[i] = gram[n]
+      same = _rows_equal_to(h, g, row, jnp.diagonal(gram), hit)
+      gram = jnp.where(hit[None, :], row[:, None], gram)
+      gram = jnp.where(hit[:, None], row[None, :], gram)
+      y = _push_through(h, g, gram, same, jnp.asarray(damping).astype(h.dtype), refine)
+      new_histories.append(h)
+      new_grams.append(gram)
+      out.append(jnp.reshape(y, u.shape).astype(u.dtype))
     new_state = WoodburyState(
         count=optax.safe_increment(state.count),
         history=jax.tree.unflatten(treedef, new_histories),
