@@ -157,7 +157,7 @@ def natural_galore(
     where: Any = None,
     reshape: Any = None,
     mask: Any = None,
-    refine: bool = True,
+    refine: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Natural GaLore (Das 2024, paper 002, Alg. 1 with §2.2).
 
@@ -172,12 +172,14 @@ def natural_galore(
   cleared at every refresh (its coordinates change); Adam's moments follow
   ``on_refresh``.
 
-  Time per ordinary step: GaLore's two GEMMs plus ``O(history·k)`` to stream
-  the history: four passes with ``refine=True`` (the Gram row, the solve and
-  one refinement step against the stored vectors, see
-  :func:`~optax_lowrank.woodbury_solve`), two with ``refine=False``, which is
-  faster and only loses accuracy when the stored gradients are nearly
-  parallel and ``damping`` is tiny next to ``‖g‖²``.
+  Time per ordinary step: GaLore's two GEMMs plus reading the history twice
+  (the Gram row of the new gradient, then the solve): ``2·history·k`` floats,
+  memory-bound for large leaves (1.20× GaLore's step on a Llama block, see
+  the benchmarks page).  ``refine=True`` adds the refinement step of
+  :func:`~optax_lowrank.woodbury_solve` (two more passes, ≈ 1.3×): more
+  accurate when the stored gradients are nearly parallel and ``damping`` is
+  tiny next to ``‖g‖²``.  The paper's solve has no refinement; without it the
+  result is still checked to be a descent direction.
   """
   return _with_decay_and_learning_rate(
       low_rank(
