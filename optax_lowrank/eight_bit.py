@@ -255,36 +255,51 @@ def scale_by_adam_8bit(
       nu=jax.tree.map(lambda x: zeros(x, NU_FORMAT), params),
     )
 
+  def leaf_update(g, m_stored, v_stored, count_inc, m_seed, v_seed):
+    grad = g.astype(jnp.float32)
+    m, v = decode_mu(m_stored), decode_nu(v_stored)
+    if _is_quantized(v_stored):
+      # v == 0 implies m == 0 in exact arithmetic; enforce it after decoding so
+      # a second moment rounded to zero cannot turn a small m into m / eps.
+      m = jnp.where(v > 0, m, 0.0)
+    m = b1 * m + (1 - b1) * grad
+    v = b2 * v + (1 - b2) * jnp.square(grad)
+    m_hat = optax.tree.bias_correction(m, b1, count_inc)
+    v_hat = optax.tree.bias_correction(v, b2, count_inc)
+    u = (m_hat / (jnp.sqrt(v_hat) + eps)).astype(g.dtype)
+    if stochastic_rounding:
+      return u, encode_mu(m, m_seed), encode_nu(v, v_seed)
+    return u, encode_mu(m), encode_nu(v)
+
   def update_fn(
     updates: optax.Updates, state: ScaleByAdam8bitState, params: optax.Params | None = None
   ) -> tuple[optax.Updates, ScaleByAdam8bitState]:
     del params
-    grads = optax.tree.cast(updates, jnp.float32)
-    mu = jax.tree.map(decode_mu, state.mu, is_leaf=_is_quantized)
-    nu = jax.tree.map(decode_nu, state.nu, is_leaf=_is_quantized)
-    # v == 0 implies m == 0 in exact arithmetic; enforce it after decoding so a
-    # second moment rounded to zero cannot turn a small m into m / eps.
-    mu = jax.tree.map(
-      lambda m, v, stored: jnp.where(v > 0, m, 0.0) if _is_quantized(stored) else m,
-      mu,
-      nu,
-      state.nu,
-    )
-    mu = optax.tree.update_moment(grads, mu, b1, 1)
-    nu = optax.tree.update_moment_per_elem_norm(grads, nu, b2, 2)
     count_inc = optax.safe_increment(state.count)
-    mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
-    nu_hat = optax.tree.bias_correction(nu, b2, count_inc)
-    new_updates = jax.tree.map(
-      lambda m, v, g: (m / (jnp.sqrt(v) + eps)).astype(g.dtype), mu_hat, nu_hat, updates
-    )
+    flat, treedef = jax.tree.flatten(updates)
+    mus = treedef.flatten_up_to(state.mu)
+    nus = treedef.flatten_up_to(state.nu)
     if stochastic_rounding:
-      mu_seeds, nu_seeds = _rounding_seeds(seed, count_inc, mu)
-      new_mu = jax.tree.map(encode_mu, mu, mu_seeds)
-      new_nu = jax.tree.map(encode_nu, nu, nu_seeds)
+      seeds = _rounding_seeds(seed, count_inc, updates)
+      mu_seeds, nu_seeds = (treedef.flatten_up_to(t) for t in seeds)
     else:
-      new_mu = jax.tree.map(encode_mu, mu)
-      new_nu = jax.tree.map(encode_nu, nu)
+      mu_seeds = nu_seeds = [None] * len(flat)
+    out, new_mus, new_nus = [], [], []
+    done = []  # arrays that exist only once the previous leaf is finished
+    for g, m, v, m_seed, v_seed in zip(flat, mus, nus, mu_seeds, nu_seeds, strict=True):
+      # Decode this leaf only after the previous one is re-encoded, so that
+      # XLA holds the float moments of one leaf at a time, not of all leaves.
+      for t in done:
+        m = quantization.tie(m, t) if _is_quantized(m) else m
+        v = quantization.tie(v, t) if _is_quantized(v) else v
+      u, m, v = leaf_update(g, m, v, count_inc, m_seed, v_seed)
+      out.append(u)
+      new_mus.append(m)
+      new_nus.append(v)
+      done = [x.codes if _is_quantized(x) else x for x in (m, v)]
+    new_updates = jax.tree.unflatten(treedef, out)
+    new_mu = jax.tree.unflatten(treedef, new_mus)
+    new_nu = jax.tree.unflatten(treedef, new_nus)
     return new_updates, ScaleByAdam8bitState(count=count_inc, mu=new_mu, nu=new_nu)
 
   return optax.GradientTransformation(init_fn, update_fn)

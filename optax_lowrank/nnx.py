@@ -31,7 +31,6 @@ Workflow::
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -91,27 +90,8 @@ class LowRankLinear(nnx.Module):
     return y
 
 
-def _after(q: quantization.QuantizedArray, t: jax.Array) -> quantization.QuantizedArray:
-  """``q`` with the same values, made data-dependent on the array ``t``.
-
-  The codes are OR'ed with a zero computed from one element of ``t`` (its sign
-  bit shifted out of the word): exact for every value of ``t`` (NaN and inf
-  included), but not a constant XLA folds.  A dequantization of the result can
-  then neither run before ``t`` exists nor be merged (CSE) with another
-  dequantization of ``q``.  ``jax.lax.optimization_barrier`` is not enough
-  here: XLA on CPU expands the barriers before its last CSE pass.
-  """
-  if t.size == 0:
-    return q
-  first = t.reshape(-1)[:1]
-  bits = first.dtype.itemsize * 8
-  word = jax.lax.bitcast_convert_type(first, jnp.dtype(f"uint{bits}"))
-  zero = ((word >> (bits - 1)) >> 1).astype(q.codes.dtype)
-  return dataclasses.replace(q, codes=q.codes | zero)
-
-
 def _matmul(x: jax.Array, q: quantization.QuantizedArray) -> jax.Array:
-  return x @ quantization.dequantize(_after(q, x)).astype(x.dtype)
+  return x @ quantization.dequantize(quantization.tie(q, x)).astype(x.dtype)
 
 
 @jax.custom_vjp
@@ -124,7 +104,7 @@ def _dequantized_matmul(x: jax.Array, q: quantization.QuantizedArray) -> jax.Arr
   the peak than a float one.  Here the residual is ``q`` itself (an argument
   of the step, held anyway) and the backward dequantizes it again; each
   dequantization is tied to its layer's input (forward) or cotangent
-  (backward) by :func:`_after`, so only the weights of the layer being
+  (backward) by :func:`~optax_lowrank.quantization.tie`, so only the weights of the layer being
   computed are materialised.  ``W0`` is frozen: it gets no cotangent.  As any
   ``custom_vjp``, this supports reverse-mode autodiff only (no ``jax.jvp``).
   """
@@ -136,7 +116,7 @@ def _dequantized_matmul_fwd(x, q):
 
 
 def _dequantized_matmul_bwd(q, dy):
-  w = quantization.dequantize(_after(q, dy)).astype(dy.dtype)
+  w = quantization.dequantize(quantization.tie(q, dy)).astype(dy.dtype)
   return dy @ w.T, None
 
 

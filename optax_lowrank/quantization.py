@@ -102,6 +102,7 @@ __all__ = [
   "quantized_nbytes",
   "quantized_zeros",
   "requantize_like",
+  "tie",
 ]
 
 FORMATS: tuple[str, ...] = ("int8", "nf4", "dynamic8", "dynamic8_unsigned")
@@ -531,6 +532,29 @@ def _pack_nibbles(codes: jax.Array, zero_code: int) -> jax.Array:
 def _unpack_nibbles(packed: jax.Array) -> jax.Array:
   """Inverse of :func:`_pack_nibbles` (keeps the odd pad code, if any)."""
   return jnp.stack([packed & 0x0F, packed >> 4], axis=-1).ravel()
+
+
+def tie(q: QuantizedArray, t: jax.Array) -> QuantizedArray:
+  """``q`` with the same values, made data-dependent on the array ``t``.
+
+  The codes are OR'ed with a zero computed from one element of ``t`` (its sign
+  bit shifted out of the word): exact for every value of ``t`` (NaN and inf
+  included), but not a constant XLA folds.  A dequantization of the result can
+  then neither run before ``t`` exists nor be merged (CSE) with another
+  dequantization of ``q``: a way to bound how many dequantized copies XLA
+  keeps alive at once (the Flax low-rank layer ties its base weight to the
+  layer's input and cotangent, 8-bit Adam each leaf's moments to the previous
+  leaf's result).  ``jax.lax.optimization_barrier`` is not enough for this:
+  XLA on CPU expands the barriers before its last CSE pass.  Returns ``q``
+  itself if ``t`` is empty.
+  """
+  if t.size == 0:
+    return q
+  first = t.reshape(-1)[:1]
+  bits = first.dtype.itemsize * 8
+  word = jax.lax.bitcast_convert_type(first, jnp.dtype(f"uint{bits}"))
+  zero = ((word >> (bits - 1)) >> 1).astype(q.codes.dtype)
+  return dataclasses.replace(q, codes=q.codes | zero)
 
 
 @jax.jit

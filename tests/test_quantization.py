@@ -333,3 +333,32 @@ def test_jit():
   # Trees under jit: values are abstract, so the eager finiteness check is skipped.
   out = jax.jit(lambda t: q.dequantize_tree(q.quantize_tree(t, "nf4", 256)))({"a": x})
   np.testing.assert_array_equal(out["a"], q.dequantize(qa))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4", "dynamic8"])
+@pytest.mark.parametrize(
+  "t",
+  [
+    np.array([-0.0, 1.0], np.float32),
+    np.array([np.nan], np.float32),
+    np.array([-np.inf, 2.0]),
+    np.array([-3], np.int8),
+    np.ones((2, 3), jnp.bfloat16),
+  ],
+)
+def test_tie_keeps_every_code_for_any_value_of_t(fmt, t):
+  # tie only adds a data dependence: the codes must be bit-identical whatever
+  # t holds (signs, NaN, inf, integer or 16-bit types), also under jit where
+  # XLA could otherwise fold or reorder.
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 300)), jnp.float32)
+  qa = q.quantize(x, fmt, 128)
+  t = jnp.asarray(t)
+  for tied in (q.tie(qa, t), jax.jit(q.tie)(qa, t)):
+    np.testing.assert_array_equal(tied.codes, qa.codes)
+    np.testing.assert_array_equal(tied.scales, qa.scales)
+    np.testing.assert_array_equal(q.dequantize(tied), q.dequantize(qa))
+
+
+def test_tie_to_an_empty_array_returns_q_itself():
+  qa = q.quantize(jnp.ones(10), "int8", 4)
+  assert q.tie(qa, jnp.zeros((0, 3))) is qa
