@@ -1,8 +1,10 @@
 """Tests of ``examples/checkpoint.py`` and of resuming the training job.
 
 The resume test runs the CLI in-process three times on the ``tiny`` preset for
-``galore`` (SVD bases stored in the state) and ``flora`` (random bases rebuilt
-from keys): 4 steps straight, versus 2 steps + checkpoint, then ``--resume``
+``galore`` (SVD bases stored in the state), ``flora`` (random bases rebuilt
+from keys), ``natural_galore`` (gradient histories and their Gram matrices)
+and ``adapter`` (the dual path: frozen base, stored bases and ``Λ``): 4 steps
+straight, versus 2 steps + checkpoint, then ``--resume``
 for the last 2. With ``--refresh-every 2`` a new basis is made right at the
 resume point. Both must end with exactly the same params and optimizer state.
 """
@@ -27,7 +29,7 @@ TINY = LlamaConfig.preset("tiny", dtype=jnp.float32, param_dtype=jnp.float32)
 MAX_BYTES = 200_000
 STEPS = 4
 REFRESH = 2
-RESUMED = ("galore", "flora")
+RESUMED = ("galore", "flora", "natural_galore", "adapter")
 COMMON = [
     "--size", "tiny", "--steps", str(STEPS), "--batch-size", "4", "--seq-len", "32",
     "--max-bytes", str(MAX_BYTES), "--eval-every", "2", "--eval-batches", "2",
