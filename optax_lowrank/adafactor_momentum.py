@@ -221,7 +221,7 @@ def _low_rank_part(basis, grad, mu, nu_row, nu_col, count, b1, b2, eps) -> _LowR
   c2 = 1 - jnp.asarray(b2, dtype) ** tf
 
   g = bases_lib.to_view(basis, grad.astype(dtype))
-  coeffs = project(basis, grad.astype(dtype))           # R_t
+  coeffs = project(basis, grad.astype(dtype))                     # R_t
   new_mu = b1 * mu.astype(dtype) + (1 - b1) * coeffs              # M_t
   mu_hat = new_mu / c1
   new_row, new_col = _factored_ema(nu_row.astype(dtype), nu_col.astype(dtype), mu_hat, b2)
