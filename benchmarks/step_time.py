@@ -141,14 +141,11 @@ def jax_candidates(leaves, rank: int, refresh_every: int, grads_np) -> list[Cand
 
   labels = {n: ("left" if _side_of(s, "contrib") == "L" else "right") for n, s in leaves}
 
-  def one_side(side):
-    return olr.low_rank(optax.scale_by_adam(eps=1e-6), olr.svd(rank, side), T, scale=SCALE)
+  def one_side(side):  # olr.galore's chain (−η in the small space) at a fixed side
+    inner = optax.chain(optax.scale_by_adam(eps=1e-6), optax.scale_by_learning_rate(LR))
+    return olr.low_rank(inner, olr.svd(rank, side), T, scale=SCALE)
 
-  matched = optax.chain(
-      optax.partition({"left": one_side("left"), "right": one_side("right")}, labels),
-      optax.add_decayed_weights(0.0),
-      optax.scale_by_learning_rate(LR),
-  )
+  matched = optax.partition({"left": one_side("left"), "right": one_side("right")}, labels)
   out.append(Candidate("olr.galore (svd, contrib's sides)", *make(matched),
                        sides=_sides(shapes, "contrib"),
                        note="optax.partition of two olr.low_rank, one per side"))

@@ -1,10 +1,13 @@
 """Complete optimizers, learning rate included, in the style of ``optax.adamw``.
 
-Each recipe is an ``optax.chain`` of :func:`~optax_lowrank.low_rank` around an
-inner optimizer, decoupled weight decay on the full weights, and the learning
-rate:
+Each recipe is :func:`~optax_lowrank.low_rank` around an inner optimizer
+followed by ``−η``, then decoupled weight decay on the full weights:
 
     u = −η · (α · Sᵀ inner(S g) + λ_wd · W)
+
+``−η`` is applied in the small space (it is the last element of the inner
+chain), which saves a pass over every full-size update; the state is
+``(low_rank state, weight-decay state)``.
 
 Weight decay here acts on the full weights (the "gradient view" of paper 000,
 App. B); ``olr.adapters`` documents the adapter-view alternative.
@@ -15,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from optax_lowrank import projections as proj
@@ -52,25 +57,69 @@ def adam_in_subspace(
     mask: which leaves weight decay applies to (as in ``optax.adamw``).
   """
   return _with_decay_and_learning_rate(
-      low_rank(optax.scale_by_adam(b1=b1, b2=b2, eps=eps), projection,
-               refresh_every=refresh_every, on_refresh=on_refresh, scale=scale, where=where,
-               seed=seed, reshape=reshape),
-      learning_rate, weight_decay, mask,
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps), projection, learning_rate, weight_decay, mask,
+      refresh_every=refresh_every, on_refresh=on_refresh, scale=scale, where=where, seed=seed,
+      reshape=reshape,
   )
 
 
 def _with_decay_and_learning_rate(
-    tx: optax.GradientTransformation,
+    inner: optax.GradientTransformation | list[optax.GradientTransformation],
+    projection: proj.Projection,
     learning_rate: optax.ScalarOrSchedule,
     weight_decay: float,
     mask: Any,
+    *,
+    unprojected: optax.GradientTransformation | None = None,
+    **low_rank_kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
-  """``tx``, then decoupled weight decay on the full weights, then ``−η``."""
+  """``low_rank(inner)``, decoupled weight decay on the full weights, and ``−η``.
+
+  The learning rate joins the inner optimizer (and ``unprojected``), so ``−η``
+  multiplies the small coefficients before they are mapped back instead of the
+  full-size update: one ``m×n`` pass less per leaf; the decay term ``−η·λ·W``
+  is added after (and not at all when ``weight_decay == 0``).  The result is
+  ``−η·(α·Sᵀ inner(S g) + λ·W)``, the same as scaling last, up to rounding.
+  The state is ``(low_rank state, decay state)``; the inner state is
+  ``(inner..., learning-rate state)``.
+  """
+  def with_lr(tx):  # a transformation or a list of them, chained flat
+    parts = tx if isinstance(tx, list) else [tx]
+    return optax.chain(*parts, optax.scale_by_learning_rate(learning_rate))
+
   return optax.chain(
-      tx,
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
+      low_rank(
+          with_lr(inner), projection,
+          unprojected=None if unprojected is None else with_lr(unprojected),
+          **low_rank_kwargs,
+      ),
+      _decay_times_learning_rate(weight_decay, learning_rate, mask),
   )
+
+
+def _decay_times_learning_rate(
+    weight_decay: float | jax.Array,
+    learning_rate: optax.ScalarOrSchedule,
+    mask: Any,
+) -> optax.GradientTransformation:
+  """Adds ``−η_t·λ·W`` (masked) to the updates, leaving the updates themselves unscaled."""
+  if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+    return optax.identity()
+  decay = optax.add_decayed_weights(weight_decay, mask)
+  lr = optax.scale_by_learning_rate(learning_rate)
+
+  def init_fn(params):
+    return (decay.init(params), lr.init(params))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("weight_decay > 0 needs the params: call tx.update(grads, state, params)")
+    zeros = jax.tree.map(jnp.zeros_like, updates)
+    term, decay_state = decay.update(zeros, state[0], params)     # λ·W, masked
+    term, lr_state = lr.update(term, state[1], params)            # −η_t·λ·W
+    return jax.tree.map(lambda u, t: u + t.astype(u.dtype), updates, term), (decay_state, lr_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def galore(
@@ -182,16 +231,10 @@ def natural_galore(
   result is still checked to be a descent direction.
   """
   return _with_decay_and_learning_rate(
-      low_rank(
-          optax.chain(woodbury_precondition(history, damping, refine=refine),
-                      optax.scale_by_adam(b1=b1, b2=b2, eps=eps)),
-          proj.svd(rank, side),
-          refresh_every=refresh_every,
-          on_refresh=on_refresh,
-          scale=scale,
-          where=where,
-          reshape=reshape,
-          unprojected=optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-      ),
-      learning_rate, weight_decay, mask,
+      [woodbury_precondition(history, damping, refine=refine),
+       optax.scale_by_adam(b1=b1, b2=b2, eps=eps)],
+      proj.svd(rank, side), learning_rate, weight_decay, mask,
+      unprojected=optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      refresh_every=refresh_every, on_refresh=on_refresh, scale=scale, where=where,
+      reshape=reshape,
   )

@@ -1,5 +1,6 @@
 """The low_rank combinator: maths, refresh, policies, state, where/reshape, errors."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -313,3 +314,28 @@ def test_natural_galore_refine_flag_changes_only_the_last_digits_on_easy_data():
     outs[refine, "dots"] = jaxpr.count("dot_general")
   np.testing.assert_allclose(outs[False], outs[True], rtol=1e-10, atol=1e-14)
   assert outs[True, "dots"] > outs[False, "dots"]
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_recipes_apply_the_learning_rate_in_the_small_space_with_the_same_result(weight_decay):
+  # The recipes multiply by −η before mapping back (one full-size pass less);
+  # the textbook order chain(low_rank, add_decayed_weights, scale_by_lr) must
+  # give the same updates.  float64: agreement to round-off (~1e-16 relative),
+  # 1e-12 leaves margin.  A schedule checks that both counts advance together.
+  schedule = optax.linear_schedule(0.1, 0.01, 5)
+  params = jax.tree.map(lambda x: x + 0.5, PARAMS)
+  grads = grad_stream(PARAMS, 6, seed=11)
+  recipe = olr.galore(schedule, rank=2, refresh_every=3, weight_decay=weight_decay)
+  textbook = optax.chain(
+      olr.low_rank(optax.scale_by_adam(eps=1e-6), olr.svd(2), refresh_every=3, scale=0.25),
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_learning_rate(schedule),
+  )
+  s1, s2 = recipe.init(params), textbook.init(params)
+  for g in grads:
+    u1, s1 = recipe.update(g, s1, params)
+    u2, s2 = textbook.update(g, s2, params)
+    chex.assert_trees_all_close(u1, u2, rtol=1e-12, atol=1e-15)
+  if weight_decay:
+    with pytest.raises(ValueError, match="params"):
+      recipe.update(grads[0], s1)
