@@ -301,6 +301,24 @@ def interleaved(
   return out
 
 
+def minor_faults_per_call(step: Callable[[], Any], calls: int) -> float:
+  """Minor page faults of the process per call, averaged over ``calls`` calls.
+
+  Each first touch of memory the OS has not yet mapped costs a fault; buffers
+  freshly allocated on every call (and returned to the OS after it, as glibc
+  does for allocations above its mmap threshold) fault on every call.  Unix
+  only; ``nan`` elsewhere.
+  """
+  try:
+    import resource
+  except ImportError:
+    return float("nan")
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(calls):
+    step()
+  return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
 def timed_once(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, dict[str, list[float]]]:
   """Interleaved timing of argument-less calls (the first call of each is warm-up).
 

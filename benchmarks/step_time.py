@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
       has_refresh={c.name: c.has_refresh for c in cands},
   )
   ref_med = common.Timing.stats(timings[REFERENCE][clock].ordinary)[0]
+  faults = {c.name: common.minor_faults_per_call(c.step, args.refresh_every) for c in cands}
   rows = []
   for c in cands:
     t, t2 = timings[c.name][clock], timings[c.name][other]
@@ -285,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
         common.fmt_ms(r[0] if r else None, 1), common.fmt_ms(r[1] if r else None, 1),
         common.fmt_ms(r2[0] if r2 else None, 1),
         common.fmt_bytes(c.state_bytes()),
+        f"{faults[c.name]:,.0f}",
         f"{o[0] / ref_med:.2f}",
     ])
   shape_desc = ", ".join(f"{n} {m}×{k}" for n, (m, k) in leaves)
@@ -299,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
       ["optimizer", "sides", f"ordinary ms median ({clock})", f"ordinary ms max ({clock})",
        f"ordinary ms median ({other})", f"refresh ms median ({clock})",
        f"refresh ms max ({clock})", f"refresh ms median ({other})", "state bytes",
-       f"ordinary / {REFERENCE}"],
+       "page faults / call", f"ordinary / {REFERENCE}"],
       rows,
   ))
   notes = [f"- {c.name}: {c.note}" for c in cands if c.note]
