@@ -56,14 +56,14 @@ def adam_in_subspace(
     weight_decay: decoupled weight decay on the full weights.
     mask: which leaves weight decay applies to (as in ``optax.adamw``).
   """
-  return _with_decay_and_learning_rate(
+  return _low_rank_recipe(
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps), projection, learning_rate, weight_decay, mask,
       refresh_every=refresh_every, on_refresh=on_refresh, scale=scale, where=where, seed=seed,
       reshape=reshape,
   )
 
 
-def _with_decay_and_learning_rate(
+def _low_rank_recipe(
     inner: optax.GradientTransformation | list[optax.GradientTransformation],
     projection: proj.Projection,
     learning_rate: optax.ScalarOrSchedule,
@@ -230,7 +230,7 @@ def natural_galore(
   tiny next to ``‖g‖²``.  The paper's solve has no refinement; without it the
   result is still checked to be a descent direction.
   """
-  return _with_decay_and_learning_rate(
+  return _low_rank_recipe(
       [woodbury_precondition(history, damping, refine=refine),
        optax.scale_by_adam(b1=b1, b2=b2, eps=eps)],
       proj.svd(rank, side), learning_rate, weight_decay, mask,
