@@ -244,8 +244,9 @@ def _push_through(h, g, gram, same, lam, refine):
   """``F⁻¹ g`` for one leaf whose gradient ``g`` is a row of its history ``h``.
 
   ``h``: ``(s, k)``; ``g``: ``(k,)``; ``gram``: ``(s, s)``; ``same``: ``(s,)``,
-  the rows equal to ``g``.  Two products with ``h`` (three more with
-  ``refine``: the residual and the correction).
+  the rows equal to ``g``.  One product with ``h`` (the caller's Gram row is
+  the other pass per step); two more with ``refine`` (the residual and the
+  correction).
   """
   a_inv, w, scale, mu, e, out_scale = _push_through_small(gram, same, lam)
   y = jnp.matmul(scale * w, h, precision=_HIGHEST) * out_scale
@@ -296,8 +297,8 @@ def _rows_equal_to(h, g, row, old_diagonal, hit):
   from the stored diagonal and the new Gram row.  A row equal to ``g`` gives 0
   up to the rounding of three dot products of the same vectors (relative
   ``~log₂(k)·eps``); the gate ``≤ 10⁻²·‖g‖²`` is orders of magnitude wider, so
-  no exact duplicate is missed, and gradients that far from each other are
-  rare enough that the extra pass almost never runs.
+  no exact duplicate is missed, and gradients that close to each other are
+  rare enough in training that the extra pass almost never runs.
   """
   g_norm2 = jnp.sum(jnp.where(hit, row, 0))
   dist2 = jnp.where(hit, 0, old_diagonal - 2 * row + g_norm2)
@@ -444,7 +445,7 @@ def woodbury_precondition(
       # One leaf at a time, so that XLA can schedule a leaf's two passes over
       # its history back to back, while it is still in cache (batching the
       # small solves of all leaves puts every leaf's first pass before any
-      # second one: measured 6-7% slower on a Llama block).
+      # second one: about 5% slower on a Llama block).
       u = jnp.asarray(u)
       g = jnp.reshape(u, (-1,)).astype(h.dtype)
       h = jax.lax.dynamic_update_slice(h, g[None, :], (slot, jnp.zeros_like(slot)))
