@@ -70,7 +70,10 @@ padding of the last block, two float32 scales per block); smaller leaves hold
 ``(block_size + 4) / (4 * block_size)`` = 0.2539 at ``block_size = 256``
 (0.25 for the codes and 0.0039 for the scales). :func:`adam_8bit_state_nbytes`
 evaluates this formula. During an update the decoded float32 moments exist
-transiently, as in any dequantize-update-quantize scheme without a fused kernel.
+transiently, as in any dequantize-update-quantize scheme without a fused kernel,
+but for one leaf at a time: each leaf is decoded only after the previous leaf is
+re-encoded (:func:`~optax_lowrank.quantization.tie`), so XLA cannot hold the
+float moments of the whole tree at once.
 
 Reference:
   Dettmers, Lewis, Shleifer, Zettlemoyer, "8-bit Optimizers via Block-wise
