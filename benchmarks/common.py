@@ -133,6 +133,13 @@ def thread_report() -> list[str]:
   return lines
 
 
+def print_machine() -> None:
+  """Prints the machine and thread report that ends every benchmark's output."""
+  print("machine:")
+  for line in machine_info() + thread_report():
+    print(f"- {line}")
+
+
 def machine_info() -> list[str]:
   """Lines describing the machine and software versions."""
   import jax

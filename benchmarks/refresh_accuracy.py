@@ -208,9 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     _warm_experiment(m, n, r, side, args.repeats, clock)
 
   print()
-  print("machine:")
-  for line in common.machine_info() + common.thread_report():
-    print(f"- {line}")
+  common.print_machine()
 
 
 def _warm_experiment(m: int, n: int, r: int, side: str, repeats: int, clock: str) -> None:

@@ -149,9 +149,7 @@ def main(argv: list[str] | None = None) -> None:
   print()
   plot(size_rows, rank_rows, args.out, clock)
   print()
-  print("machine:")
-  for line in common.machine_info() + common.thread_report():
-    print(f"- {line}")
+  common.print_machine()
 
 
 if __name__ == "__main__":

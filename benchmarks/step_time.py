@@ -343,9 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     if a == a and b == b:  # both rows measured (not NaN)
       print(f"- {label}: {a / b:.2f}")
   print()
-  print("machine:")
-  for line in common.machine_info() + common.thread_report():
-    print(f"- {line}")
+  common.print_machine()
 
 
 if __name__ == "__main__":
