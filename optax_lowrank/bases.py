@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-__all__ = ["Basis", "project", "project_back", "transport_matrices", "transport"]
+__all__ = ["Basis", "over_batch", "project", "project_back", "transport_matrices", "transport"]
 
 
 @jax.tree_util.register_pytree_node_class
@@ -44,17 +44,21 @@ class Basis:
 
   Attributes:
     factors: one entry per axis of the view; ``None`` (identity on that axis) or
-      an array ``U_i`` of shape ``(n_i, r_i)``.
+      an array ``U_i`` of shape ``batch_shape + (n_i, r_i)``.
     shape: the leaf's own shape (static).
-    perm: static axis permutation applied before reshaping the leaf to the view,
-      or ``None`` when the leaf's axes are already in order.
-    view_shape: static shape of the view (product equals the leaf's size).
+    perm: static axis permutation applied before reshaping the leaf to the view
+      (batch axes first), or ``None`` when the leaf's axes are already in order.
+    view_shape: static shape of the view of *one* matrix (or tensor, or vector).
+    batch_shape: static; ``()`` for an ordinary leaf.  For a stacked leaf (the
+      layers of a scanned model, ``(L, m, n)``) the sizes of its batch axes:
+      the leaf is then ``prod(batch_shape)`` independent matrices, each with
+      its own factors, and the leaf's view is ``batch_shape + view_shape``.
 
   ``Basis`` is a pytree whose children are the factor arrays; the shapes are
   static metadata, so a basis can live in an optimizer state under ``jax.jit``.
   """
 
-  __slots__ = ("factors", "shape", "perm", "view_shape")
+  __slots__ = ("factors", "shape", "perm", "view_shape", "batch_shape")
 
   def __init__(
       self,
@@ -62,43 +66,60 @@ class Basis:
       shape: tuple[int, ...],
       view_shape: tuple[int, ...],
       perm: tuple[int, ...] | None = None,
+      batch_shape: tuple[int, ...] = (),
   ):
     self.factors = tuple(factors)
     self.shape = tuple(shape)
     self.view_shape = tuple(view_shape)
     self.perm = None if perm is None else tuple(perm)
+    self.batch_shape = tuple(batch_shape)
 
   def tree_flatten(self):
-    return (self.factors,), (self.shape, self.view_shape, self.perm)
+    return (self.factors,), (self.shape, self.view_shape, self.perm, self.batch_shape)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    shape, view_shape, perm = aux
-    return cls(children[0], shape, view_shape, perm)
+    shape, view_shape, perm, batch_shape = aux
+    return cls(children[0], shape, view_shape, perm, batch_shape)
 
   @property
   def coefficient_shape(self) -> tuple[int, ...]:
-    """Shape of ``project(basis, g)``: ``r_i`` on factored axes, ``n_i`` elsewhere."""
-    return tuple(
-        n if f is None else f.shape[1] for n, f in zip(self.view_shape, self.factors)
+    """Shape of ``project(basis, g)``: ``r_i`` on factored axes, ``n_i`` elsewhere.
+
+    Batch axes (stacked leaves) come first.
+    """
+    return self.batch_shape + tuple(
+        n if f is None else f.shape[-1] for n, f in zip(self.view_shape, self.factors)
     )
 
   def __repr__(self) -> str:
     fs = ", ".join(
         repr(tuple(f.shape)) if hasattr(f, "shape") else repr(f) for f in self.factors
     )
-    return f"Basis(shape={self.shape}, view={self.view_shape}, factors=({fs}))"
+    batch = f", batch={self.batch_shape}" if self.batch_shape else ""
+    return f"Basis(shape={self.shape}{batch}, view={self.view_shape}, factors=({fs}))"
+
+
+def over_batch(fn, batch_ndim: int):
+  """``fn`` mapped over ``batch_ndim`` leading axes of all its arguments (nested vmap).
+
+  A stacked leaf's matrices are handled by one batched operation (a batched
+  GEMM, one batched SVD or QR), not a Python loop over layers.
+  """
+  for _ in range(batch_ndim):
+    fn = jax.vmap(fn)
+  return fn
 
 
 def to_view(basis: Basis, x: Array) -> Array:
-  """Reshape a leaf-shaped array to the basis' view."""
+  """Reshape a leaf-shaped array to the basis' view (batch axes first)."""
   if x.shape != basis.shape:
     raise ValueError(
         f"array of shape {x.shape} does not match the basis, made for shape {basis.shape}"
     )
   if basis.perm is not None:
     x = jnp.transpose(x, basis.perm)
-  return x.reshape(basis.view_shape)
+  return x.reshape(basis.batch_shape + basis.view_shape)
 
 
 def from_view(basis: Basis, x: Array) -> Array:
@@ -180,9 +201,11 @@ def project(basis: Basis, g: Array) -> Array:
     ``(k,)`` dense), in ``g``'s dtype promoted to the basis dtype (low-precision
     inputs are accumulated and returned in float32).
 
-  Cost: ``2·m·n·r`` FLOPs for a one-sided basis.
+  Cost: ``2·m·n·r`` FLOPs for a one-sided basis (per matrix of a stacked leaf,
+  computed as one batched product).
   """
-  return _mode_products(to_view(basis, g), basis.factors, forward=True)
+  fn = lambda x, fs: _mode_products(x, fs, forward=True)
+  return over_batch(fn, len(basis.batch_shape))(to_view(basis, g), basis.factors)
 
 
 def project_back(basis: Basis, c: Array) -> Array:
@@ -200,7 +223,8 @@ def project_back(basis: Basis, c: Array) -> Array:
         f"coefficients of shape {tuple(c.shape)} do not match the basis "
         f"(expected {basis.coefficient_shape} for a leaf of shape {basis.shape})"
     )
-  return from_view(basis, _mode_products(c, basis.factors, forward=False))
+  fn = lambda x, fs: _mode_products(x, fs, forward=False)
+  return from_view(basis, over_batch(fn, len(basis.batch_shape))(c, basis.factors))
 
 
 def transport_matrices(old: Basis, new: Basis) -> tuple[Array | None, ...]:
@@ -209,15 +233,15 @@ def transport_matrices(old: Basis, new: Basis) -> tuple[Array | None, ...]:
   For a factored axis, ``T_i = pinv(U_i^new) U_i^old`` (``r_i × r_i``) is the
   matrix with ``U^new T ≈ U^old`` in least squares; for orthonormal factors it is
   the overlap ``U^newᵀ U^old``.  Cost ``O(n_i r_i²)``; it runs only at a refresh.
+  Stacked leaves get one ``T_i`` per matrix, shaped ``batch_shape + (r_i, r_i)``.
   """
-  out = []
-  for fo, fn in zip(old.factors, new.factors):
-    if fo is None:
-      out.append(None)
-    else:
-      dtype = jnp.promote_types(fn.dtype, jnp.float32)
-      out.append(jnp.linalg.pinv(fn.astype(dtype)) @ fo.astype(dtype))
-  return tuple(out)
+
+  def one(fo, fn):
+    dtype = jnp.promote_types(fn.dtype, jnp.float32)
+    return jnp.linalg.pinv(fn.astype(dtype)) @ fo.astype(dtype)
+
+  one = over_batch(one, len(new.batch_shape))
+  return tuple(None if fo is None else one(fo, fn) for fo, fn in zip(old.factors, new.factors))
 
 
 def transport(mats: tuple[Array | None, ...], c: Array, *, second_moment: bool = False) -> Array:
@@ -230,9 +254,12 @@ def transport(mats: tuple[Array | None, ...], c: Array, *, second_moment: bool =
   """
   if second_moment:
     mats = tuple(None if t is None else jnp.square(t) for t in mats)
+  present = [t for t in mats if t is not None]
+  # Stacked leaves: every T_i has the batch axes in front (see transport_matrices).
+  batch_ndim = present[0].ndim - 2 if present else 0
   # _mode_products(forward=False) computes c ×_i M_i with M_i of shape (new, old).
-  out = _mode_products(c.astype(jnp.result_type(c.dtype, *[t for t in mats if t is not None])),
-                       mats, forward=False)
+  fn = lambda x, ms: _mode_products(x, ms, forward=False)
+  out = over_batch(fn, batch_ndim)(c.astype(jnp.result_type(c.dtype, *present)), mats)
   return out.astype(c.dtype)
 
 

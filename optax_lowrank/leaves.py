@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -21,9 +22,15 @@ from optax_lowrank.bases import Basis
 
 Array = jax.Array
 
-# A reshape rule: an int ``k`` (rows are the first ``k`` axes, columns the rest)
-# or a pair ``(row_axes, col_axes)`` that together list every axis once.
-ReshapeRule = int | tuple[tuple[int, ...], tuple[int, ...]]
+# A reshape rule: an int ``k`` (rows are the first ``k`` axes, columns the rest),
+# a pair ``(row_axes, col_axes)`` or a triple ``(batch_axes, row_axes, col_axes)``
+# that together list every axis once.  Batch axes index separate matrices (the
+# layers of a scanned model).
+ReshapeRule = (
+    int
+    | tuple[tuple[int, ...], tuple[int, ...]]
+    | tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+)
 
 
 def _is_variable(x) -> bool:
@@ -89,7 +96,8 @@ class LeafPlan:
       of the leaf is derived from it.
     shape, dtype: the leaf's.
     spec: the projection spec, or ``None`` when the leaf is not projected.
-    view_shape, perm: how the leaf is seen by the spec (see ``bases.Basis``).
+    view_shape, perm, batch_shape: how the leaf is seen by the spec (see
+      ``bases.Basis``); ``batch_shape`` is ``()`` except for stacked leaves.
   """
 
   path: str
@@ -99,6 +107,7 @@ class LeafPlan:
   spec: proj.Projection | None = None
   view_shape: tuple[int, ...] = ()
   perm: tuple[int, ...] | None = None
+  batch_shape: tuple[int, ...] = ()
 
   @property
   def projected(self) -> bool:
@@ -112,7 +121,7 @@ class LeafPlan:
   def coefficient_shape(self) -> tuple[int, ...]:
     if self.spec is None:
       return self.shape
-    return proj.coefficient_shape(self.spec, self.view_shape)
+    return self.batch_shape + proj.coefficient_shape(self.spec, self.view_shape)
 
   @property
   def coefficient_dtype(self):
@@ -126,7 +135,7 @@ class LeafPlan:
     """The gradient in the spec's view, in the basis dtype (refresh only)."""
     if self.perm is not None:
       g = jnp.transpose(g, self.perm)
-    return g.reshape(self.view_shape).astype(self.basis_dtype)
+    return g.reshape(self.batch_shape + self.view_shape).astype(self.basis_dtype)
 
   def make_basis(self, base_key: Array, refresh_index: Array, grad: Array | None) -> Basis:
     """The leaf's basis for a refresh: from the gradient (SVD-like) or the key."""
@@ -139,40 +148,67 @@ class LeafPlan:
             "from the gradient, so `grads` must be given"
         )
       view = self.grad_view(grad)
-    return self.spec.basis(self.shape, self.view_shape, self.perm, key, view, self.basis_dtype)
+    return self.spec.basis(self.shape, self.view_shape, self.perm, key, view, self.basis_dtype,
+                           self.batch_shape)
 
   def zero_basis(self) -> Basis:
     """A placeholder basis of the right shapes (zeros), for ``init``."""
     ranks = self.spec.axis_ranks(self.view_shape)
     factors = [
-        None if r is None else jnp.zeros((n, r), self.basis_dtype)
+        None if r is None else jnp.zeros(self.batch_shape + (n, r), self.basis_dtype)
         for n, r in zip(self.view_shape, ranks)
     ]
-    return Basis(factors, self.shape, self.view_shape, self.perm)
+    return Basis(factors, self.shape, self.view_shape, self.perm, self.batch_shape)
 
 
-def _normalize_rule(rule: ReshapeRule, shape: tuple[int, ...], path: str):
+def _rule_axes(rule: ReshapeRule, shape: tuple[int, ...], path: str):
+  """``(batch_axes, row_axes, col_axes)`` of a rule, checked against the leaf."""
   ndim = len(shape)
   where = f"leaf '{path}' of shape {shape}"
   if isinstance(rule, int) and not isinstance(rule, bool):
     if not 0 < rule < ndim:
       raise ValueError(f"{where}: `reshape` split {rule} must be in 1..{ndim - 1}")
-    rows, cols = tuple(range(rule)), tuple(range(rule, ndim))
+    return (), tuple(range(rule)), tuple(range(rule, ndim))
+  try:
+    groups = tuple(tuple(operator.index(a) for a in group) for group in rule)
+    if len(groups) not in (2, 3):
+      raise ValueError
+    if any(not -ndim <= a < ndim for g in groups for a in g):
+      raise ValueError
+  except (TypeError, ValueError) as e:
+    raise ValueError(
+        f"{where}: `reshape` rule must be an int, (row_axes, col_axes) or "
+        f"(batch_axes, row_axes, col_axes) of axis indices, got {rule!r}"
+    ) from e
+  groups = tuple(tuple(a % ndim for a in g) for g in groups)
+  batch, rows, cols = groups if len(groups) == 3 else ((),) + groups
+  if sorted(batch + rows + cols) != list(range(ndim)) or not rows or not cols:
+    names = "(batch_axes, row_axes, col_axes)" if len(groups) == 3 else "(row_axes, col_axes)"
+    raise ValueError(
+        f"{where}: `reshape` rule {rule!r} must put each of the {ndim} axes in exactly "
+        f"one of {names}, with row and column axes non-empty"
+    )
+  return batch, rows, cols
+
+
+def _normalize_rule(rule: ReshapeRule, shape: tuple[int, ...], path: str, view_kind: str):
+  """``(batch_shape, view_shape, perm)`` of a leaf under a rule, for a spec's view kind.
+
+  Matrix specs see ``rows × cols``; Tucker sees each row and column axis as its
+  own mode (in the order given); dense sees their product as one vector.  Batch
+  axes lead in every case.
+  """
+  batch, rows, cols = _rule_axes(rule, shape, path)
+  size = lambda axes: math.prod(shape[a] for a in axes)
+  if view_kind == "matrix":
+    view = (size(rows), size(cols))
+  elif view_kind == "tensor":
+    view = tuple(shape[a] for a in rows + cols)
   else:
-    try:
-      rows, cols = (tuple(int(a) % ndim for a in side) for side in rule)
-    except (TypeError, ValueError) as e:
-      raise ValueError(
-          f"{where}: `reshape` rule must be an int or (row_axes, col_axes), got {rule!r}"
-      ) from e
-    if sorted(rows + cols) != list(range(ndim)) or not rows or not cols:
-      raise ValueError(
-          f"{where}: `reshape` rule {rule!r} must put each of the {ndim} axes in exactly "
-          "one of (row_axes, col_axes), both non-empty"
-      )
-  perm = rows + cols
-  view = (math.prod(shape[a] for a in rows), math.prod(shape[a] for a in cols))
-  return view, (None if perm == tuple(range(ndim)) else perm)
+    view = (size(rows + cols),)
+  perm = batch + rows + cols
+  batch_shape = tuple(shape[a] for a in batch)
+  return batch_shape, view, (None if perm == tuple(range(len(shape))) else perm)
 
 
 def _resolve_where(where, params, paths_and_leaves):
@@ -210,9 +246,12 @@ def plan(
       matrices for matrix specs, leaves with ≥ 2 axes for ``tucker`` and
       ``dense``), a bool, a pytree of bools shaped like ``params``, or a callable
       ``(path: tuple[str, ...], leaf) -> bool``.
-    reshape: for matrix specs, how a leaf with more than two axes is seen as a
-      matrix: an int split or ``(row_axes, col_axes)`` for all such leaves, or a
-      callable ``(path, leaf) -> rule | None``.
+    reshape: how a leaf with more than two axes is seen: an int split or
+      ``(row_axes, col_axes)`` (matrix specs), or ``(batch_axes, row_axes,
+      col_axes)`` (every spec) for a stacked leaf whose batch axes index
+      separate matrices, each with its own basis; one rule for all such leaves,
+      or a callable ``(path, leaf) -> rule | None`` (which may also return a
+      rule for 2-D leaves).
 
   Raises:
     ValueError: a ``where``/``reshape`` that does not fit a leaf (the message
@@ -237,11 +276,14 @@ def plan(
       rule = reshape(names, leaf)
     else:  # one rule for every leaf with more than two axes
       rule = reshape if ndim > 2 else None
+    batch_shape = ()
+    if rule is not None and spec.view != "matrix" and not _is_triple(rule):
+      rule = None  # int and pair rules only say how to see a leaf as a matrix
     if spec.view == "matrix":
       if ndim == 2 and rule is None:
         view, perm, ok = shape, None, True
       elif ndim >= 2 and rule is not None:
-        view, perm = _normalize_rule(rule, shape, path)
+        batch_shape, view, perm = _normalize_rule(rule, shape, path, spec.view)
         ok = True
       else:
         view, perm, ok = None, None, False
@@ -255,6 +297,10 @@ def plan(
             else f"has {ndim} axes and cannot be projected by a matrix projection"
         )
         raise ValueError(f"leaf '{path}' of shape {shape} is selected by `where` but {what}")
+    elif rule is not None:  # a (batch, rows, cols) triple for tucker or dense
+      batch_shape, view, perm = _normalize_rule(rule, shape, path, spec.view)
+      if pick is None:
+        pick = True
     elif spec.view == "tensor":
       view, perm = shape, None
       if pick is None:
@@ -270,7 +316,7 @@ def plan(
     if pick:
       if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"leaf '{path}' of shape {shape} has non-float dtype {dtype}")
-      if 0 in view:
+      if 0 in view or 0 in batch_shape:
         pick = False
     if pick:
       # Raises (with the leaf named) for e.g. tucker ranks of the wrong length.
@@ -278,10 +324,15 @@ def plan(
         spec.axis_ranks(view)
       except ValueError as e:
         raise ValueError(f"leaf '{path}' of shape {shape}: {e}") from None
-      plans.append(dataclasses.replace(base, spec=spec, view_shape=tuple(view), perm=perm))
+      plans.append(dataclasses.replace(base, spec=spec, view_shape=tuple(view), perm=perm,
+                                       batch_shape=batch_shape))
     else:
       plans.append(base)
   return jax.tree.unflatten(treedef, plans)
+
+
+def _is_triple(rule) -> bool:
+  return isinstance(rule, (tuple, list)) and len(rule) == 3
 
 
 def is_plan(x) -> bool:

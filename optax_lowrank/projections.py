@@ -185,10 +185,30 @@ class Projection:
   def make(self, view_shape, key, grad, dtype) -> tuple[Array | None, ...]:  # pragma: no cover
     raise NotImplementedError
 
-  def basis(self, shape, view_shape, perm, key, grad, dtype) -> Basis:
-    """Build the :class:`Basis` of one leaf (float32 or wider ``dtype``)."""
-    factors = self.make(tuple(view_shape), key, grad, dtype)
-    return Basis(factors, tuple(shape), tuple(view_shape), perm)
+  def basis(self, shape, view_shape, perm, key, grad, dtype, batch_shape=()) -> Basis:
+    """Build the :class:`Basis` of one leaf (float32 or wider ``dtype``).
+
+    For a stacked leaf (``batch_shape`` not empty) every matrix gets its own
+    factors, made by one batched computation (``jax.vmap`` of :meth:`make`: one
+    batched SVD or QR, not a loop over layers) from ``grad`` of shape
+    ``batch_shape + view_shape`` and from per-matrix keys
+    ``fold_in(key, b)``, ``b`` the row-major index of the matrix in the stack.
+    """
+    view_shape, batch_shape = tuple(view_shape), tuple(batch_shape)
+    if not batch_shape:
+      factors = self.make(view_shape, key, grad, dtype)
+      return Basis(factors, tuple(shape), view_shape, perm)
+    count = math.prod(batch_shape)
+    keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(count, dtype=jnp.uint32))
+    make = lambda k, g: self.make(view_shape, k, g, dtype)
+    if grad is None:
+      factors = jax.vmap(lambda k: make(k, None))(keys)
+    else:
+      factors = jax.vmap(make)(keys, grad.reshape((count,) + view_shape))
+    factors = tuple(
+        None if f is None else f.reshape(batch_shape + f.shape[1:]) for f in factors
+    )
+    return Basis(factors, tuple(shape), view_shape, perm, batch_shape)
 
 
 @dataclasses.dataclass(frozen=True)
