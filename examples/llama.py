@@ -9,6 +9,15 @@ Every dense projection is an ``nnx.Linear`` without bias whose ``kernel`` is a
 2-D ``(in_features, out_features)`` matrix, so that a later helper can replace
 them with low-rank layers.
 
+With ``LlamaConfig(scan_layers=True)`` the blocks are *stacked*: one
+:class:`Block` whose every parameter has a leading layer axis (a kernel is
+``(n_layers, in_features, out_features)``), run by ``nnx.scan``, as large JAX
+models are written (compile time stays flat in depth).  The stacked model is
+initialised with the same values as the unrolled one (the blocks are drawn in
+the same order and stacked), so both compute the same function; low-rank
+optimizers see each kernel as ``n_layers`` matrices through the reshape rule
+:data:`STACKED_RULE` (``olr.low_rank(..., reshape=STACKED_RULE)``).
+
 Example:
     >>> config = LlamaConfig.preset("tiny")
     >>> model = Llama(config, rngs=nnx.Rngs(0))
@@ -32,6 +41,8 @@ __all__ = [
   "Block",
   "Llama",
   "LlamaConfig",
+  "PAPER_RANKS",
+  "STACKED_RULE",
   "SwiGLU",
   "apply_rope",
   "count_params",
@@ -48,7 +59,41 @@ PRESETS: dict[str, dict[str, Any]] = {
   "small": dict(dim=128, n_layers=4, n_heads=4, hidden_dim=352, max_seq_len=128),
   # A larger model meant for an accelerator.
   "base": dict(dim=512, n_layers=8, n_heads=8, hidden_dim=1376, max_seq_len=512),
+  # The LLaMA shapes the GaLore paper pre-trains (paper 003, Table 4; the heads
+  # and layers of "1b" as in the reference GaLore repository's llama_1b.json,
+  # 32 heads and 24 layers: the paper's table lists them swapped, and 2048 is
+  # not divisible by 24 heads), plus LLaMA-13B's.  Sequence length 256 and
+  # a 32000-token vocabulary as in the paper's runs; bf16 parameters are
+  # `param_dtype=jnp.bfloat16`.  Stacked (scanned) blocks: these are planned
+  # at full size, never unrolled.
+  "60m": dict(dim=512, n_layers=8, n_heads=8, hidden_dim=1376, max_seq_len=256,
+              vocab_size=32000, scan_layers=True),
+  "130m": dict(dim=768, n_layers=12, n_heads=12, hidden_dim=2048, max_seq_len=256,
+               vocab_size=32000, scan_layers=True),
+  "350m": dict(dim=1024, n_layers=24, n_heads=16, hidden_dim=2736, max_seq_len=256,
+               vocab_size=32000, scan_layers=True),
+  "1b": dict(dim=2048, n_layers=24, n_heads=32, hidden_dim=5461, max_seq_len=256,
+             vocab_size=32000, scan_layers=True),
+  "7b": dict(dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, max_seq_len=256,
+             vocab_size=32000, scan_layers=True),
+  "13b": dict(dim=5120, n_layers=40, n_heads=40, hidden_dim=13824, max_seq_len=256,
+              vocab_size=32000, scan_layers=True),
 }
+
+PAPER_RANKS: dict[str, int] = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024,
+                               "13b": 1024}
+"""GaLore's rank for each of its model sizes (paper 003, Tables 2 and 4; 13B not
+in the paper: 7B's rank)."""
+
+
+def STACKED_RULE(path: tuple[str, ...], leaf: Any):  # noqa: N802 - a constant-like rule
+  """Reshape rule of a scanned model's stacked kernels: layer axis = batch axis.
+
+  ``(n_layers, in, out)`` kernels are ``n_layers`` separate ``in × out``
+  matrices; every other leaf keeps the default treatment.
+  """
+  del path
+  return ((0,), (1,), (2,)) if leaf.ndim == 3 else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +111,11 @@ class LlamaConfig:
       norm_eps: Epsilon of every RMSNorm.
       dtype: Computation dtype of the layers.
       param_dtype: Storage dtype of the parameters.
+      scan_layers: stack the blocks along a leading layer axis and run them
+          with ``nnx.scan`` (see the module docstring).
+      remat: with ``scan_layers``, recompute each block's activations in the
+          backward pass (``nnx.remat``) instead of keeping them: activation
+          memory of one block instead of all.
   """
 
   vocab_size: int = 256
@@ -78,6 +128,8 @@ class LlamaConfig:
   norm_eps: float = 1e-5
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  scan_layers: bool = False
+  remat: bool = False
 
   def __post_init__(self) -> None:
     """Checks that the fields describe a buildable model.
@@ -113,7 +165,8 @@ class LlamaConfig:
     """Builds a named configuration, optionally overriding some fields.
 
     Args:
-        name: One of the keys of :data:`PRESETS` (``"tiny"``, ``"small"``, ``"base"``).
+        name: One of the keys of :data:`PRESETS` (``"tiny"``, ``"small"``, ``"base"``,
+            and the GaLore paper's sizes ``"60m"`` … ``"7b"`` plus ``"13b"``).
         **overrides: Fields to replace in the preset.
 
     Returns:
@@ -295,7 +348,8 @@ class Llama(nnx.Module):
       embedding_init=nnx.initializers.normal(stddev=_INIT_STD),
       rngs=rngs,
     )
-    self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layers)])
+    blocks = [Block(config, rngs=rngs) for _ in range(config.n_layers)]
+    self.layers = stack_blocks(blocks) if config.scan_layers else nnx.List(blocks)
     self.norm = _rms_norm(config, rngs)
     self.output = _linear(config, config.dim, config.vocab_size, std=_INIT_STD, rngs=rngs)
 
@@ -318,9 +372,35 @@ class Llama(nnx.Module):
         f"sequence length {seq_len} exceeds LlamaConfig.max_seq_len ({self.config.max_seq_len})"
       )
     x = self.embed(tokens)
-    for layer in self.layers:
-      x = layer(x)
+    if self.config.scan_layers:
+      x = _scan_blocks(self.layers, x, self.config.remat)
+    else:
+      for layer in self.layers:
+        x = layer(x)
     return self.output(self.norm(x)).astype(jnp.float32)
+
+
+def stack_blocks(blocks: list[Block]) -> Block:
+  """One :class:`Block` whose every variable stacks those of ``blocks`` on axis 0."""
+  graphdef = nnx.graphdef(blocks[0])
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(b) for b in blocks))
+  return nnx.merge(graphdef, stacked)
+
+
+def _scan_blocks(layers: Block, x: jax.Array, remat: bool) -> jax.Array:
+  """Run the stacked ``layers`` over ``x``, one block per scan step."""
+
+  def body(block: Block, h: jax.Array) -> jax.Array:
+    return block(h)
+
+  if remat:
+    body = nnx.remat(body)
+
+  @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+  def scan(h: jax.Array, block: Block) -> jax.Array:
+    return body(block, h)
+
+  return scan(x, layers)
 
 
 def loss_fn(model: Llama, batch: jax.Array) -> jax.Array:

@@ -154,7 +154,10 @@ def to_low_rank(model: nnx.Module, adapter: adapters_lib.Adapter) -> nnx.Module:
     model: an NNX model; its parameters are the tree ``adapter`` was built on
       (``nnx.state(model, nnx.Param)``).
     adapter: from ``olr.adapters.init``; its projection must be a matrix
-      projection (one-sided or two-sided) of 2-D kernels.
+      projection (one-sided or two-sided) of 2-D kernels, or of the stacked
+      ``(layers, in, out)`` kernels of a scanned model with the reshape rule
+      ``((0,), (1,), (2,))``: the layer then holds stacked ``W0``, factors and
+      ``Λ``, and ``nnx.scan`` hands each step one layer's slices.
 
   Returns:
     ``model`` (modified in place), for chaining.
@@ -174,10 +177,12 @@ def to_low_rank(model: nnx.Module, adapter: adapters_lib.Adapter) -> nnx.Module:
     if key not in targets or not isinstance(module, nnx.Linear):
       continue
     plan = targets[key]
-    if plan.spec.view != "matrix" or plan.perm is not None or len(plan.shape) != 2:
+    if (plan.spec.view != "matrix" or plan.perm is not None
+        or len(plan.shape) != 2 + len(plan.batch_shape)):
       raise ValueError(
           f"leaf '{plan.path}' of shape {plan.shape}: LowRankLinear needs a matrix projection "
-          "of a 2-D kernel without a reshape rule"
+          "of a 2-D kernel, or of a stacked (layers, in, out) kernel with the rule "
+          "((0,), (1,), (2,)); no other reshape rule"
       )
     basis, base = by_path[plan.path]  # the adapter's base: possibly quantized
     left, right = basis.factors

@@ -109,6 +109,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -116,6 +117,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.scipy.linalg import cho_factor, cho_solve
+
+from optax_lowrank import leaves as leaves_lib
+from optax_lowrank.bases import over_batch
 
 __all__ = [
     "WoodburyState",
@@ -386,6 +390,7 @@ def woodbury_precondition(
     damping: float | jax.Array = 1e-3,
     *,
     refine: bool = True,
+    batch_ndim: int | Callable[[tuple[str, ...], jax.Array], int] = 0,
 ) -> optax.GradientTransformation:
   """Precondition each leaf by ``(λ I + G Gᵀ)⁻¹`` from its last ``s`` gradients.
 
@@ -407,6 +412,13 @@ def woodbury_precondition(
       static_args=('history',))(damping=...)`` can schedule it.  Validated only
       when it is a concrete number.
     refine: see :func:`woodbury_solve`.
+    batch_ndim: leading axes of a leaf that index *separate* matrices (the
+      layers of a stacked leaf, see ``reshape`` in ``olr.low_rank``): each
+      gets its own history and Gram matrix, exactly as separate leaves would
+      (``batch_shape + (s, k)`` and ``batch_shape + (s, s)``, ``k`` the size
+      of one matrix).  An int for every leaf, or a callable
+      ``(path, leaf) -> int``.  ``olr.natural_galore`` sets it from its
+      coefficients, which are ``batch + 2``-dimensional.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`WoodburyState`.
@@ -418,20 +430,44 @@ def woodbury_precondition(
   s = _check_history(history)
   _check_damping(damping)
 
+  def batch_ndims(tree):
+    if not callable(batch_ndim):
+      return [batch_ndim] * len(jax.tree.leaves(tree))
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [int(batch_ndim(leaves_lib.path_names(p), x)) for p, x in flat]
+
   def init_fn(params):
-    def zeros_history(p):
+    def zeros(path, p, b):
       p = jnp.asarray(p)
-      return jnp.zeros((s, p.size), _state_dtype(p.dtype))
+      if not (b == 0 or 0 < b < p.ndim):
+        name = "/".join(leaves_lib.path_names(path)) or "<root>"
+        raise ValueError(
+            f"leaf '{name}' of shape {p.shape}: `batch_ndim` {b} must be 0 or leave at least "
+            "one matrix axis"
+        )
+      batch, size = p.shape[:b], math.prod(p.shape[b:])
+      dtype = _state_dtype(p.dtype)
+      return jnp.zeros(batch + (s, size), dtype), jnp.zeros(batch + (s, s), dtype)
 
-    def zeros_gram(p):
-      p = jnp.asarray(p)
-      return jnp.zeros((s, s), _state_dtype(p.dtype))
-
+    flat_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    pairs = [zeros(path, p, b)
+             for (path, p), b in zip(flat_with_path, batch_ndims(params))]
     return WoodburyState(
         count=jnp.zeros([], jnp.int32),
-        history=jax.tree.map(zeros_history, params),
-        gram=jax.tree.map(zeros_gram, params),
+        history=jax.tree.unflatten(treedef, [h for h, _ in pairs]),
+        gram=jax.tree.unflatten(treedef, [g for _, g in pairs]),
     )
+
+  def one_matrix(u, h, gram, slot, hit):
+    """Push ``u`` into its history ``h`` and return ``F⁻¹ u`` (one matrix)."""
+    g = jnp.reshape(u, (-1,)).astype(h.dtype)
+    h = jax.lax.dynamic_update_slice(h, g[None, :], (slot, jnp.zeros_like(slot)))
+    row = jnp.matmul(h, g, precision=_HIGHEST)  # new row/column `slot` of GᵀG
+    same = _rows_equal_to(h, g, row, jnp.diagonal(gram), hit)
+    gram = jnp.where(hit[None, :], row[:, None], gram)
+    gram = jnp.where(hit[:, None], row[None, :], gram)
+    y = _push_through(h, g, gram, same, jnp.asarray(damping).astype(h.dtype), refine)
+    return jnp.reshape(y, u.shape).astype(u.dtype), h, gram
 
   def update_fn(updates, state, params=None):
     del params
@@ -441,22 +477,17 @@ def woodbury_precondition(
     histories = treedef.flatten_up_to(state.history)
     grams = treedef.flatten_up_to(state.gram)
     new_histories, new_grams, out = [], [], []
-    for u, h, gram in zip(flat, histories, grams, strict=True):
+    for u, h, gram, b in zip(flat, histories, grams, batch_ndims(updates), strict=True):
       # One leaf at a time, so that XLA can schedule a leaf's two passes over
       # its history back to back, while it is still in cache (batching the
       # small solves of all leaves puts every leaf's first pass before any
-      # second one: about 5% slower on a Llama block).
-      u = jnp.asarray(u)
-      g = jnp.reshape(u, (-1,)).astype(h.dtype)
-      h = jax.lax.dynamic_update_slice(h, g[None, :], (slot, jnp.zeros_like(slot)))
-      row = jnp.matmul(h, g, precision=_HIGHEST)  # new row/column `slot` of GᵀG
-      same = _rows_equal_to(h, g, row, jnp.diagonal(gram), hit)
-      gram = jnp.where(hit[None, :], row[:, None], gram)
-      gram = jnp.where(hit[:, None], row[None, :], gram)
-      y = _push_through(h, g, gram, same, jnp.asarray(damping).astype(h.dtype), refine)
+      # second one: about 5% slower on a Llama block).  A stacked leaf's
+      # matrices are solved as one batch.
+      step = lambda u, h, gram: one_matrix(u, h, gram, slot, hit)
+      y, h, gram = over_batch(step, b)(jnp.asarray(u), h, gram)
       new_histories.append(h)
       new_grams.append(gram)
-      out.append(jnp.reshape(y, u.shape).astype(u.dtype))
+      out.append(y)
     new_state = WoodburyState(
         count=optax.safe_increment(state.count),
         history=jax.tree.unflatten(treedef, new_histories),
