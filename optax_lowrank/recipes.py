@@ -13,8 +13,9 @@ Weight decay here acts on the full weights (the "gradient view" of paper 000,
 App. B); ``olr.adapters`` documents the adapter-view alternative.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: the signatures carry the real
+# ``optax.ScalarOrSchedule`` object, which tools (optax's own test suite among
+# them) compare against to learn that ``learning_rate`` takes a schedule.
 from collections.abc import Callable
 from typing import Any
 
@@ -102,16 +103,23 @@ def _decay_times_learning_rate(
     learning_rate: optax.ScalarOrSchedule,
     mask: Any,
 ) -> optax.GradientTransformation:
-  """Adds ``−η_t·λ·W`` (masked) to the updates, leaving the updates themselves unscaled."""
-  if isinstance(weight_decay, (int, float)) and weight_decay == 0:
-    return optax.identity()
+  """Adds ``−η_t·λ·W`` (masked) to the updates, leaving the updates themselves unscaled.
+
+  The state is ``(decay state, learning-rate state)`` whatever ``weight_decay``
+  is: a Python ``0`` skips the work (and needs no ``params``) but keeps the
+  structure, so the state is the same tree whether or not
+  ``optax.inject_hyperparams`` turned ``weight_decay`` into an array.
+  """
   decay = optax.add_decayed_weights(weight_decay, mask)
   lr = optax.scale_by_learning_rate(learning_rate)
+  skip = isinstance(weight_decay, (int, float)) and weight_decay == 0
 
   def init_fn(params):
     return (decay.init(params), lr.init(params))
 
   def update_fn(updates, state, params=None):
+    if skip:  # advance the schedule's counter only: no leaves to scale
+      return updates, (state[0], lr.update((), state[1])[1])
     if params is None:
       raise ValueError("weight_decay > 0 needs the params: call tx.update(grads, state, params)")
     zeros = jax.tree.map(jnp.zeros_like, updates)
@@ -192,7 +200,7 @@ def flora(
 def natural_galore(
     learning_rate: optax.ScalarOrSchedule,
     rank: int = 128,
-    history: int = 10,
+    history: int | None = None,
     damping: float = 1e-3,
     refresh_every: int = 200,
     scale: float = 0.25,
@@ -229,12 +237,28 @@ def natural_galore(
   accurate when the stored gradients are nearly parallel and ``damping`` is
   tiny next to ``‖g‖²``.  The paper's solve has no refinement; without it the
   result is still checked to be a descent direction.
+
+  ``history`` (``None``: 10, the paper's choice) fixes buffer shapes, so it is
+  static.  ``None`` stays static under ``optax.inject_hyperparams``, which
+  turns every other numeric default into an array; a value given explicitly
+  there must be listed in ``static_args``.
   """
+  history = 10 if history is None else history
   return _low_rank_recipe(
-      [woodbury_precondition(history, damping, refine=refine),
+      [woodbury_precondition(history, damping, refine=refine, batch_ndim=_stacked_ndim),
        optax.scale_by_adam(b1=b1, b2=b2, eps=eps)],
       proj.svd(rank, side), learning_rate, weight_decay, mask,
       unprojected=optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
       refresh_every=refresh_every, on_refresh=on_refresh, scale=scale, where=where,
       reshape=reshape,
   )
+
+
+def _stacked_ndim(path: tuple[str, ...], coefficients: jax.Array) -> int:
+  """Batch axes of a projected leaf's coefficients (matrix specs: all but the last two).
+
+  Stacked leaves (``reshape=(batch_axes, row_axes, col_axes)``) then get one
+  Woodbury history per matrix, as separate leaves would.
+  """
+  del path
+  return coefficients.ndim - 2
