@@ -454,3 +454,35 @@ register(
                                        _adapter_before_update),
     )
 )
+
+
+# ----------------------------------------------------------------------------
+# The adapter path on a quantized frozen base (INT8 or NF4, blocks of 64): the
+# same method as ``adapter``, with Θ0 stored block-wise quantized and every
+# merge written back by olr.quantization.DEFAULT_MERGE_RULE (4-bit error
+# feedback: the rounding residual is carried, so small updates accumulate
+# until they move a code). See docs/how-to/quantized-base.md.
+
+QUANTIZED_BLOCK_SIZE = 64
+
+
+def _quantized_adapter_init(format: str):
+  def init(params, config: MethodConfig):
+    lam, frozen = _adapter_init(params, config)
+    adapter = olr.adapters.quantize_base(frozen["adapter"], format, QUANTIZED_BLOCK_SIZE)
+    return lam, dict(frozen, adapter=adapter)
+
+  return init
+
+
+for _format in ("int8", "nf4"):
+  register(
+      Method(
+          f"adapter_{_format}", _adapter_tx, LEARNING_RATES["adapter"],
+          f"the adapter path on a {_format.upper()}-quantized frozen base (blocks of "
+          f"{QUANTIZED_BLOCK_SIZE}), merged with 4-bit error feedback",
+          param_transform=ParamTransform(_quantized_adapter_init(_format),
+                                         _adapter_materialize, _adapter_before_update),
+      )
+  )
+del _format

@@ -260,20 +260,17 @@ def merge(
   merged = materialize(adapter, lam)
   refresh_index = adapter.refresh_index + 1
   stored = leaves_lib.make_bases(adapter.plans, adapter.key, refresh_index, grads, stored=True)
-  new = Adapter(_requantize_like(adapter.base, merged), stored, adapter.key, refresh_index,
-                adapter.plans)
+  new = Adapter(_requantize_like(adapter, merged, refresh_index), stored, adapter.key,
+                refresh_index, adapter.plans)
   return new, zeros(new)
 
 
-def _requantize_like(old_base: Any, merged: Any) -> Any:
-
-  def one(old, new):
-    if isinstance(old, quantization.QuantizedArray):
-      return quantization.requantize_like(old, new)
-    return new
-
-  return jax.tree.map(one, old_base, merged,
-                      is_leaf=lambda x: isinstance(x, quantization.QuantizedArray))
+def _requantize_like(adapter: Adapter, merged: Any, refresh_index: jax.Array) -> Any:
+  # Quantized leaves follow their merge rule (olr.quantization.merge_update),
+  # which needs the basis Λ lived in; stochastic rounding is keyed by (seed,
+  # merge index, leaf), so a resumed run rounds exactly as the original one.
+  return quantization.merge_tree(adapter.base, merged, bases=bases(adapter),
+                                 seed=quantization.mix_seed(adapter.key, refresh_index))
 
 
 def refresh_state(
@@ -327,22 +324,31 @@ def optimizer(
   return optax.chain(inner, optax.masked(optax.scale(scale), mask))
 
 
-def quantize_base(adapter: Adapter, format: str = "int8", block_size: int = 256) -> Adapter:
+def quantize_base(
+    adapter: Adapter,
+    format: str = "int8",
+    block_size: int = 256,
+    rule: quantization.MergeRule | None = quantization.DEFAULT_MERGE_RULE,
+) -> Adapter:
   """Store the frozen base of every projected leaf block-wise quantized.
 
   ``"int8"`` (absmax per block: error ≤ absmax/254 per element, almost free in
   paper 000's Table 2) or ``"nf4"`` (16 NormalFloat levels, 4 bits per element:
   error ≤ 0.152·absmax, a visible penalty there).  ``materialize`` and
-  ``olr.nnx.LowRankLinear`` dequantize on the fly; ``merge`` re-quantizes the
-  merged base in the same format.  Unprojected leaves stay as they are (they
-  are trained).  A block size that does not divide a leaf pads its last block.
+  ``olr.nnx.LowRankLinear`` dequantize on the fly; ``merge`` writes the
+  merged base back by ``rule`` (a :class:`~optax_lowrank.quantization.MergeRule`:
+  how small updates survive the rounding; ``None`` stores plain
+  :class:`~optax_lowrank.quantization.QuantizedArray` leaves that every merge
+  re-quantizes from scratch); see the how-to "Training on a quantized base".
+  Unprojected leaves stay as they are (they are trained).  A block size that
+  does not divide a leaf pads its last block.
 
   Raises:
     ValueError: an unknown format, a block size ≤ 0, or non-finite values in a
       base leaf (naming the leaf path and shape).
   """
   base = quantization.quantize_tree(adapter.base, format, block_size,
-                                    where=projected_mask(adapter))
+                                    where=projected_mask(adapter), rule=rule)
   return Adapter(base, adapter.stored_bases, adapter.key, adapter.refresh_index, adapter.plans)
 
 

@@ -87,17 +87,24 @@ import numpy as np
 __all__ = [
   "DYNAMIC8_LEVELS",
   "DYNAMIC8_UNSIGNED_LEVELS",
+  "DEFAULT_MERGE_RULE",
   "FORMATS",
+  "MERGE_FORMATS",
+  "MergeRule",
   "NF4_LEVELS",
   "QuantizedArray",
+  "QuantizedBase",
   "dequantize",
   "dequantize_tree",
   "format_levels",
   "max_abs_error_factor",
+  "merge_tree",
+  "merge_update",
   "mix_seed",
   "nbytes",
   "nf4_levels_from_definition",
   "quantize",
+  "quantize_base_array",
   "quantize_tree",
   "quantized_nbytes",
   "quantized_zeros",
@@ -412,7 +419,7 @@ def mix_seed(*words: jax.typing.ArrayLike) -> jax.Array:
   ``mix_seed(run_seed, step, leaf_index)`` gives a distinct, well-mixed seed per
   (run, step, leaf) for :func:`quantize`'s stochastic rounding. Works on Python
   ints (taken mod 2^32) and (traced) integer scalars (cast to uint32); a key
-  contributes all words of its key data.
+  contributes all words of its key data, an integer array all its elements.
 
   Returns:
     uint32[] scalar.
@@ -423,7 +430,7 @@ def mix_seed(*words: jax.typing.ArrayLike) -> jax.Array:
     if jax.dtypes.issubdtype(word.dtype, jax.dtypes.prng_key):
       parts = list(jax.random.key_data(word).ravel())
     else:
-      parts = [word.astype(jnp.uint32).reshape(())]
+      parts = list(word.astype(jnp.uint32).ravel())
     for part in parts:
       h = _fmix32(h ^ part.astype(jnp.uint32)) + jnp.uint32(_GOLDEN32)
   return h
@@ -598,6 +605,7 @@ def quantize_tree(
   format: str = "int8",
   block_size: int = 256,
   where: Any | Callable[[Any], Any] | None = None,
+  rule: MergeRule | None = None,
 ) -> Any:
   """Quantizes the leaves of a pytree with :func:`quantize`.
 
@@ -610,6 +618,9 @@ def quantize_tree(
       Otherwise a pytree of bools with the structure of ``tree``, or a callable
       ``tree -> such a pytree`` (as ``mask`` in :func:`optax.masked`); selected
       leaves must be floating point.
+    rule: ``None`` for plain :class:`QuantizedArray` leaves, or a
+      :class:`MergeRule` for :class:`QuantizedBase` leaves that merges write
+      into (:func:`quantize_base_array`; formats ``"int8"`` and ``"nf4"``).
 
   Returns:
     A pytree of the same structure in which each selected leaf is replaced by a
@@ -623,6 +634,8 @@ def quantize_tree(
   """
   _check_format(format)
   _check_block_size(block_size)
+  if rule is not None:
+    _check_merge_format(format)
   mask = _resolve_where(tree, where)
   path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
 
@@ -645,6 +658,8 @@ def quantize_tree(
         f"quantize_tree: leaf {name} with shape {shape} contains non-finite "
         "values (NaN or inf); block-wise absmax quantization cannot represent them."
       )
+    if rule is not None:
+      return quantize_base_array(leaf, format, block_size, rule)
     return quantize(leaf, format, block_size)
 
   return jax.tree.unflatten(treedef, list(map(convert, path_leaves, mask)))
@@ -655,3 +670,344 @@ def dequantize_tree(tree: Any) -> Any:
   return jax.tree.map(
     lambda x: dequantize(x) if _is_quantized(x) else x, tree, is_leaf=_is_quantized
   )
+
+
+# ----------------------------------------------------------------------------
+# Writing merges into a quantized frozen base.
+#
+# The adapter path merges ``W0 ← W0 + SᵀΛ`` at every refresh.  With ``W0``
+# stored quantized, a merge has to put the sum back on the format's grid, and
+# round-to-nearest sends every element whose update is below half a grid step
+# back to its old code: late in training, when the updates are small, the base
+# stops moving.  A :class:`MergeRule` says how a merge rounds; the rule travels
+# with the base leaf (:class:`QuantizedBase`).
+
+MERGE_FORMATS: tuple[str, ...] = ("int8", "nf4")
+_MERGE_ROUNDINGS = ("nearest", "stochastic")
+_MERGE_SCALES = ("keep", "fresh")
+_FEEDBACK_BITS = (0, 2, 4, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeRule:
+  """How a merge writes ``W0 + SᵀΛ`` back into a quantized base.
+
+  Work in *rank units*: the position ``ρ`` of ``x / s_b`` in the format's
+  sorted level table (an integer at each level, linear in between; for
+  ``"int8"`` simply ``x / s_b + 127``).  The base stores an integer code
+  ``c`` per element (the level the forward pass uses, :func:`dequantize`)
+  and, with ``feedback_bits = b > 0``, a residual ``j ∈ [0, 2^b)`` that
+  places the *kept* weight at rank ``c − 1/2 + (j + 1/2) / 2^b``: one of the
+  midpoints of ``2^b`` equal parts of the cell of ``c``.  A merge adds the
+  update to the kept weight, rounds its rank to the nearest such point (or
+  stochastically to one of the two around it), and stores its code and
+  residual; rounded to nearest, ``c`` is then the nearest level of the kept
+  weight.  So updates smaller than half a level gap accumulate in ``j`` until
+  the code moves (error feedback), and the kept weight is within
+  ``2^{-b-1}`` rank units of the exact sum instead of ``1/2``.
+
+  Attributes:
+    rounding: ``"nearest"`` or ``"stochastic"`` (unbiased: ``E[ρ̂] = ρ``,
+      keyed from the seed of the merge; needs ``seed`` in :func:`merge_update`).
+    scales: ``"keep"``: a block keeps its scale across merges unless a value
+      outgrows it (then that block gets the absmax scale of its new values);
+      ``"fresh"``: every merge takes each block's new absmax, as
+      :func:`quantize` does (a changed absmax moves the whole grid of the block
+      and re-rounds every element in it).
+    feedback_bits: bits per element of the carried residual, ``0`` (none),
+      ``2``, ``4`` or ``8``; memory ``b / 8`` bytes per element on top of the
+      codes and scales.
+
+  The default (:data:`DEFAULT_MERGE_RULE`) is the rule that measured best in
+  ``benchmarks/quantized_merge.py``; see the how-to "Training on a quantized
+  base" for the table.
+  """
+
+  rounding: str = "nearest"
+  scales: str = "keep"
+  feedback_bits: int = 0
+
+  def __post_init__(self):
+    if self.rounding not in _MERGE_ROUNDINGS:
+      raise ValueError(f"MergeRule: `rounding` must be one of {_MERGE_ROUNDINGS}, "
+                       f"got {self.rounding!r}.")
+    if self.scales not in _MERGE_SCALES:
+      raise ValueError(f"MergeRule: `scales` must be one of {_MERGE_SCALES}, "
+                       f"got {self.scales!r}.")
+    if isinstance(self.feedback_bits, bool) or self.feedback_bits not in _FEEDBACK_BITS:
+      raise ValueError(f"MergeRule: `feedback_bits` must be one of {_FEEDBACK_BITS}, "
+                       f"got {self.feedback_bits!r}.")
+
+
+DEFAULT_MERGE_RULE = MergeRule(rounding="nearest", scales="keep", feedback_bits=4)
+
+
+@functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=["codes", "scales", "residual"],
+  meta_fields=["shape", "dtype", "format", "block_size", "rule"],
+)
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantizedBase(QuantizedArray):
+  """A :class:`QuantizedArray` that merges follow a :class:`MergeRule` into.
+
+  :func:`dequantize` reads it as a plain :class:`QuantizedArray` (codes and
+  scales only).  Build it with :func:`quantize_base_array` (or
+  ``olr.adapters.quantize_base``) and update it with :func:`merge_update`.
+
+  Attributes:
+    residual: uint8 packed residuals ``j`` (see :class:`MergeRule`), ``8 / b`` per byte
+      (element ``j`` of a byte in bits ``j·b .. j·b + b - 1``), over the
+      zero-padded ``n_blocks * block_size`` elements; ``None`` when
+      ``rule.feedback_bits == 0``.
+    rule: static :class:`MergeRule`.
+  """
+
+  residual: jax.Array | None = None
+  rule: MergeRule = MergeRule()
+
+
+def _check_merge_format(format: str) -> None:
+  if format not in MERGE_FORMATS:
+    raise ValueError(f"merge rules support the formats {MERGE_FORMATS}, got {format!r}.")
+
+
+def _pack_bits(values: jax.Array, bits: int) -> jax.Array:
+  """uint8[m] with values < 2^bits -> uint8[ceil(m * bits / 8)], low bits first."""
+  per_byte = 8 // bits
+  pad = -values.size % per_byte
+  values = jnp.pad(values.astype(jnp.uint8), (0, pad)).reshape(-1, per_byte)
+  out = values[:, 0]
+  for j in range(1, per_byte):
+    out = out | (values[:, j] << (j * bits))
+  return out
+
+
+def _unpack_bits(packed: jax.Array, bits: int, size: int) -> jax.Array:
+  per_byte = 8 // bits
+  mask = (1 << bits) - 1
+  parts = [(packed >> (j * bits)) & mask for j in range(per_byte)]
+  return jnp.stack(parts, axis=-1).ravel()[:size]
+
+
+def _level_value(rank: jax.Array, format: str) -> jax.Array:
+  """Inverse of :func:`_rank`: the value at a (fractional) rank, in block units."""
+  if format == "int8":
+    return rank - 127.0
+  n = _LEVELS_F64[format].size
+  return jnp.interp(rank, jnp.arange(n, dtype=jnp.float32), jnp.asarray(format_levels(format)))
+
+
+def _absmax_unit(blocks: jax.Array, format: str) -> jax.Array:
+  absmax = jnp.max(jnp.abs(blocks), axis=1)
+  return absmax / 127.0 if format == "int8" else absmax
+
+
+def _encode(blocks, unit, format, block_size, shape, dtype, rule, seed) -> QuantizedBase:
+  """Rounds ``blocks`` (float32[n_blocks, block_size]) on the grid of ``unit``."""
+  y = (blocks / jnp.where(unit > 0, unit, 1.0)[:, None]).ravel()
+  if format != "int8":
+    y = jnp.clip(y, -1.0, 1.0)
+  n_levels = _LEVELS_F64[format].size
+  grid = 2**rule.feedback_bits
+  # Kept ranks are the points c - 1/2 + (j + 1/2) / grid, j < grid: the
+  # midpoints of grid equal parts of the cell [c - 1/2, c + 1/2) of code c.
+  # With t = (rank + 1/2)·grid − 1/2 they are the integers, and c = t // grid,
+  # j = t mod grid; a nearest kept rank therefore always has the nearest code.
+  t = (_rank(y, format) + 0.5) * grid - 0.5
+  if rule.rounding == "nearest":
+    t = jnp.round(t)
+  else:
+    below = jnp.floor(t)
+    t = below + (_dither(seed, t.size) < t - below)
+  t = jnp.clip(t, 0, n_levels * grid - 1).astype(jnp.int32)
+  codes = t // grid
+  if format == "int8":
+    packed = (codes - 127).astype(jnp.int8)
+  else:
+    packed = _pack_nibbles(codes.astype(jnp.uint8), zero_code=7)
+  residual = None
+  if rule.feedback_bits:
+    residual = _pack_bits(t - codes * grid, rule.feedback_bits)
+  return QuantizedBase(codes=packed, scales=unit.astype(jnp.float32), shape=shape,
+                       dtype=np.dtype(dtype), format=format, block_size=block_size,
+                       residual=residual, rule=rule)
+
+
+def _kept_blocks(q: QuantizedBase) -> jax.Array:
+  """float32[n_blocks, block_size]: the weight a merge starts from (codes + residual)."""
+  padded = q.n_blocks * q.block_size
+  if q.format == "int8":
+    rank = q.codes.astype(jnp.float32) + 127.0
+  else:
+    rank = _unpack_nibbles(q.codes)[:padded].astype(jnp.float32)
+  if q.rule.feedback_bits:
+    grid = 2**q.rule.feedback_bits
+    j = _unpack_bits(q.residual, q.rule.feedback_bits, padded).astype(jnp.float32)
+    # clamped to the table: a kept weight never exceeds its block's scale
+    rank = jnp.clip(rank - 0.5 + (j + 0.5) / grid, 0, _LEVELS_F64[q.format].size - 1)
+  values = _level_value(rank, q.format).reshape(q.n_blocks, q.block_size)
+  return values * q.scales[:, None]
+
+
+def quantize_base_array(
+  x: jax.typing.ArrayLike,
+  format: str = "int8",
+  block_size: int = 256,
+  rule: MergeRule = DEFAULT_MERGE_RULE,
+  *,
+  seed: jax.typing.ArrayLike | None = None,
+) -> QuantizedBase:
+  """Quantizes a frozen base for merges that follow ``rule``.
+
+  Block scales are the absmax scales of :func:`quantize`; codes are the
+  nearest levels (with ``feedback_bits > 0`` the residual keeps the rounding
+  error, so the kept weight is ``x`` to within ``2^{-b-1}`` of a level gap).
+
+  Args:
+    x: floating-point array.
+    format: ``"int8"`` or ``"nf4"``.
+    block_size: elements per block.
+    rule: a :class:`MergeRule`.
+    seed: ``None`` rounds this first encoding to the nearest grid point
+      whatever ``rule.rounding`` says; a seed rounds it by ``rule``.
+
+  Returns:
+    A :class:`QuantizedBase`.
+  """
+  _check_format(format)
+  _check_merge_format(format)
+  _check_block_size(block_size)
+  if not isinstance(rule, MergeRule):
+    raise TypeError(f"`rule` must be a MergeRule, got {rule!r}.")
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"`x` must be a real floating-point array, got dtype {x.dtype}.")
+  first = rule if seed is not None else dataclasses.replace(rule, rounding="nearest")
+  encoded = _quantize_base(x, format, int(block_size), first, _merge_seed(first, seed))
+  return dataclasses.replace(encoded, rule=rule)
+
+
+def _merge_seed(rule: MergeRule, seed: Any) -> jax.Array | None:
+  if rule.rounding != "stochastic":
+    return None
+  if seed is None:
+    raise ValueError("a MergeRule with rounding='stochastic' needs a `seed`.")
+  return mix_seed(seed)
+
+
+@functools.partial(jax.jit, static_argnames=("format", "block_size", "rule"))
+def _quantize_base(x, format, block_size, rule, seed) -> QuantizedBase:
+  blocks = _blocks(x, block_size)
+  return _encode(blocks, _absmax_unit(blocks, format), format, block_size, tuple(x.shape),
+                 x.dtype, rule, seed)
+
+
+def merge_update(
+  q: QuantizedArray,
+  merged: jax.typing.ArrayLike,
+  *,
+  seed: jax.typing.ArrayLike | None = None,
+  basis: Any = None,
+) -> QuantizedArray:
+  """Writes a merged weight ``merged = dequantize(q) + Δ`` back into ``q``.
+
+  For a :class:`QuantizedBase`, ``Δ = merged − dequantize(q)`` (float32) is
+  added to the kept weight (codes plus residual) and the sum is encoded by
+  ``q.rule`` (see :class:`MergeRule`).  A plain :class:`QuantizedArray` is
+  re-quantized from ``merged`` (:func:`requantize_like`: fresh scales,
+  nearest rounding, no residual; ``seed`` is ignored).
+
+  Args:
+    q: the current base leaf.
+    merged: the merged weight, shape ``q.shape``.
+    seed: integer or key, used (and required) by stochastic rounding; give
+      every merge and leaf its own (``olr.adapters.merge`` uses
+      ``mix_seed(key, refresh_index, leaf_index)``), so that a resumed run
+      rounds exactly as the original.
+    basis: the :class:`~optax_lowrank.bases.Basis` ``S`` that ``Λ`` lived in
+      since the last merge, or ``None``.  With a residual ``r`` (the kept
+      weight minus the codes), the merge adds ``Δ − P_S r`` instead of ``Δ``,
+      ``P_S`` the orthogonal projection onto the span of ``Sᵀ``: the forward
+      pass ran on the codes, so the optimizer has already answered the part
+      ``P_S r`` of the rounding error inside ``Δ``, and counting it again in the
+      residual would make the kept weight absorb the rounding error instead of
+      approaching the optimum (the codes would then dither between two levels
+      around it).  ``olr.adapters.merge`` passes the current basis.
+
+  Returns:
+    The new leaf, of the type, format, block size and dtype of ``q``.
+  """
+  if not isinstance(q, QuantizedBase):
+    return requantize_like(q, merged)
+  merged = jnp.asarray(merged)
+  if tuple(merged.shape) != q.shape:
+    raise ValueError(f"`merged` must have the shape of `q`, {q.shape}; got {tuple(merged.shape)}.")
+  if not q.rule.feedback_bits:
+    basis = None
+  return _merge_update(q, merged, _merge_seed(q.rule, seed), basis)
+
+
+def _span_projection(basis: Any, x: jax.Array) -> jax.Array:
+  """``P_S x``: the orthogonal projection of ``x`` onto the span of ``Sᵀ`` (float32).
+
+  Every factor ``U`` (``n × r``) of the basis is replaced by
+  ``U (UᵀU)⁻¹``; projecting with those and mapping back with ``U`` gives the
+  least-squares fit of ``x`` by ``Sᵀ C`` (exact for the mode products of
+  :mod:`optax_lowrank.bases`, whose span is the tensor product of the factors').
+  """
+  from optax_lowrank import bases as bases_lib  # a module that imports nothing of ours
+
+  def dual(u):
+    if u is None:
+      return None
+    u = u.astype(jnp.float32)
+    gram = jnp.swapaxes(u, -1, -2) @ u
+    return jnp.swapaxes(jnp.linalg.solve(gram, jnp.swapaxes(u, -1, -2)), -1, -2)
+
+  factors = [None if u is None else u.astype(jnp.float32) for u in basis.factors]
+  s = bases_lib.Basis(factors, basis.shape, basis.view_shape, basis.perm, basis.batch_shape)
+  d = bases_lib.Basis([dual(u) for u in basis.factors], basis.shape, basis.view_shape,
+                      basis.perm, basis.batch_shape)
+  return bases_lib.project_back(s, bases_lib.project(d, x.astype(jnp.float32)))
+
+
+@jax.jit
+def _merge_update(q: QuantizedBase, merged: jax.Array, seed: jax.Array | None,
+                  basis: Any) -> QuantizedBase:
+  codes = dequantize(q).astype(jnp.float32)
+  kept = _kept_blocks(q)
+  delta = merged.astype(jnp.float32) - codes
+  if basis is not None:
+    residual = (kept - _blocks(codes, q.block_size)).ravel()[: q.size].reshape(q.shape)
+    delta = delta - _span_projection(basis, residual)
+  new = kept + _blocks(delta, q.block_size)
+  unit = _absmax_unit(new, q.format)
+  if q.rule.scales == "keep":
+    unit = jnp.where(unit > q.scales, unit, q.scales)
+  return _encode(new, unit, q.format, q.block_size, q.shape, q.dtype, q.rule, seed)
+
+
+def merge_tree(
+  base: Any, merged: Any, *, seed: jax.typing.ArrayLike | None = None, bases: Any = None
+) -> Any:
+  """:func:`merge_update` on every quantized leaf of ``base``; other leaves take ``merged``.
+
+  Leaf ``i`` (in flattening order among the quantized leaves) rounds with
+  ``mix_seed(seed, i)``, so leaves never share their rounding noise.
+  ``bases``: ``None`` or a tree like ``base`` holding each quantized leaf's
+  current :class:`~optax_lowrank.bases.Basis` (``None`` where it has none).
+  """
+  is_q = _is_quantized
+  base_leaves, treedef = jax.tree.flatten(base, is_leaf=is_q)
+  merged_leaves = treedef.flatten_up_to(merged)
+  basis_leaves = [None] * len(base_leaves) if bases is None else treedef.flatten_up_to(bases)
+  out, index = [], 0
+  for old, new, basis in zip(base_leaves, merged_leaves, basis_leaves):
+    if is_q(old):
+      leaf_seed = None if seed is None else mix_seed(seed, index)
+      out.append(merge_update(old, new, seed=leaf_seed, basis=basis))
+      index += 1
+    else:
+      out.append(new)
+  return jax.tree.unflatten(treedef, out)

@@ -264,7 +264,10 @@ def test_quantized_base_materializes_within_the_format_bound_and_survives_merge(
   rng = np.random.default_rng(12)
   params = {"w": jnp.asarray(rng.normal(size=(16, 16)), jnp.float32),
             "b": jnp.asarray(rng.normal(size=(16,)), jnp.float32)}
-  adapter = adapters.quantize_base(adapters.init(params, olr.gaussian(4)), fmt, block_size=256)
+  # rule=None: plain codes and scales (the default rule adds a residual, see
+  # tests/test_quantized_training.py for its bytes)
+  adapter = adapters.quantize_base(adapters.init(params, olr.gaussian(4)), fmt, block_size=256,
+                                   rule=None)
   q = adapter.base["w"]
   assert isinstance(q, olr.quantization.QuantizedArray) and q.format == fmt
   assert not isinstance(adapter.base["b"], olr.quantization.QuantizedArray)  # trained leaf
