@@ -80,8 +80,8 @@ Reference:
   Quantization", ICLR 2022. https://arxiv.org/abs/2110.02861
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: ``adam_8bit``'s signature carries
+# the real ``optax.ScalarOrSchedule`` (optax's test suite reads it).
 import math
 from typing import Any, NamedTuple
 
@@ -314,8 +314,8 @@ def adam_8bit(
   b2: float = 0.999,
   eps: float = 1e-8,
   weight_decay: float = 0.0,
-  block_size: int = 256,
-  min_8bit_size: int = 4096,
+  block_size: int | None = None,
+  min_8bit_size: int | None = None,
   mask: Any | None = None,
   *,
   stochastic_rounding: bool = True,
@@ -328,9 +328,14 @@ def adam_8bit(
   ``-lr * (u_t + weight_decay * params)`` with ``u_t`` from
   :func:`scale_by_adam_8bit`, i.e. decoupled weight decay as in
   :func:`optax.adamw` (then ``update`` needs ``params``). With a Python
-  ``weight_decay == 0`` the weight-decay stage is omitted and the result
-  mirrors :func:`optax.adam`; an array or schedule ``weight_decay`` (e.g. from
-  :func:`optax.inject_hyperparams`) always keeps it, so ``params`` are needed.
+  ``weight_decay == 0`` the weight-decay stage does no work (its state, empty,
+  is kept, so the state tree is the same as with an array ``weight_decay``);
+  an array or schedule ``weight_decay`` (e.g. from
+  :func:`optax.inject_hyperparams`) is applied, so ``params`` are needed.
+
+  ``block_size`` and ``min_8bit_size`` default to ``None`` (256 and 4096):
+  they fix array shapes, and ``None`` stays static under
+  :func:`optax.inject_hyperparams`, which turns numeric defaults into arrays.
 
   Args:
     learning_rate: a float or an :data:`optax.Schedule`.
@@ -347,21 +352,22 @@ def adam_8bit(
   if isinstance(weight_decay, (int, float)) and weight_decay < 0:
     raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}.")
   decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
-  stages = [
+  decay = optax.add_decayed_weights(weight_decay, mask)
+  if not decays:  # same (empty) state, no work, no params needed
+    decay = optax.GradientTransformation(decay.init, lambda u, s, params=None: (u, s))
+  return optax.chain(
     scale_by_adam_8bit(
       b1,
       b2,
       eps,
-      block_size,
-      min_8bit_size,
+      256 if block_size is None else block_size,
+      4096 if min_8bit_size is None else min_8bit_size,
       stochastic_rounding=stochastic_rounding,
       seed=seed,
-    )
-  ]
-  if decays:
-    stages.append(optax.add_decayed_weights(weight_decay, mask))
-  stages.append(optax.scale_by_learning_rate(learning_rate))
-  return optax.chain(*stages)
+    ),
+    decay,
+    optax.scale_by_learning_rate(learning_rate),
+  )
 
 
 def adam_8bit_state_nbytes(params: Any, block_size: int = 256, min_8bit_size: int = 4096) -> int:

@@ -58,10 +58,33 @@ def adam_in_subspace(
     mask: which leaves weight decay applies to (as in ``optax.adamw``).
   """
   return _low_rank_recipe(
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps), projection, learning_rate, weight_decay, mask,
+      _scale_by_adam(b1, b2, eps), projection, learning_rate, weight_decay, mask,
       refresh_every=refresh_every, on_refresh=on_refresh, scale=scale, where=where, seed=seed,
       reshape=reshape,
   )
+
+
+def _scale_by_adam(
+    b1: float | jax.Array, b2: float | jax.Array, eps: float | jax.Array
+) -> optax.GradientTransformation:
+  """``optax.scale_by_adam`` with Python-float hyper-parameters made arrays at update.
+
+  A Python ``b2`` enters optax's arithmetic in two precisions: ``1 − b2`` is
+  computed in float64 by Python, ``b2ᵗ`` in float32 by JAX, so float32
+  moments and their bias correction disagree by ``~1e-5`` relative.  Made
+  float32 arrays (the coefficients' dtype; float64 for float64 params), both are
+  float32, exactly as under ``optax.inject_hyperparams`` — so the plain and the
+  injected recipe give the same updates to round-off.
+  """
+  init_fn = optax.scale_by_adam(b1=b1, b2=b2, eps=eps).init
+
+  def update_fn(updates, state, params=None):
+    dtype = jnp.promote_types(optax.tree.dtype(updates, "highest"), jnp.float32)
+    as_array = lambda x: jnp.asarray(x, dtype) if isinstance(x, (int, float)) else x
+    tx = optax.scale_by_adam(b1=as_array(b1), b2=as_array(b2), eps=as_array(eps))
+    return tx.update(updates, state, params)
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def _low_rank_recipe(
@@ -246,9 +269,9 @@ def natural_galore(
   history = 10 if history is None else history
   return _low_rank_recipe(
       [woodbury_precondition(history, damping, refine=refine, batch_ndim=_stacked_ndim),
-       optax.scale_by_adam(b1=b1, b2=b2, eps=eps)],
+       _scale_by_adam(b1, b2, eps)],
       proj.svd(rank, side), learning_rate, weight_decay, mask,
-      unprojected=optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      unprojected=_scale_by_adam(b1, b2, eps),
       refresh_every=refresh_every, on_refresh=on_refresh, scale=scale, where=where,
       reshape=reshape,
   )

@@ -249,8 +249,12 @@ def test_inject_hyperparams():
   state.hyperparams["learning_rate"] = jnp.zeros_like(state.hyperparams["learning_rate"])
   updates, state = step(grads, state, params)
   assert float(jnp.max(jnp.abs(updates["w"]))) == 0
-  # Shape-fixing ints must be static; the error says how.
-  traced = optax.inject_hyperparams(eight_bit.adam_8bit)(learning_rate=0.1)
+  # The defaults (None) stay static, so plain injection works ...
+  default = optax.inject_hyperparams(eight_bit.adam_8bit)(learning_rate=0.1)
+  updates, _ = jax.jit(default.update)(grads, default.init(params), params)
+  assert float(jnp.max(jnp.abs(updates["w"]))) > 0
+  # ... but a shape-fixing int given explicitly must be static; the error says how.
+  traced = optax.inject_hyperparams(eight_bit.adam_8bit)(learning_rate=0.1, block_size=64)
   with pytest.raises(ValueError, match="`block_size`.*static_args"):
     jax.jit(traced.update)(grads, traced.init(params), params)
 
