@@ -140,6 +140,7 @@ from jax.sharding import PartitionSpec as P
 
 from optax_lowrank import leaves as leaves_lib
 from optax_lowrank import projections as proj
+from optax_lowrank.launch import LaunchError, ProcessResult, initialize_local, launch_local
 from optax_lowrank.low_rank import LowRankState, low_rank
 
 __all__ = [
@@ -147,12 +148,16 @@ __all__ = [
     "DiLoCo",
     "DiLoCoState",
     "DisjointSketch",
+    "LaunchError",
+    "ProcessResult",
     "RoundMetrics",
     "assign_worker",
     "default_outer",
     "diloco_round",
     "disjoint",
     "disjoint_factor",
+    "initialize_local",
+    "launch_local",
     "make_diloco",
     "state_shardings",
     "worker_key",
@@ -503,6 +508,9 @@ class DiLoCo(NamedTuple):
     round: ``(state, batches) -> (state, RoundMetrics)`` (jitted ``shard_map``
       of :func:`diloco_round`); ``batches`` leaves have shape
       ``(local_steps, batch, ...)`` with ``batch`` divisible by ``num_workers``.
+      Like a jitted function, ``init`` and ``round`` have a ``.lower(...)``
+      taking the same arguments (``round.lower(state, batches).compile()
+      .as_text()`` is the HLO of one round, collectives included).
     worker_tx: the optimizer every worker runs (``olr.low_rank`` of the inner
       optimizer, or the inner optimizer itself without a projection).
     num_workers: ``K``, the size of the worker axis.
@@ -631,6 +639,14 @@ def make_diloco(
     _check_batches(batches, local_steps, num_workers, axis_name)
     return round_jit(state, jax.device_put(batches, rows))
 
+  def lower_round(state: DiLoCoState, batches: Batch) -> Any:
+    _check_batches(batches, local_steps, num_workers, axis_name)
+    return round_jit.lower(state, jax.device_put(batches, rows))
+
+  # As on a jitted function: ``diloco.round.lower(state, batches).compile().as_text()``
+  # is the program one round runs (to read its collectives, its memory).
+  init_fn.lower = init_jit.lower
+  round_fn.lower = lower_round
   return DiLoCo(init_fn, round_fn, worker_tx, num_workers)
 
 
