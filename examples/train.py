@@ -631,6 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS,
                  help=f"updates per method (default: {DEFAULT_STEPS})")
   p.add_argument("--batch-size", type=_positive_int, default=8, help="default: 8")
+  p.add_argument("--scan-layers", action="store_true",
+                 help="stack the blocks and run them with nnx.scan (each stacked kernel is "
+                      "projected as n_layers matrices); the GaLore-sized presets always are")
   p.add_argument("--seq-len", type=_positive_int, default=None,
                  help="input length (default: the preset's max_seq_len)")
   p.add_argument("--eval-every", type=_positive_int, default=20, help="default: 20")
@@ -690,7 +693,12 @@ def _prepare(args: argparse.Namespace) -> _Job:
       )
   if args.size not in PRESETS:
     raise UsageError(f"unknown size {args.size!r}; valid: {', '.join(PRESETS)}")
-  model_config = LlamaConfig.preset(args.size, dtype=jnp.float32, param_dtype=jnp.float32)
+  # Byte-level data: a 256-token vocabulary whatever the preset says (the
+  # GaLore-sized presets carry the paper's 32000 for memory plans).
+  model_config = LlamaConfig.preset(
+      args.size, dtype=jnp.float32, param_dtype=jnp.float32, vocab_size=256,
+      scan_layers=args.scan_layers or PRESETS[args.size].get("scan_layers", False),
+  )
   seq_len = model_config.max_seq_len if args.seq_len is None else args.seq_len
   if seq_len > model_config.max_seq_len:
     raise UsageError(
