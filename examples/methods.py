@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import optax
 
 import optax_lowrank as olr
+from examples.llama import STACKED_RULE
 
 __all__ = [
     "LEARNING_RATES",
@@ -206,17 +207,21 @@ def get(name: str) -> Method:
 
 
 def is_projected(path: tuple[str, ...], leaf: Any) -> bool:
-  """The ``where`` rule: the 2-D kernels inside the transformer blocks.
+  """The ``where`` rule: the kernels inside the transformer blocks.
 
   Args:
-    path: the leaf's path, e.g. ``('layers', '0', 'ffn', 'w1', 'kernel')``.
+    path: the leaf's path, e.g. ``('layers', '0', 'ffn', 'w1', 'kernel')``, or
+      ``('layers', 'ffn', 'w1', 'kernel')`` for the stacked ``(n_layers, in,
+      out)`` kernels of a scanned model (seen as ``n_layers`` matrices through
+      ``reshape=STACKED_RULE``, which every method passes).
     leaf: the leaf (an array or a ``ShapeDtypeStruct``).
 
   Returns:
     True for attention and feed-forward kernels; False for the embedding, the
     output head and the norm scales.
   """
-  return len(path) > 1 and path[0] == "layers" and path[-1] == "kernel" and leaf.ndim == 2
+  return (len(path) > 1 and path[0] == "layers" and path[-1] == "kernel"
+          and leaf.ndim in (2, 3))
 
 
 def decay_mask(params: Params) -> Any:
@@ -278,6 +283,7 @@ def _galore(learning_rate: float, steps: int, config: MethodConfig) -> optax.Gra
       b2=config.b2,
       weight_decay=config.weight_decay,
       where=is_projected,
+      reshape=STACKED_RULE,
       mask=decay_mask,
   )
 
@@ -292,6 +298,7 @@ def _flora(learning_rate: float, steps: int, config: MethodConfig) -> optax.Grad
       b2=config.b2,
       weight_decay=config.weight_decay,
       where=is_projected,
+      reshape=STACKED_RULE,
       seed=config.seed,
       mask=decay_mask,
   )
@@ -307,6 +314,7 @@ def _two_sided(
           refresh_every=config.refresh_every,
           scale=config.scale,
           where=is_projected,
+          reshape=STACKED_RULE,
           seed=config.seed,
       ),
       optax.add_decayed_weights(config.weight_decay, decay_mask),
@@ -326,6 +334,7 @@ def _recipe_factory(recipe: Callable[..., optax.GradientTransformation]) -> TxFa
         scale=config.scale,
         weight_decay=config.weight_decay,
         where=is_projected,
+        reshape=STACKED_RULE,
         mask=decay_mask,
         seed=config.seed,
     )
@@ -422,7 +431,7 @@ def _adapter_tx(learning_rate: float, steps: int, config: MethodConfig):
 
 def _adapter_init(params, config: MethodConfig):
   adapter = olr.adapters.init(params, olr.gaussian(config.rank), seed=config.seed,
-                              where=is_projected)
+                              where=is_projected, reshape=STACKED_RULE)
   # refresh_every travels with the frozen state, so the traced hook can read it
   frozen = {"adapter": adapter, "refresh_every": jnp.asarray(config.refresh_every, jnp.int32)}
   return olr.adapters.zeros(adapter), frozen
