@@ -9,34 +9,66 @@ setting; the other orientation is the transpose) and an orthonormal projector
     R_t = Pᵀ G_t                                  (r×n)  Alg. 1 l.6, Alg. 2
     S_t = G_t − P R_t = (I − P Pᵀ) G_t            (m×n)  Alg. 1 l.7
     M_t = β1 M_{t−1} + (1 − β1) R_t               (r×n)  Alg. 1 l.8
-    N_1 = P · AF(M̂_t)                             (m×n)  Alg. 1 l.9, Alg. 3
-    N_2 = OS(S_t)                                 (m×n)  Alg. 1 l.10, Alg. 4
+    N_1 = P · clip(AF(M̂_t))                       (m×n)  Alg. 1 l.9, Alg. 3
+    N_2 = clip(OS(S_t))                           (m×n)  Alg. 1 l.10, Alg. 4
     u_t = N_1 + δ · N_2                                  Alg. 1 l.11
 
 ``AF`` is Adafactor's factored preconditioner applied to the bias-corrected
-momentum ``M̂_t = M_t / (1 − β1^t)`` (Alg. 3 takes the *momentum* as input and
-accumulates its square)::
+momentum ``M̂_t = M_t / (1 − β1^t)``.  By default its second moments are those
+of the projected *gradient* ``R_t`` (``statistics="gradient"``; see below)::
 
-    a_t = β2 a_{t−1} + (1 − β2) (M̂_t ∘ M̂_t) 1_n       (r,)  row sums
-    b_t = β2 b_{t−1} + (1 − β2) 1_rᵀ (M̂_t ∘ M̂_t)      (n,)  column sums
+    a_t = β2 a_{t−1} + (1 − β2) (R_t ∘ R_t) 1_n         (r,)  row sums
+    b_t = β2 b_{t−1} + (1 − β2) 1_rᵀ (R_t ∘ R_t)        (n,)  column sums
     V̂ = a_t b_tᵀ / (1_rᵀ a_t) / (1 − β2^t)
     AF(M̂_t) = M̂_t / (√V̂ + ε)
 
-``OS`` is the one-sided Adafactor preconditioner: a single vector of
-second moments along the *non-projected* axis, averaged over the projected
-one, so it scales the columns of the residual only::
+(``statistics="momentum"`` accumulates ``M̂_t ∘ M̂_t`` instead.)  ``OS`` is the
+one-sided Adafactor preconditioner: a single vector of second moments along
+the *non-projected* axis, averaged over the projected one, so it scales the
+columns of the residual only::
 
     c_t = β2 c_{t−1} + (1 − β2) 1_mᵀ (S_t ∘ S_t)        (n,)
     OS(S_t) = S_t / (√(1_m c_tᵀ / m / (1 − β2^t)) + ε)
 
+``clip`` is Adafactor's update clipping (Shazeer & Stern, §6),
+``x / max(1, RMS(x)/d)`` with threshold ``d`` (default 1), applied to each part
+separately in the space its preconditioner works in: to the ``r×n``
+coefficients ``AF(M̂_t)`` before the product with ``P`` (as the Adafactor
+variant of GaLore does), and to the ``m×n`` residual ``OS(S_t)``.
+
 Claim 3.1 (orthogonality).  ``N_1`` lies in the column space of ``P``
 (``N_1 = P X``) and ``N_2 = (I − P Pᵀ) G_t D`` with ``D`` diagonal, so
 ``⟨N_1, N_2⟩_F = tr(Xᵀ Pᵀ (I − P Pᵀ) G_t D) = 0``: preconditioning never mixes
-the momentum subspace with its complement.  :func:`adamem_parts` returns the
-two parts of one step so this can be checked directly.
+the momentum subspace with its complement.  Clipping multiplies each part by
+a positive scalar, so it keeps the split.  :func:`adamem_parts` returns the two
+parts of one step so this can be checked directly.
 
-Decisions where the paper is silent or its text is inconsistent:
+Decisions where the paper is silent, ambiguous or inconsistent:
 
+* **Whose statistics Alg. 3 accumulates.**  Alg. 1 l.9 passes the momentum to
+  Alg. 3, which (read literally) builds its factored second moment from the
+  squared momentum ``M̂²``.  The proof of Claim 3.1 and §3 ("similar to the
+  Adafactor variant of GaLore") instead precondition the projected gradient,
+  whose statistics are those of ``(PᵀG)²``.  We default to the latter, applied
+  to the momentum as Adam does.  The difference shows under gradient noise.
+  On a ``64×96`` leaf fed ``G_t = A + σ·N_t`` (``A`` of rank 4, ``N_t``
+  standard normal noise; rank 4, ``δ = 0``, no clipping, float32, mean over
+  steps 100–199), the RMS of the low-rank coefficients ``AF(M̂_t)`` is
+  1.04 / 1.08 / 1.00 at σ = 1 / 3 / 10 with momentum statistics (every
+  coordinate steps about 1 whatever the noise) and 0.96 / 0.64 / 0.24 with
+  gradient statistics, which shrink with the signal-to-noise ratio as Adam's
+  steps do (full-rank Adam, same β's: RMS 0.58 / 0.35 / 0.24); the cosine of
+  the update to ``A`` is 0.87 / 0.61 / 0.07 against 0.89 / 0.71 / 0.08.  On the
+  example Llama, issue 17 measured 1.930 / 1.955 nats/byte (400 steps, seeds
+  0/1) with momentum statistics and 1.815 / 1.811 with gradient statistics at
+  the same learning rate.  ``statistics="momentum"``
+  keeps the literal reading.
+* **Update clipping.**  Alg. 3 is Adafactor, which clips every update to RMS
+  ``≤ d``; Alg. 1 does not mention it.  We clip (``clip_threshold=1.0``;
+  ``None`` turns it off), each part separately so that Claim 3.1 still holds:
+  the factored preconditioner on SVD coefficients is badly conditioned at the
+  first steps (issue 17 measured unclipped entries of 7–16 on the example
+  Llama's kernels at step 1, where Adam's are ≤ 1).
 * **Side of the one-sided statistic.**  Alg. 4 as printed accumulates row sums
   ``(S_t²) 1_n`` (a scaling of the rows, the projected axis) but normalises by
   ``1_mᵀ/m``; Claim 3.1's proof (``B = (I − PPᵀ) G D_3`` with
@@ -44,6 +76,19 @@ Decisions where the paper is silent or its text is inconsistent:
   statistic to live on the non-projected axis.  We follow the proof and the
   memory count; scaling the rows would break the orthogonality (the test file
   shows it).
+* **A residual at round-off level is zero.**  The step never forms ``S_t``
+  (two GEMMs, see :func:`_adamem_update`): it takes the residual's column norms
+  as ``‖G_j‖² − ‖R_j‖²``, which cancels when ``G_j`` lies (almost) inside
+  ``span(P)``; with ``P`` orthonormal only to ~1e-6 in float32, what is left
+  would be noise that ``OS`` then scales up to unit size.  (Without this
+  guard, a ``64×96`` leaf at rank 16 fed float32 gradients lying in a fixed
+  16-dimensional subspace got update RMS up to 21.7 and entries up to 129;
+  with it, at most 0.50 and 1.84.)  A column whose residual has less than ``√ε`` of the
+  gradient column's squared norm (``ε`` of the projector's dtype: below 1.9%
+  of its norm in float32, 0.012% in float64) is treated as exactly zero, in
+  the statistic and in the update, so that a gradient anywhere from 0% to 100%
+  inside the span gives a bounded step.  Above the threshold the identity's
+  error is below ~3% of the column's scale (relative ``ε/√ε``).
 * **Bias correction and ε** ("not described for simplicity", Alg. 1): the
   momentum is bias-corrected by ``1 − β1^t`` *before* it enters Alg. 3, every
   second-moment statistic by ``1 − β2^t``, and ``ε`` (default ``1e-8``, the
@@ -54,21 +99,27 @@ Decisions where the paper is silent or its text is inconsistent:
   replaced (no reset, no transport), as GaLore does; so do we.  The first
   projector is made at step 0 (the package's convention), then every
   ``refresh_every`` steps, inside ``jax.lax.cond``.
-* **No update clipping and no Adafactor relative step.**  The paper's
-  "relative step size δ" is the weight of the residual direction (Alg. 1,
-  ``δ = 1``; §5 sweeps ``δ ∈ {0.5, 1}``), not Adafactor's parameter-scale
-  step, and Alg. 1 l.11 applies no RMS clipping.  Chain
-  ``optax.clip_by_block_rms`` yourself if you want Adafactor's clipping.
+* **No Adafactor relative step.**  The paper's "relative step size δ" is the
+  weight of the residual direction (Alg. 1, ``δ = 1``; §5 sweeps
+  ``δ ∈ {0.5, 1}``), not Adafactor's parameter-scale step.
 * **Full-rank leaves.**  When the rank (clamped to the leaf) equals the
   projected dimension, ``I − PPᵀ = 0`` exactly; the residual is then set to
-  zero statically instead of normalising round-off noise to unit scale.
+  zero statically.
 * **Leaves that are not projected** (vectors, scalars, anything ``where``
-  leaves out) get plain Adafactor *without* momentum: a factored second
-  moment over the last two axes for leaves with ≥ 2 axes, a full one for the
-  rest, same ``β2``, ``ε`` and bias correction.  This is what the paper uses for
-  the layers it does not make low-rank ("training the first and last layers
-  with Adafactor for AdaMeM", §5) and it keeps the state ``O(m + n)`` for big
-  excluded matrices such as embeddings; an Adam treatment would cost ``2·m·n``.
+  leaves out) get plain Adafactor *without* momentum, with the same update
+  clipping: a factored second moment over the last two axes for leaves with
+  ≥ 2 axes, a full one for the rest, same ``β2``, ``ε`` and bias correction.
+  This is what the paper uses for the layers it does not make low-rank
+  ("training the first and last layers with Adafactor for AdaMeM", §5) and it
+  keeps the state ``O(m + n)`` for big excluded matrices such as embeddings;
+  an Adam treatment would cost ``2·m·n``.
+
+Step size.  Every part is normalised to RMS ≈ 1 (and clipped there), as
+Adam's per-coordinate steps are at best, and the two parts add: at the same
+learning rate AdaMeM moves a projected kernel several times further than
+AdamW (Adam's steps shrink to ~0.2–0.6 under gradient noise; a unit-RMS
+residual does not), and much further than GaLore, whose update GaLore scales
+by ``α``.  Tune its learning rate separately.
 
 Memory (state bytes of one leaf; ``b_u``, ``b_µ``, ``b_s`` the item sizes of
 the projector, momentum and statistics; the projector and statistics are
@@ -92,11 +143,9 @@ that is not projected holds ``(size/s_{−1} + size/s_{−2})·b_s`` bytes if it
 The step counter adds 4 bytes.  :func:`adamem_state_bytes` evaluates all of it.
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -108,7 +157,12 @@ from optax_lowrank import projections as proj
 from optax_lowrank.bases import Basis, project, project_back
 from optax_lowrank.leaves import LeafPlan, map_plans
 
+# No ``from __future__ import annotations`` here: optax's checks (e.g. whether
+# ``learning_rate`` is annotated ``optax.ScalarOrSchedule``) read the
+# annotations as objects.
+
 Array = jax.Array
+Statistics = Literal["gradient", "momentum"]
 
 __all__ = [
     "AdaMeMParts",
@@ -116,8 +170,11 @@ __all__ = [
     "adamem",
     "adamem_parts",
     "adamem_state_bytes",
+    "residual_tolerance",
     "scale_by_adamem",
 ]
+
+_STATISTICS = ("gradient", "momentum")
 
 
 class ScaleByAdaMeMState(NamedTuple):
@@ -134,12 +191,13 @@ class ScaleByAdaMeMState(NamedTuple):
       one projector factor ``P`` (``(p, r)``, float32/64); ``None`` elsewhere.
     mu: projected leaves: the low-rank momentum ``M`` (coefficient-shaped,
       ``mu_dtype``); ``None`` elsewhere (no momentum outside the subspace).
-    nu_row: projected leaves: Alg. 3's row statistic of ``M̂`` (first axis of the
-      coefficients); other leaves: Adafactor's row statistic of the gradient
+    nu_row: projected leaves: Alg. 3's row statistic (of ``R = PᵀG``, or of
+      ``M̂`` with ``statistics="momentum"``; first axis of the coefficients);
+      other leaves: Adafactor's row statistic of the gradient
       (``shape[:-1]``), or its full second moment (``shape``) for < 2 axes.
-    nu_col: projected leaves: Alg. 3's column statistic of ``M̂`` (second axis
-      of the coefficients); other leaves with ≥ 2 axes: Adafactor's column
-      statistic (``shape[:-2] + shape[-1:]``); ``None`` for < 2 axes.
+    nu_col: projected leaves: Alg. 3's column statistic (second axis of the
+      coefficients); other leaves with ≥ 2 axes: Adafactor's column statistic
+      (``shape[:-2] + shape[-1:]``); ``None`` for < 2 axes.
     nu_res: projected leaves: Alg. 4's one-sided statistic of the residual,
       ``(q,)``; ``None`` elsewhere.
   """
@@ -156,8 +214,8 @@ class AdaMeMParts(NamedTuple):
   """One AdaMeM step on one projected leaf, split as in Alg. 1 l.11.
 
   Attributes:
-    low_rank: ``N_1 = P · AF(M̂_t)``, leaf-shaped, in the projector's dtype.
-    residual: ``N_2 = OS((I − PPᵀ) G_t)``, leaf-shaped, same dtype.
+    low_rank: ``N_1 = P · clip(AF(M̂_t))``, leaf-shaped, in the projector's dtype.
+    residual: ``N_2 = clip(OS((I − PPᵀ) G_t))``, leaf-shaped, same dtype.
     mu, nu_row, nu_col, nu_res: the leaf's new statistics (dtypes of the inputs).
   """
 
@@ -170,7 +228,19 @@ class AdaMeMParts(NamedTuple):
 
 
 # ----------------------------------------------------------------------------
-# Pure per-leaf mathematics.
+# Pure per-leaf mathematics.  Every function here works on one leaf (one
+# matrix); nothing depends on a leading axis, so they can be vmapped.
+
+
+def residual_tolerance(dtype) -> float:
+  """Relative squared norm below which a residual column counts as zero: ``√ε(dtype)``.
+
+  A column ``j`` of the residual ``S = (I − PPᵀ)G`` with
+  ``‖S_j‖² ≤ tol · ‖G_j‖²`` is set to zero (float32: ``tol ≈ 3.5e-4``, a
+  residual under 1.9% of the column's norm; float64: ``≈ 1.5e-8``).  ``dtype``
+  is the projector's (float32 for bfloat16/float16/float32 leaves).
+  """
+  return float(jnp.finfo(dtype).eps) ** 0.5
 
 
 def _factored_ema(nu_row: Array, nu_col: Array, x: Array, b2) -> tuple[Array, Array]:
@@ -191,6 +261,21 @@ def _factored_scale(x: Array, nu_row: Array, nu_col: Array, correction, eps) -> 
   return x / (jnp.sqrt(v / correction) + eps)
 
 
+def _clip_factor(sum_sq: Array, size: int, threshold) -> Array | float:
+  """Adafactor's clipping factor ``1 / max(1, RMS/d)``, RMS from a sum of ``size`` squares."""
+  if threshold is None:
+    return 1.0
+  rms = jnp.sqrt(sum_sq / size)
+  return 1 / jnp.maximum(1.0, rms / jnp.asarray(threshold, rms.dtype))
+
+
+def _clip(x: Array, threshold) -> Array:
+  """``x / max(1, RMS(x)/d)`` over the whole array (one leaf)."""
+  if threshold is None:
+    return x
+  return x * _clip_factor(jnp.sum(jnp.square(x)), x.size, threshold)
+
+
 class _LowRankPart(NamedTuple):
   """What both forms of the step share (see :func:`_low_rank_part`)."""
 
@@ -199,14 +284,16 @@ class _LowRankPart(NamedTuple):
   full_rank: bool    # r == p: I − PPᵀ = 0 exactly
   grad_view: Array   # G_t in the view, projector dtype
   coeffs: Array      # R_t = Pᵀ G_t
-  scaled: Array      # AF(M̂_t), coefficient-shaped
+  scaled: Array      # clip(AF(M̂_t)), coefficient-shaped
   c2: Array          # 1 − β2^t
   mu: Array
   nu_row: Array
   nu_col: Array
 
 
-def _low_rank_part(basis, grad, mu, nu_row, nu_col, count, b1, b2, eps) -> _LowRankPart:
+def _low_rank_part(
+    basis, grad, mu, nu_row, nu_col, count, b1, b2, eps, statistics, clip_threshold
+) -> _LowRankPart:
   """Alg. 1 l.6 and l.8–9 up to the last product with ``P``: one GEMM."""
   axes = [i for i, f in enumerate(basis.factors) if f is not None]
   if len(basis.factors) != 2 or len(axes) != 1:
@@ -224,19 +311,28 @@ def _low_rank_part(basis, grad, mu, nu_row, nu_col, count, b1, b2, eps) -> _LowR
   coeffs = project(basis, grad.astype(dtype))                     # R_t
   new_mu = b1 * mu.astype(dtype) + (1 - b1) * coeffs              # M_t
   mu_hat = new_mu / c1
-  new_row, new_col = _factored_ema(nu_row.astype(dtype), nu_col.astype(dtype), mu_hat, b2)
+  source = coeffs if statistics == "gradient" else mu_hat
+  new_row, new_col = _factored_ema(nu_row.astype(dtype), nu_col.astype(dtype), source, b2)
+  scaled = _clip(_factored_scale(mu_hat, new_row, new_col, c2, eps), clip_threshold)
   p, r = factor.shape
-  return _LowRankPart(
-      axis, p, r == p, g, coeffs, _factored_scale(mu_hat, new_row, new_col, c2, eps), c2,
-      new_mu, new_row, new_col,
-  )
+  return _LowRankPart(axis, p, r == p, g, coeffs, scaled, c2, new_mu, new_row, new_col)
 
 
-def _residual_scale(part: _LowRankPart, nu_res: Array, sq_norms: Array, b2, eps):
-  """Alg. 4: the new one-sided statistic and ``1/(√V̂ + ε)`` broadcastable to the view."""
+def _residual_scale(part: _LowRankPart, nu_res: Array, sq_norms: Array, grad_sq_norms: Array,
+                    b2, eps, clip_threshold):
+  """Alg. 4 with the round-off guard and the clipping, from the residual's column norms.
+
+  Returns the new one-sided statistic and the per-column factor
+  ``clip · 1/(√V̂ + ε)`` (0 on columns whose residual counts as zero), shaped
+  to broadcast against the view.
+  """
+  keep = sq_norms > residual_tolerance(part.c2.dtype) * grad_sq_norms
+  sq_norms = jnp.where(keep, sq_norms, 0)
   new_res = b2 * nu_res.astype(part.c2.dtype) + (1 - b2) * sq_norms
-  v_res = jnp.expand_dims(new_res, part.axis) / (part.p * part.c2)
-  return new_res, 1 / (jnp.sqrt(v_res) + eps)
+  inv = jnp.where(keep, 1 / (jnp.sqrt(new_res / (part.p * part.c2)) + eps), 0)
+  q = sq_norms.shape[-1]
+  inv = inv * _clip_factor(jnp.sum(sq_norms * jnp.square(inv)), part.p * q, clip_threshold)
+  return new_res, jnp.expand_dims(inv, part.axis)
 
 
 def adamem_parts(
@@ -251,6 +347,8 @@ def adamem_parts(
     b1: float | Array = 0.9,
     b2: float | Array = 0.95,
     eps: float | Array = 1e-8,
+    statistics: Statistics = "gradient",
+    clip_threshold: float | Array | None = 1.0,
 ) -> AdaMeMParts:
   """Both preconditioned directions of one AdaMeM step on one projected leaf.
 
@@ -265,22 +363,24 @@ def adamem_parts(
     mu, nu_row, nu_col, nu_res: the leaf's statistics before the step (shapes as
       in :class:`ScaleByAdaMeMState`).
     count: steps taken before this one (``t − 1``; bias corrections use ``t``).
-    b1, b2, eps: as for :func:`scale_by_adamem`.
+    b1, b2, eps, statistics, clip_threshold: as for :func:`scale_by_adamem`.
 
   Returns:
-    :class:`AdaMeMParts`: ``low_rank = P·AF(M̂_t)`` and
-    ``residual = OS((I − PPᵀ) G_t)`` (their Frobenius inner product is 0,
+    :class:`AdaMeMParts`: ``low_rank = P·clip(AF(M̂_t))`` and
+    ``residual = clip(OS((I − PPᵀ) G_t))`` (their Frobenius inner product is 0,
     Claim 3.1), and the new statistics.  The step itself is
     ``low_rank + δ·residual``.
   """
-  part = _low_rank_part(basis, grad, mu, nu_row, nu_col, count, b1, b2, eps)
+  part = _low_rank_part(basis, grad, mu, nu_row, nu_col, count, b1, b2, eps, statistics,
+                        clip_threshold)
   if part.full_rank:
     # I − PPᵀ = 0 exactly; do not amplify round-off.
     s_view = jnp.zeros_like(part.grad_view)
   else:                                                                   # S_t
     s_view = part.grad_view - bases_lib.to_view(basis, project_back(basis, part.coeffs))
   new_res, inv = _residual_scale(
-      part, nu_res, jnp.sum(jnp.square(s_view), axis=part.axis), b2, eps
+      part, nu_res, jnp.sum(jnp.square(s_view), axis=part.axis),
+      jnp.sum(jnp.square(part.grad_view), axis=part.axis), b2, eps, clip_threshold,
   )
   return AdaMeMParts(
       low_rank=project_back(basis, part.scaled),
@@ -292,44 +392,50 @@ def adamem_parts(
   )
 
 
-def _adamem_update(basis, grad, mu, nu_row, nu_col, nu_res, count, *, b1, b2, eps, delta):
+def _adamem_update(basis, grad, mu, nu_row, nu_col, nu_res, count, *, b1, b2, eps, delta,
+                   statistics="gradient", clip_threshold=1.0):
   """``low_rank + δ·residual`` of :func:`adamem_parts` with two GEMMs instead of three.
 
-  With ``D = diag(1/(√V̂_res + ε))`` on the non-projected axis and ``P``
-  orthonormal, ``OS(S_t) = (G − P R) D = G D − P (R D)``, so::
+  With ``D = diag(clip · 1/(√V̂_res + ε))`` on the non-projected axis and ``P``
+  orthonormal, ``N_2 = (G − P R) D = G D − P (R D)``, so::
 
-      u = P · (AF(M̂_t) − δ · R D) + δ · G D
+      u = P · (clip(AF(M̂_t)) − δ · R D) + δ · G D
 
-  and the residual's column norms are ``‖S_j‖² = ‖G_j‖² − ‖R_j‖²`` (clamped at
-  0 against round-off): ``S_t`` is never formed.  Returns the update (view
-  dtype of the projector, leaf-shaped) and the new ``(mu, nu_row, nu_col,
-  nu_res)``.
+  and the residual's column norms are ``‖S_j‖² = ‖G_j‖² − ‖R_j‖²``: ``S_t`` is
+  never formed.  Where that difference is below
+  ``residual_tolerance · ‖G_j‖²`` (round-off territory) ``D_j = 0``, so
+  ``G_j D_j − P R_j D_j`` is exactly 0 instead of amplified cancellation
+  error.  Returns the update (view dtype of the projector, leaf-shaped) and
+  the new ``(mu, nu_row, nu_col, nu_res)``.
   """
-  part = _low_rank_part(basis, grad, mu, nu_row, nu_col, count, b1, b2, eps)
+  part = _low_rank_part(basis, grad, mu, nu_row, nu_col, count, b1, b2, eps, statistics,
+                        clip_threshold)
   stats = (part.mu.astype(mu.dtype), part.nu_row.astype(nu_row.dtype),
            part.nu_col.astype(nu_col.dtype))
   if part.full_rank:
-    new_res, _ = _residual_scale(part, nu_res, jnp.zeros_like(nu_res, part.c2.dtype), b2, eps)
+    zeros = jnp.zeros_like(nu_res, part.c2.dtype)
+    new_res = b2 * nu_res.astype(part.c2.dtype) + (1 - b2) * zeros
     return project_back(basis, part.scaled), (*stats, new_res.astype(nu_res.dtype))
-  sq = jnp.sum(jnp.square(part.grad_view), axis=part.axis) - jnp.sum(
-      jnp.square(part.coeffs), axis=part.axis
-  )
-  new_res, inv = _residual_scale(part, nu_res, jnp.maximum(sq, 0), b2, eps)
+  grad_sq = jnp.sum(jnp.square(part.grad_view), axis=part.axis)
+  sq = grad_sq - jnp.sum(jnp.square(part.coeffs), axis=part.axis)
+  new_res, inv = _residual_scale(part, nu_res, sq, grad_sq, b2, eps, clip_threshold)
   small = part.scaled - delta * (part.coeffs * inv)
   update = bases_lib.to_view(basis, project_back(basis, small)) + delta * (part.grad_view * inv)
   return bases_lib.from_view(basis, update), (*stats, new_res.astype(nu_res.dtype))
 
 
-def _adafactor_leaf(g: Array, nu_row: Array, nu_col: Array | None, count, b2, eps):
-  """Adafactor without momentum on a leaf that is not projected."""
+def _adafactor_leaf(g: Array, nu_row: Array, nu_col: Array | None, count, b2, eps,
+                    clip_threshold):
+  """Adafactor without momentum, with update clipping, on a leaf that is not projected."""
   dtype = nu_row.dtype
   c2 = 1 - jnp.asarray(b2, dtype) ** (jnp.asarray(count, jnp.int32) + 1).astype(dtype)
   x = g.astype(dtype)
   if nu_col is None:
     new_row = b2 * nu_row + (1 - b2) * jnp.square(x)
-    return x / (jnp.sqrt(new_row / c2) + eps), new_row, None
+    return _clip(x / (jnp.sqrt(new_row / c2) + eps), clip_threshold), new_row, None
   new_row, new_col = _factored_ema(nu_row, nu_col, x, b2)
-  return _factored_scale(x, new_row, new_col, c2, eps), new_row, new_col
+  u = _clip(_factored_scale(x, new_row, new_col, c2, eps), clip_threshold)
+  return u, new_row, new_col
 
 
 # ----------------------------------------------------------------------------
@@ -345,6 +451,14 @@ def _check_unit_interval(name: str, value) -> None:
 def _check_nonnegative(name: str, value) -> None:
   if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
     raise ValueError(f"`{name}` must be >= 0, got {value!r}")
+
+
+def _check_options(statistics, clip_threshold) -> None:
+  if statistics not in _STATISTICS:
+    raise ValueError(f"`statistics` must be one of {_STATISTICS}, got {statistics!r}")
+  if isinstance(clip_threshold, (int, float)) and not isinstance(clip_threshold, bool):
+    if not clip_threshold > 0:
+      raise ValueError(f"`clip_threshold` must be > 0 or None, got {clip_threshold!r}")
 
 
 def _projected_axis(p: LeafPlan) -> int:
@@ -428,6 +542,8 @@ def scale_by_adamem(
     delta: float = 1.0,
     eps: float = 1e-8,
     *,
+    statistics: Statistics = "gradient",
+    clip_threshold: float | None = 1.0,
     side: proj.Side = "auto",
     where: Any = None,
     reshape: leaves_lib.ReshapeRule | Callable[..., Any] | None = None,
@@ -438,13 +554,15 @@ def scale_by_adamem(
   Per projected leaf (``G ∈ R^{m×n}``, ``m ≤ n`` shown; see the module
   docstring for every equation)::
 
-      u = P · AF(M̂_t)  +  δ · OS((I − PPᵀ) G_t),    M_t = β1 M_{t−1} + (1 − β1) Pᵀ G_t
+      u = P · clip(AF(M̂_t))  +  δ · clip(OS((I − PPᵀ) G_t)),
+      M_t = β1 M_{t−1} + (1 − β1) Pᵀ G_t
 
   with ``P`` the top-``rank`` left singular vectors of the gradient at the last
   refresh, ``AF`` Adafactor's factored preconditioner (Alg. 3) applied to the
-  bias-corrected momentum and ``OS`` the one-sided Adafactor preconditioner
-  (Alg. 4) on the residual.  The two terms are orthogonal (Claim 3.1).  Leaves
-  that are not projected get Adafactor without momentum.
+  bias-corrected momentum, ``OS`` the one-sided Adafactor preconditioner
+  (Alg. 4) on the residual and ``clip`` Adafactor's update clipping, on each
+  part separately.  The two terms are orthogonal (Claim 3.1).  Leaves that are
+  not projected get Adafactor without momentum, clipped the same way.
 
   Args:
     rank: ``r``, the momentum's rank; clamped to ``min(m, n)`` per leaf.  It
@@ -461,6 +579,16 @@ def scale_by_adamem(
       low-rank momentum (GaLore-style, no full-rank component); larger ``δ``
       moves more along the gradient outside the subspace.
     eps: ``ε`` added to every square root (paper §5: 1e-8).
+    statistics: what Alg. 3's factored second moments accumulate:
+      ``"gradient"`` (default), the squared projected gradient ``(PᵀG)²``, as
+      the proof of Claim 3.1 and the Adafactor variant of GaLore do; or
+      ``"momentum"``, the squared bias-corrected momentum ``M̂²``, Alg. 3 read
+      literally (steps of about 1 per coordinate whatever the gradient noise;
+      see the module docstring).
+    clip_threshold: ``d`` of Adafactor's update clipping
+      ``x / max(1, RMS(x)/d)``, applied to the low-rank coefficients
+      ``AF(M̂_t)``, to the residual ``OS(S_t)`` and to every unprojected leaf's
+      update, each separately; ``None`` disables it (the paper's Alg. 1).
     side: which side ``P`` spans: ``"auto"`` (the smaller dimension, as in the
       paper, which assumes ``m ≤ n`` and projects the left), ``"left"``,
       ``"right"``.
@@ -473,16 +601,19 @@ def scale_by_adamem(
 
   Returns:
     An ``optax.GradientTransformation`` with :class:`ScaleByAdaMeMState`;
-    updates come back in each gradient's dtype.
+    updates come back in each gradient's dtype.  The state's structure does
+    not depend on the options (or on which of them ``optax.inject_hyperparams``
+    injects).
 
   Memory: ``(p + q)·r + r + 2q`` floats per projected leaf, ≈ ``(m + n)·r``
   against ``2·m·n`` for Adam (exact bytes: :func:`adamem_state_bytes`).
 
   Raises:
     ValueError: at construction, for ``rank`` ≤ 0, ``refresh_every`` < 1,
-      ``b1`` or ``b2`` outside [0, 1), ``delta`` or ``eps`` < 0, or an unknown
-      ``side``; at ``init``, for a ``where``/``reshape`` that does not fit a
-      leaf (naming the leaf path and shape).
+      ``b1`` or ``b2`` outside [0, 1), ``delta`` or ``eps`` < 0,
+      ``clip_threshold`` ≤ 0, an unknown ``statistics`` or ``side``; at
+      ``init``, for a ``where``/``reshape`` that does not fit a leaf (naming
+      the leaf path and shape).
     TypeError: an argument of the wrong type (e.g. a non-integer ``rank``).
   """
   spec = proj.svd(rank, side)
@@ -496,6 +627,7 @@ def scale_by_adamem(
   _check_unit_interval("b2", b2)
   _check_nonnegative("delta", delta)
   _check_nonnegative("eps", eps)
+  _check_options(statistics, clip_threshold)
   # The SVD projector does not use randomness; the key only fills make_basis' signature.
   base_key = jax.random.PRNGKey(0)
 
@@ -530,10 +662,11 @@ def scale_by_adamem(
     def leaf(p: LeafPlan, g, basis, mu, nu_row, nu_col, nu_res):
       if p.projected:
         u, stats = _adamem_update(
-            basis, g, mu, nu_row, nu_col, nu_res, count, b1=b1, b2=b2, eps=eps, delta=delta
+            basis, g, mu, nu_row, nu_col, nu_res, count, b1=b1, b2=b2, eps=eps, delta=delta,
+            statistics=statistics, clip_threshold=clip_threshold,
         )
         return (u.astype(g.dtype), *stats)
-      u, nu_row, nu_col = _adafactor_leaf(g, nu_row, nu_col, count, b2, eps)
+      u, nu_row, nu_col = _adafactor_leaf(g, nu_row, nu_col, count, b2, eps, clip_threshold)
       return u.astype(g.dtype), None, nu_row, nu_col, None
 
     out = map_plans(
@@ -557,8 +690,10 @@ def adamem(
     b2: float = 0.95,
     delta: float = 1.0,
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    weight_decay: float = 0.01,
     *,
+    statistics: Statistics = "gradient",
+    clip_threshold: float | None = 1.0,
     side: proj.Side = "auto",
     where: Any = None,
     reshape: Any = None,
@@ -569,20 +704,29 @@ def adamem(
 
   ``W ← W − η · (N_1 + δ·N_2 + λ_wd · W)``: :func:`scale_by_adamem`, then
   ``optax.add_decayed_weights(weight_decay, mask)`` on the full weights, then
-  ``optax.scale_by_learning_rate(learning_rate)``.  The paper's runs use
-  ``β1 = 0.9``, ``β2 = 0.95``, ``ε = 1e-8``, weight decay 0.01, ``δ ∈ {0.5, 1}``
-  and ``T = 200``.
+  ``optax.scale_by_learning_rate(learning_rate)``.  The defaults are the
+  paper's runs: ``β1 = 0.9``, ``β2 = 0.95``, ``ε = 1e-8``, weight decay 0.01,
+  ``δ = 1`` (§5 also tries 0.5) and ``T = 200``.
+
+  AdaMeM's steps are normalised (RMS ≈ 1 per part, clipped there) and its
+  residual part moves the full matrix, so at one learning rate it moves a
+  projected kernel several times further than AdamW does, and much further
+  than GaLore (which also scales by ``α``): sweep ``η`` for it rather than
+  reusing another optimizer's (on the example Llama, ``examples/methods.py``
+  records the sweep).
 
   Args:
     learning_rate: ``η``, a float or an optax schedule.
-    rank, refresh_every, b1, b2, delta, eps, side, where, reshape, mu_dtype: as
-      for :func:`scale_by_adamem`.
-    weight_decay: decoupled weight decay ``λ_wd`` on the full weights.
+    rank, refresh_every, b1, b2, delta, eps, statistics, clip_threshold, side,
+      where, reshape, mu_dtype: as for :func:`scale_by_adamem`.
+    weight_decay: decoupled weight decay ``λ_wd`` on the full weights (paper:
+      0.01).
     mask: which leaves weight decay applies to (as in ``optax.adamw``).
   """
   return optax.chain(
       scale_by_adamem(
           rank, refresh_every, b1, b2, delta, eps,
+          statistics=statistics, clip_threshold=clip_threshold,
           side=side, where=where, reshape=reshape, mu_dtype=mu_dtype,
       ),
       optax.add_decayed_weights(weight_decay, mask),

@@ -45,7 +45,7 @@ def projector(state, name):
   return np.asarray(factor)
 
 
-jitted_parts = jax.jit(am.adamem_parts)
+jitted_parts = jax.jit(am.adamem_parts, static_argnames=("statistics", "clip_threshold"))
 
 
 # ----------------------------------------------------------------------------
@@ -61,9 +61,13 @@ jitted_parts = jax.jit(am.adamem_parts)
     side=st.sampled_from(["auto", "left", "right"]),
     count=st.integers(0, 50),
     permuted=st.booleans(),
+    statistics=st.sampled_from(["gradient", "momentum"]),
+    clip_threshold=st.sampled_from([1.0, 0.1, None]),
     seed=st.integers(0, 2**16),
 )
-def test_claim_3_1_parts_are_orthogonal(m, n, rank, side, count, permuted, seed):
+def test_claim_3_1_parts_are_orthogonal(
+    m, n, rank, side, count, permuted, statistics, clip_threshold, seed
+):
   rng = np.random.default_rng(seed)
   if permuted:  # a 3-D leaf viewed through a permutation: rows = axis 1, cols = axes (0, 2)
     shape, rule = (2, m, n), ((1,), (0, 2))
@@ -89,6 +93,8 @@ def test_claim_3_1_parts_are_orthogonal(m, n, rank, side, count, permuted, seed)
       jnp.asarray(rng.uniform(0.0, 2.0, size=b)),
       jnp.asarray(rng.uniform(0.0, 2.0, size=q)),
       count,
+      statistics=statistics,
+      clip_threshold=clip_threshold,
   )
   low = np.asarray(bases_lib.to_view(basis, parts.low_rank))
   res = np.asarray(bases_lib.to_view(basis, parts.residual))
@@ -152,14 +158,30 @@ def factored(x, a, b, c2, eps):
   return x / (np.sqrt(v) + eps)
 
 
-@pytest.mark.parametrize("delta", [0.0, 0.5])
-def test_matches_numpy_reference_of_algorithms_1_to_4(delta):
-  # delta = 0 is "Adafactor with low-rank momentum"; delta = 0.5 adds the residual.
+def clip(x, d, size=None):
+  """Adafactor's update clipping; returns the clipped array and whether it acted."""
+  if d is None:
+    return x, False
+  rms = np.sqrt(np.sum(x**2) / (x.size if size is None else size))
+  return x / max(1.0, rms / d), rms > d
+
+
+@pytest.mark.parametrize(
+    "delta,statistics,clip_threshold",
+    [
+        (0.0, "momentum", None),   # Alg. 1-4 read literally, residual off
+        (0.5, "momentum", None),   # ... with the residual
+        (0.5, "gradient", 0.5),    # the default statistics, clipping that acts
+    ],
+)
+def test_matches_numpy_reference_of_algorithms_1_to_4(delta, statistics, clip_threshold):
   b1, b2, eps, rank, period = 0.9, 0.95, 1e-8, 3, 3
-  tx = am.scale_by_adamem(rank, period, b1, b2, delta, eps)
+  tx = am.scale_by_adamem(rank, period, b1, b2, delta, eps, statistics=statistics,
+                          clip_threshold=clip_threshold)
   grads = grad_stream(PARAMS, 8, seed=1)
   outs, states, _ = run(tx, PARAMS, grads)
   ref = {}
+  clipped = set()
   for t, (g, u, s) in enumerate(zip(grads, outs, states, strict=True), start=1):
     c1, c2 = 1 - b1**t, 1 - b2**t
     for name, left in (("wide", True), ("tall", False)):
@@ -180,29 +202,62 @@ def test_matches_numpy_reference_of_algorithms_1_to_4(delta):
       res = x - p @ r_t
       st_["M"] = b1 * st_["M"] + (1 - b1) * r_t          # kept across refreshes
       mh = st_["M"] / c1
-      st_["a"] = b2 * st_["a"] + (1 - b2) * (mh**2).sum(1)
-      st_["b"] = b2 * st_["b"] + (1 - b2) * (mh**2).sum(0)
+      src = r_t if statistics == "gradient" else mh
+      st_["a"] = b2 * st_["a"] + (1 - b2) * (src**2).sum(1)
+      st_["b"] = b2 * st_["b"] + (1 - b2) * (src**2).sum(0)
       st_["c"] = b2 * st_["c"] + (1 - b2) * (res**2).sum(0)
-      n1 = p @ factored(mh, st_["a"], st_["b"], c2, eps)
-      n2 = res / (np.sqrt(st_["c"] / x.shape[0] / c2) + eps)
-      want = n1 + delta * n2
+      x1, hit1 = clip(factored(mh, st_["a"], st_["b"], c2, eps), clip_threshold)
+      n2, hit2 = clip(res / (np.sqrt(st_["c"] / x.shape[0] / c2) + eps), clip_threshold)
+      clipped |= {"low rank"} if hit1 else set()
+      clipped |= {"residual"} if hit2 else set()
+      want = p @ x1 + delta * n2
       np.testing.assert_allclose(u[name], want if left else want.T, rtol=1e-9, atol=1e-11)
-    # Leaves that are not projected: Adafactor without momentum.
+    # Leaves that are not projected: Adafactor without momentum, clipped.
     if t == 1:
       ref["bias"] = np.zeros(10)
       ref["conv"] = (np.zeros((3, 4)), np.zeros((3, 5)))
     gb = np.asarray(g["bias"])
     ref["bias"] = b2 * ref["bias"] + (1 - b2) * gb**2
-    np.testing.assert_allclose(u["bias"], gb / (np.sqrt(ref["bias"] / c2) + eps), rtol=1e-10)
+    want, hit = clip(gb / (np.sqrt(ref["bias"] / c2) + eps), clip_threshold)
+    clipped |= {"bias"} if hit else set()
+    np.testing.assert_allclose(u["bias"], want, rtol=1e-10)
     gc = np.asarray(g["conv"])
     a, b = ref["conv"]
     a = b2 * a + (1 - b2) * (gc**2).sum(-1)
     b = b2 * b + (1 - b2) * (gc**2).sum(-2)
     ref["conv"] = (a, b)
-    want = np.stack([factored(gc[i], a[i], b[i], c2, eps) for i in range(3)])
+    want, hit = clip(np.stack([factored(gc[i], a[i], b[i], c2, eps) for i in range(3)]),
+                     clip_threshold)
+    clipped |= {"conv"} if hit else set()
     np.testing.assert_allclose(u["conv"], want, rtol=1e-10)
+  # The clipping case is not vacuous: every kind of part was clipped at least once.
+  assert clipped == (set() if clip_threshold is None else {"low rank", "residual", "bias", "conv"})
   # Tolerances: float64 throughout; NumPy's and XLA's singular vectors agree to
   # ~1e-13 and the updates are O(1), observed differences ≤ 3e-14 absolute.
+
+
+def test_gradient_statistics_step_like_adam_under_noise_where_momentum_statistics_do_not():
+  # Why statistics="gradient" is the default: with the squared momentum as its
+  # own second moment, AF(M̂) has RMS ~1 whatever the noise; with the projected
+  # gradient's statistics the step shrinks as the noise grows, as Adam's does.
+  rng = np.random.default_rng(11)
+  signal = rng.normal(size=(16, 2)) @ rng.normal(size=(2, 24))
+  params = {"w": jnp.zeros((16, 24))}
+
+  def mean_coefficient_rms(statistics, sigma):
+    tx = am.scale_by_adamem(2, 1000, delta=0.0, statistics=statistics, clip_threshold=None)
+    grads = [{"w": jnp.asarray(signal + sigma * rng.normal(size=(16, 24)))} for _ in range(60)]
+    outs, states, _ = run(tx, params, grads)
+    p_mat = projector(states[-1], "w")
+    return np.mean([np.sqrt(np.mean((p_mat.T @ np.asarray(u["w"]))**2)) for u in outs[30:]])
+
+  # Measured: momentum statistics 0.91 / 0.82 at sigma 3 / 10 (a rank-1 fit of
+  # M̂², so near 1 but not exactly); gradient statistics 0.54 / 0.24.
+  lit = {s: mean_coefficient_rms("momentum", s) for s in (3.0, 10.0)}
+  grad = {s: mean_coefficient_rms("gradient", s) for s in (3.0, 10.0)}
+  assert min(lit.values()) > 0.7, lit            # ~1 per coefficient regardless of the noise
+  assert grad[10.0] < 0.6 * grad[3.0], grad       # shrinks as the noise grows ...
+  assert grad[10.0] < 0.5 * lit[10.0], (grad, lit)  # ... and is well below the literal reading
 
 
 # ----------------------------------------------------------------------------
@@ -341,18 +396,44 @@ def test_inject_hyperparams_with_a_static_rank():
   # refresh_every, b1, b2, delta, eps, weight_decay and the learning rate all
   # become arrays in the state; only the rank (a shape) must stay static.
   tx = optax.inject_hyperparams(am.adamem, static_args=("rank",))(
-      learning_rate=0.01, rank=2, refresh_every=2, delta=0.5
+      learning_rate=0.01, rank=2, refresh_every=2, delta=0.5, clip_threshold=0.5
   )
-  plain = am.adamem(0.01, rank=2, refresh_every=2, delta=0.5)
+  plain = am.adamem(0.01, rank=2, refresh_every=2, delta=0.5, clip_threshold=0.5)
   grads = grad_stream(PARAMS, 3, seed=9)
   outs, states, step = run(tx, PARAMS, grads)
-  assert {"refresh_every", "b1", "b2", "delta", "eps"} <= set(states[-1].hyperparams)
+  assert {"refresh_every", "b1", "b2", "delta", "eps", "clip_threshold", "weight_decay"} <= set(
+      states[-1].hyperparams
+  )
   assert step._cache_size() == 1
   want, _, _ = run(plain, PARAMS, grads)
   # inject_hyperparams stores the hyper-parameters as float32 arrays (b1 = 0.9 is
   # off by ~2e-8 relative), so the float64 runs differ at the ~1e-7 level.
   for a, b in zip(jax.tree.leaves(outs), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_state_structure_does_not_depend_on_the_options():
+  # So that a checkpoint, optax.inject_hyperparams (which may or may not make
+  # clip_threshold an array) and lax.cond branches see one structure.
+  def structure(**kwargs):
+    state = am.scale_by_adamem(rank=2, **kwargs).init(PARAMS)
+    return jax.tree.structure(state), [(x.shape, x.dtype) for x in jax.tree.leaves(state)]
+
+  want = structure()
+  assert structure(statistics="momentum") == want
+  assert structure(clip_threshold=None) == want
+  assert structure(clip_threshold=jnp.asarray(0.5)) == want
+
+
+def test_adamem_is_the_direction_plus_paper_weight_decay_times_the_learning_rate():
+  params = grad_stream(PARAMS, 1, seed=12)[0]
+  grads = grad_stream(PARAMS, 2, seed=13)
+  got, _, _ = run(am.adamem(0.1, rank=2, refresh_every=5), params, grads)
+  direction, _, _ = run(am.scale_by_adamem(rank=2, refresh_every=5), params, grads)
+  for u, d in zip(got, direction, strict=True):
+    want = jax.tree.map(lambda d, w: -0.1 * (d + 0.01 * w), d, params)  # weight decay 0.01
+    for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(want), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize(
@@ -367,6 +448,9 @@ def test_inject_hyperparams_with_a_static_rank():
         (dict(delta=-1.0), "delta"),
         (dict(eps=-1e-8), "eps"),
         (dict(side="top"), "side"),
+        (dict(statistics="adam"), "statistics"),
+        (dict(clip_threshold=0.0), "clip_threshold"),
+        (dict(clip_threshold=-1.0), "clip_threshold"),
     ],
 )
 def test_bad_arguments_fail_at_construction_naming_them(kwargs, name):
@@ -398,7 +482,10 @@ def test_two_gemm_update_equals_the_explicit_residual_in_float32(
   # ‖G_j‖² − ‖R_j‖².  That difference cancels when G lies almost in span(P);
   # its float32 error is ~ε₃₂·‖G_j‖², i.e. relative ~1.2e-7/residual_size² in
   # ‖S_j‖² and half that in the scale.  At residual_size 1e-2 this is ≤ 1e-3, so
-  # a 2e-3 relative tolerance on the whole update bounds it with margin.
+  # a 2e-3 relative tolerance on the whole update bounds it with margin.  Columns
+  # whose residual is below residual_tolerance (3.5e-4 of ‖G_j‖²) are zero in
+  # both forms; the two forms could disagree only for a column within ~1e-3
+  # relative of that threshold.
   rng = np.random.default_rng(seed)
   plan = leaves.plan({"w": jnp.zeros((m, n), jnp.float32)}, proj.svd(rank, side))["w"]
   axis = 0 if plan.spec.axis_ranks(plan.view_shape)[0] is not None else 1
@@ -432,3 +519,58 @@ def test_two_gemm_update_equals_the_explicit_residual_in_float32(
   for got, ref in zip(new[:3], (parts.mu, parts.nu_row, parts.nu_col)):
     # the same float32 formulas, fused differently by XLA: a few ulps
     np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
+@given(
+    m=st.integers(2, 12),
+    n=st.integers(2, 12),
+    rank=st.integers(1, 12),
+    side=st.sampled_from(["left", "right"]),
+    inside=st.sampled_from([0.0, 0.5, 0.99, 0.9999, 1 - 1e-7, 1.0]),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_step_is_bounded_for_a_gradient_anywhere_from_outside_to_inside_the_span(
+    m, n, rank, side, inside, dtype, seed
+):
+  # A share `inside` of each gradient's squared norm lies in a fixed subspace of
+  # dimension min(rank, p); at `inside` ≈ 1 the residual ‖G_j‖² − ‖R_j‖² is
+  # cancellation error, which OS used to scale up to entries in the hundreds.
+  # Three steps, a refresh at the third (new P from a later gradient).
+  rng = np.random.default_rng(seed)
+  p_dim, q = (m, n) if side == "left" else (n, m)
+  r = min(rank, p_dim, q)
+  basis = np.linalg.qr(rng.normal(size=(p_dim, p_dim)))[0]
+  span, rest = basis[:, :r], basis[:, r:]
+  grads = []
+  for _ in range(3):
+    a, b = span @ rng.normal(size=(r, q)), rest @ rng.normal(size=(p_dim - r, q))
+    a, b = a / np.linalg.norm(a), b / max(np.linalg.norm(b), 1e-300)
+    g = np.sqrt(inside) * a + np.sqrt(1 - inside) * b
+    grads.append({"w": jnp.asarray(g if side == "left" else g.T, dtype)})
+  params = {"w": jnp.zeros((m, n), dtype)}
+  b2 = 0.95
+  for clip_threshold in (1.0, None):
+    tx = am.scale_by_adamem(rank, 2, b2=b2, clip_threshold=clip_threshold, side=side)
+    outs, states, _ = run(tx, params, grads)
+    for t, (u, state) in enumerate(zip(outs, states, strict=True), start=1):
+      u = np.asarray(u["w"], np.float64)
+      assert np.all(np.isfinite(u))
+      u = u if side == "left" else u.T
+      p_mat = projector(state, "w").astype(np.float64)
+      low, res = p_mat.T @ u, u - p_mat @ (p_mat.T @ u)
+      # bfloat16 rounds the update by 2^-8 relative; float32 P is orthonormal to ~1e-6
+      tol = 1.02 if dtype == jnp.bfloat16 else 1.001
+      if clip_threshold is not None:
+        # each part clipped to RMS ≤ 1: the coefficients over r·q, the residual over p·q
+        assert np.sqrt(np.mean(low**2)) <= tol, (t, low)
+        assert np.sqrt(np.sum(res**2) / (p_dim * q)) <= tol + 1e-3 * np.linalg.norm(low), t
+      else:
+        # Alg. 4 alone cannot blow up: c_j ≥ (1 − β2)‖S_j‖² bounds each residual column
+        # by √(p·(1 − β2^t)/(1 − β2)); the 1e-3·‖low‖ allows for P's round-off
+        bound = np.sqrt(p_dim * (1 - b2**t) / (1 - b2)) * tol * 1.03
+        cols = np.linalg.norm(res, axis=0)
+        assert np.all(cols <= bound + 1e-3 * np.linalg.norm(low)), (t, cols.max(), bound)
+      if inside == 1.0 or r == p_dim:
+        # nothing outside the subspace: the residual part is zero up to rounding of u
+        assert np.linalg.norm(res) <= 1e-2 * (np.linalg.norm(low) + 1e-30) + 1e-6, t
