@@ -29,6 +29,13 @@ comparing against full-rank workers.
 Every run trains for each seed of ``--seeds`` (model initialisation and batch
 order); one compiled program per run serves all seeds.
 
+``--processes N`` runs the same training as ``N`` connected JAX processes on
+this machine (``olr.distributed.launch_local``: loopback, gloo collectives),
+each holding ``workers / N`` of the simulated devices, so the DiLoCo sync
+crosses process boundaries as it would between hosts.  Every process builds
+the same global batches; process 0 alone prints, plots and writes the JSON.
+The numbers are those of the one-process run up to float round-off.
+
 It prints one table (final validation loss per run, nats per byte, mean ±
 sample standard deviation over the seeds) and writes a plot of the validation
 loss after every round (``--plot``, default ``docs/img/diloco.png``) and the
@@ -65,6 +72,7 @@ from examples import methods as methods_lib
 from examples.llama import LlamaConfig, loss_fn
 from examples.train import UsageError, init_params, tree_nbytes
 from optax_lowrank import distributed as dist
+from optax_lowrank import launch as launch_lib
 
 __all__ = ["RUNS", "build_parser", "configure_host", "format_table", "main", "plot", "run_one"]
 
@@ -101,11 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-bytes", type=int, default=8_000_000, help="corpus budget (8e6)")
   p.add_argument("--plot", default="docs/img/diloco.png", help="'' to skip")
   p.add_argument("--json", default="", help="write the results here too")
+  p.add_argument("--processes", type=int, default=1,
+                 help="run as N connected JAX processes on this machine, workers/N devices "
+                      "each (default: 1, one process)")
+  p.add_argument("--timeout", type=float, default=3600.0,
+                 help="with --processes > 1: seconds before every process is stopped (3600)")
   return p
 
 
-def _check(args: argparse.Namespace) -> list[str]:
-  """Validates the arguments; returns the runs.  Raises UsageError."""
+def _check(args: argparse.Namespace, devices: bool = True) -> list[str]:
+  """Validates the arguments (the device count too if ``devices``); returns the runs.
+
+  Raises UsageError.
+  """
   try:
     args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
   except ValueError:
@@ -117,9 +133,14 @@ def _check(args: argparse.Namespace) -> list[str]:
   if unknown or not runs:
     raise UsageError(f"unknown run {unknown or '(none)'}; valid: {', '.join(RUNS)}")
   for name in ("workers", "rounds", "local_steps", "dim", "layers", "seq_len", "batch_size",
-               "eval_batches"):
+               "eval_batches", "processes"):
     if getattr(args, name) < 1:
       raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+  if args.workers % args.processes:
+    raise UsageError(
+        f"--workers {args.workers} is not divisible by --processes {args.processes}: every "
+        "process holds the same number of workers"
+    )
   if args.rank is None:
     args.rank = max(1, args.dim // args.workers)
   if "disjoint" in runs and args.rank * args.workers > args.dim:
@@ -127,7 +148,7 @@ def _check(args: argparse.Namespace) -> list[str]:
         f"--rank {args.rank} × --workers {args.workers} exceeds the model width {args.dim}: "
         "the disjoint blocks would not fit"
     )
-  if jax.device_count() < args.workers:
+  if devices and jax.device_count() < args.workers:
     raise UsageError(
         f"{args.workers} workers need {args.workers} devices, JAX has {jax.device_count()}; "
         "set XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts"
@@ -141,13 +162,15 @@ def run_one(
     config: LlamaConfig,
     corpus: data_lib.Corpus,
     mesh: Mesh,
+    log: Any = print,
 ) -> dict[str, Any]:
   """Trains one run for every seed of ``--seeds``; returns its histories and costs.
 
   The seed sets the model initialisation and the batch order.  The bases' seed
   is ``--bases-seed`` for every seed, so that one compiled program serves them
   all; each round draws new bases anyway (the refresh index is folded into
-  the key), so one run already sees ``--rounds`` independent draws.
+  the key), so one run already sees ``--rounds`` independent draws.  ``log``
+  prints the progress lines.
   """
   graphdef, _ = init_params(config, 0)
 
@@ -185,8 +208,8 @@ def run_one(
       history["step"].append((g + 1) * args.local_steps)
       history["val_loss"].append(val_loss(state.params))
       history["train_loss"].append(float(metrics.loss))
-      print(f"  {name:12s} seed {seed}  round {g + 1:3d}/{args.rounds}  "
-            f"train {float(metrics.loss):.4f}  val {history['val_loss'][-1]:.4f}", flush=True)
+      log(f"  {name:12s} seed {seed}  round {g + 1:3d}/{args.rounds}  "
+          f"train {float(metrics.loss):.4f}  val {history['val_loss'][-1]:.4f}", flush=True)
     histories.append(history)
   finals = [h["val_loss"][-1] for h in histories]
   per_worker = jax.tree.map(lambda x: x[0], state.inner_states)
@@ -271,19 +294,42 @@ def configure_host(workers: int) -> None:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={workers}".strip()
 
 
+def _launch(args: argparse.Namespace, argv: Sequence[str]) -> int:
+  """Starts this script as ``--processes`` connected processes; returns the exit code."""
+  command = [sys.executable, "-m", "examples.diloco", *argv]
+  try:
+    dist.launch_local(command, args.processes, devices_per_process=args.workers // args.processes,
+                      timeout=args.timeout, capture=False)
+  except dist.LaunchError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the comparison; returns the exit code."""
+  argv = list(sys.argv[1:] if argv is None else argv)
   args = build_parser().parse_args(argv)
-  configure_host(max(1, args.workers))
+  # With --processes > 1 this process checks the arguments, then only starts and watches
+  # the others (which run this same command with OLR_PROCESS_ID set).
+  launcher = args.processes > 1 and launch_lib.ENV_PROCESS_ID not in os.environ
+  if not launcher:
+    configure_host(max(1, args.workers // max(1, args.processes)))
+    dist.initialize_local()  # connects the processes _launch started; else nothing
+  lead = launcher or jax.process_index() == 0
+  log = print if lead else (lambda *a, **k: None)
   try:
-    runs = _check(args)
+    runs = _check(args, devices=not launcher)
     config = LlamaConfig.preset(
         "tiny", dim=args.dim, n_layers=args.layers, n_heads=4, hidden_dim=args.dim * 11 // 4,
         max_seq_len=args.seq_len, dtype=jnp.float32, param_dtype=jnp.float32,
     )
   except (UsageError, ValueError) as e:  # ValueError: a width the model cannot take
-    print(f"error: {e}", file=sys.stderr)
+    if lead:
+      print(f"error: {e}", file=sys.stderr)
     return 2
+  if launcher:
+    return _launch(args, argv)
   corpus = data_lib.load_corpus(max_bytes=args.max_bytes)
   mesh = Mesh(np.array(jax.devices()[: args.workers]), ("workers",))
   setting = (
@@ -293,9 +339,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       f"outer Nesterov {args.outer_lr:g}/{args.outer_momentum:g}, on_refresh={args.on_refresh}, "
       f"{'' if args.scale == 1 else f'scale {args.scale:g}, '}"
       f"seeds {','.join(map(str, args.seeds))}"
+      f"{f', {args.processes} processes' if args.processes > 1 else ''}"
   )
-  print(setting, flush=True)
-  results = [run_one(name, args, config, corpus, mesh) for name in runs]
+  log(setting, flush=True)
+  results = [run_one(name, args, config, corpus, mesh, log) for name in runs]
+  if not lead:
+    return 0
   print()
   print(format_table(results))
   if args.plot:
@@ -303,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nplot: {args.plot}")
   if args.json:
     meta = {
-        "setting": setting, "argv": list(sys.argv[1:] if argv is None else argv),
+        "setting": setting, "argv": argv, "processes": args.processes,
         "date": datetime.date.today().isoformat(), "machine": platform.platform(),
         "cpus": os.cpu_count(), "jax": jax.__version__,
     }

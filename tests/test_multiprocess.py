@@ -299,3 +299,40 @@ def test_no_collective_of_a_round_carries_a_basis(runs):
   # activation here does, so no collective may have one
   dims = [[int(d) for d in s.split("[")[1].rstrip("]").split(",") if d] for s in shapes]
   assert not any(RANK in d for d in dims), collectives
+
+
+# ----------------------------------------------------------------------------
+# examples/diloco.py --processes 2
+
+
+EXAMPLE = ["--workers", "2", "--runs", "disjoint", "--rounds", "2", "--local-steps", "1",
+           "--dim", "16", "--layers", "1", "--seq-len", "16", "--batch-size", "2",
+           "--eval-batches", "1", "--max-bytes", "200000", "--plot", ""]
+
+
+def test_example_as_two_processes_matches_one_process(capfd):
+  from examples import diloco as example
+
+  with tempfile.TemporaryDirectory() as tmp:
+    two, one = Path(tmp, "two.json"), Path(tmp, "one.json")
+    # this process only checks the arguments and launches: it never starts JAX's backend
+    assert example.main([*EXAMPLE, "--processes", "2", "--timeout", "300",
+                         "--json", str(two)]) == 0
+    printed = capfd.readouterr().out
+    dist.launch_local([sys.executable, "-m", "examples.diloco", *EXAMPLE, "--json", str(one)],
+                      1, devices_per_process=2, timeout=300, cwd=ROOT)
+    two, one = json.loads(two.read_text()), json.loads(one.read_text())
+  assert two["meta"]["processes"] == 2 and "2 processes" in two["meta"]["setting"]
+  assert printed.count("round   1/2") == 1, printed  # process 1 prints nothing
+  (a,), (b,) = two["results"], one["results"]
+  # float32; one all-reduce of the two workers' pseudo-gradients, in another order at most
+  np.testing.assert_allclose(a["histories"][0]["val_loss"], b["histories"][0]["val_loss"],
+                             rtol=1e-5)
+  assert a["histories"][0]["val_loss"][-1] < a["histories"][0]["val_loss"][0]  # it trained
+
+
+def test_example_rejects_processes_that_do_not_divide_the_workers(capsys):
+  from examples import diloco as example
+
+  assert example.main(["--processes", "3", "--workers", "4"]) == 2
+  assert "--workers 4 is not divisible by --processes 3" in capsys.readouterr().err
