@@ -7,6 +7,12 @@ Float64 throughout: the two computations do the same arithmetic in a
 different batching, so they agree to round-off (``1e-12`` on O(1) values).
 """
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -272,3 +278,122 @@ def test_memory_counts_a_stack_as_its_matrices():
   got, want = olr.memory.state_bytes(tx(RULE), stacked), olr.memory.state_bytes(tx(None), separate)
   assert got.total == want.total and got.by_kind == want.by_kind
   assert got.by_leaf["w"] == {k: v * L for k, v in want.by_leaf["w0"].items()}
+
+
+SHARDED = textwrap.dedent(
+    """
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import json
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import optax_lowrank as olr
+    from optax_lowrank import distributed as dist
+
+    jax.config.update("jax_enable_x64", True)
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(0.3 * rng.normal(size=(3, 64, 16))),
+              "b": jnp.zeros(16)}
+    x = jnp.asarray(rng.normal(size=(3, 8, 64)))
+
+    def loss(p):
+      return jnp.mean((jnp.tanh(jnp.einsum("lbm,lmn->lbn", x, p["w"])) + p["b"]) ** 2)
+
+    tx = olr.galore(1e-2, rank=4, refresh_every=3, reshape=((0,), (1,), (2,)))
+
+    def step(p, s):
+      u, s = tx.update(jax.grad(loss)(p), s, p)
+      return optax.apply_updates(p, u), s
+
+    mesh = Mesh(np.array(jax.devices()), ("fsdp",))
+    # layer axis replicated, the rows of every matrix sharded over 8 devices
+    shardings = {"w": NamedSharding(mesh, P(None, "fsdp", None)), "b": NamedSharding(mesh, P())}
+    sharded = jax.device_put(params, shardings)
+    state_sh = dist.state_shardings(tx, sharded)
+    opt_state = jax.jit(tx.init, out_shardings=state_sh)(sharded)
+    sharded_step = jax.jit(step, out_shardings=(shardings, state_sh))
+    ref_p, ref_s = params, tx.init(params)
+    ref_step = jax.jit(step)
+    for _ in range(7):  # three refreshes
+      sharded, opt_state = sharded_step(sharded, opt_state)
+      ref_p, ref_s = ref_step(ref_p, ref_s)
+    mu = opt_state[0].inner_state[0].mu["w"]
+    print("RESULTS " + json.dumps({
+        "diff": float(jnp.max(jnp.abs(sharded["w"] - ref_p["w"]))),
+        "moved": float(jnp.max(jnp.abs(ref_p["w"] - params["w"]))),
+        "param_spec": [a for a in sharded["w"].sharding.spec],
+        "mu_shape": list(mu.shape),
+        "mu_spec": [a for a in mu.sharding.spec],
+        "cache_size": sharded_step._cache_size(),
+    }))
+    """
+)
+
+
+def test_a_sharded_stack_equals_the_unsharded_one_on_8_devices():
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+  proc = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True,
+                        env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = next(s for s in proc.stdout.splitlines() if s.startswith("RESULTS "))
+  out = json.loads(line[len("RESULTS "):])
+  assert out["moved"] > 1e-3
+  assert out["diff"] < 1e-12 * max(1.0, out["moved"])
+  assert out["param_spec"] == [None, "fsdp", None]
+  # Adam's moments on the (3, 64, 4) coefficients follow the rows of their matrices
+  assert out["mu_shape"] == [3, 64, 4] and out["mu_spec"][1] == "fsdp"
+  assert out["cache_size"] == 1
+
+
+def test_8bit_inner_state_on_a_stack_costs_what_its_matrices_cost():
+  """Blocks of 256 never straddle two matrices when a matrix's coefficients fill whole blocks."""
+  stacked = {"w": jnp.zeros((2, 128, 64), jnp.float32)}
+  separate = {f"w{i}": jnp.zeros((128, 64), jnp.float32) for i in range(2)}
+  tx = lambda reshape: olr.low_rank(olr.adam_8bit(1e-3), olr.svd(32), reshape=reshape)
+  got = olr.memory.state_bytes(tx(RULE), stacked).by_kind
+  want = olr.memory.state_bytes(tx(None), separate).by_kind
+  assert got == want and got["inner"] < 2 * 4 * 2 * 128 * 32  # below float32 moments
+  state = tx(RULE).init(stacked)
+  g = {"w": _grads(0, (2, 128, 64)).astype(jnp.float32)}
+  updates, _ = jax.jit(tx(RULE).update)(g, state, stacked)
+  assert updates["w"].dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(updates["w"])))
+
+
+@pytest.mark.parametrize("recipe", ["galore", "natural_galore"])
+def test_orbax_resume_of_a_stack_is_bit_identical(recipe, tmp_path):
+  import orbax.checkpoint as ocp
+
+  make = {"galore": lambda: olr.galore(1e-2, rank=3, refresh_every=2, reshape=RULE),
+          "natural_galore": lambda: olr.natural_galore(1e-2, rank=3, history=2,
+                                                       refresh_every=2, reshape=RULE)}[recipe]
+  params = {"w": jax.random.normal(jax.random.PRNGKey(0), (L, M, N))}
+  tx = make()
+  update = jax.jit(tx.update)
+
+  def run(p, s, steps):
+    for t in steps:
+      u, s = update({"w": _grads(t)}, s, p)
+      p = optax.apply_updates(p, u)
+    return p, s
+
+  straight = run(params, tx.init(params), range(5))
+  half = run(params, tx.init(params), range(3))
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / "ckpt", half)
+  with ocp.StandardCheckpointer() as ckpt:
+    restored = ckpt.restore(tmp_path / "ckpt", jax.eval_shape(lambda: half))
+  resumed = run(*restored, range(3, 5))
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_track_coefficients_on_a_stack_holds_one_lambda_per_matrix():
+  tx = olr.low_rank(optax.sgd(1.0), olr.svd(3), refresh_every=10, reshape=RULE,
+                    track_coefficients=True)
+  params = {"w": jnp.zeros((L, M, N))}
+  state = tx.init(params)
+  updates, state = tx.update({"w": _grads(0)}, state, params)
+  lam = state.coefficients["w"]
+  assert lam.shape == (L, M, 3)
+  basis = state.bases["w"]
+  np.testing.assert_allclose(olr.project_back(basis, lam), updates["w"], atol=1e-12)
