@@ -102,8 +102,13 @@ def low_rank(
       leaf index)``; the gradient path and ``olr.adapters`` agree on it.
     reshape: how leaves with more than two axes are seen as matrices, e.g.
       ``1`` for an attention kernel ``(embed, heads, head_dim)`` →
-      ``(embed, heads·head_dim)``; an int split, ``(row_axes, col_axes)``, or a
-      callable ``(path, leaf) -> rule | None``.
+      ``(embed, heads·head_dim)``; an int split, ``(row_axes, col_axes)``, a
+      triple ``(batch_axes, row_axes, col_axes)`` for *stacked* leaves (the
+      ``(layers, in, out)`` kernels of a scanned model with
+      ``((0,), (1,), (2,))``: every index of the batch axes is its own matrix
+      with its own basis, coefficients and inner statistics, as if it were a
+      separate leaf), or a callable ``(path, leaf) -> rule | None``.  See the
+      how-to "Scanned and stacked layers".
     track_coefficients: keep the adapter-view coefficients ``Λ`` (see
       :class:`LowRankState`) and pass them to ``inner`` as its ``params``.
       Weight decay *inside* ``inner`` (``optax.add_decayed_weights``) then
@@ -123,7 +128,8 @@ def low_rank(
 
   Memory (per projected ``m×n`` leaf, one-sided rank ``r``, right side):
   inner state on ``m·r`` coefficients (Adam: ``2·m·r`` floats) plus ``n·r``
-  floats for a stored basis, nothing for ``gaussian``/``rademacher``.
+  floats for a stored basis, nothing for ``gaussian``/``rademacher``; a stack
+  of ``L`` matrices costs ``L`` times that.
 
   Raises:
     ValueError: at construction, for a bad ``refresh_every`` or ``on_refresh``;
