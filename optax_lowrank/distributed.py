@@ -57,7 +57,10 @@ Multiple hosts
 Run the same script on every host.  Before anything else touches devices,
 connect the processes; then build the mesh from the *global* device list and
 feed each round's batch as one global array assembled from the hosts' local
-rows:
+rows.  (To try this on one machine, :func:`launch_local` starts the script as
+several processes with simulated devices, and the script calls
+:func:`initialize_local` instead of ``jax.distributed.initialize``; the recipe
+below runs that way, 2 processes × 2 devices, in ``tests/test_multiprocess.py``.)
 
 ```python
 import jax
