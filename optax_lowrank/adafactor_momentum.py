@@ -717,8 +717,9 @@ def adamem(
 
   Args:
     learning_rate: ``η``, a float or an optax schedule.
-    rank, refresh_every, b1, b2, delta, eps, statistics, clip_threshold, side,
-      where, reshape, mu_dtype: as for :func:`scale_by_adamem`.
+    rank, refresh_every, b1, b2, delta, eps: as for :func:`scale_by_adamem`.
+    statistics, clip_threshold, side, where, reshape, mu_dtype: as for
+      :func:`scale_by_adamem`.
     weight_decay: decoupled weight decay ``λ_wd`` on the full weights (paper:
       0.01).
     mask: which leaves weight decay applies to (as in ``optax.adamw``).
