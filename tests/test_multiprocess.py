@@ -109,16 +109,15 @@ def test_a_failing_process_stops_the_others_at_once_with_a_clear_error():
           sys.exit(3)
         time.sleep(120)  # would hang without the launcher
     """
-    start = time.monotonic()
     with pytest.raises(dist.LaunchError) as info:
       dist.launch_local(_python(code), 2, timeout=100, grace=0.5)
-    elapsed = time.monotonic() - start
     pids = [int(Path(tmp, f"pid{i}").read_text()) for i in range(2)]
   message = str(info.value)
   assert "process 1 of 2 failed (exit code 3)" in message, message
   assert "bad things happened in process 1" in message
+  # stopped because process 1 failed, not by the 100 s timeout
   assert "process 0: still running (killed by the launcher)" in message
-  assert elapsed < 30, elapsed  # not the 100 s timeout, nor the child's 120 s sleep
+  assert "timed out" not in message
   assert [r.returncode for r in info.value.results] == [None, 3]
   assert _wait_gone(pids), pids
 
@@ -133,13 +132,10 @@ def test_a_hang_times_out_and_kills_the_processes_and_what_they_started():
         open(os.path.join({tmp!r}, "pids" + rank), "w").write(f"{{os.getpid()}} {{child.pid}}")
         time.sleep(120)
     """
-    start = time.monotonic()
-    with pytest.raises(dist.LaunchError, match=r"timed out after 3 s with process\(es\) \[0, 1\]"):
-      dist.launch_local(_python(code), 2, timeout=3, grace=0.5)
-    elapsed = time.monotonic() - start
+    with pytest.raises(dist.LaunchError, match=r"timed out after 5 s with process\(es\) \[0, 1\]"):
+      dist.launch_local(_python(code), 2, timeout=5, grace=0.5)
     pids = [int(p) for i in range(2) for p in Path(tmp, f"pids{i}").read_text().split()]
-  assert elapsed < 20, elapsed
-  assert len(pids) == 4 and _wait_gone(pids), pids
+  assert len(pids) == 4 and _wait_gone(pids), pids  # the grandchildren too
 
 
 def test_a_signal_is_reported_by_name():
