@@ -79,16 +79,17 @@ Decisions where the paper is silent, ambiguous or inconsistent:
 * **A residual at round-off level is zero.**  The step never forms ``S_t``
   (two GEMMs, see :func:`_adamem_update`): it takes the residual's column norms
   as ``‖G_j‖² − ‖R_j‖²``, which cancels when ``G_j`` lies (almost) inside
-  ``span(P)``; with ``P`` orthonormal only to ~1e-6 in float32, what is left
-  would be noise that ``OS`` then scales up to unit size.  (Without this
-  guard, a ``64×96`` leaf at rank 16 fed float32 gradients lying in a fixed
-  16-dimensional subspace got update RMS up to 21.7 and entries up to 129;
-  with it, at most 0.50 and 1.84.)  A column whose residual has less than ``√ε`` of the
-  gradient column's squared norm (``ε`` of the projector's dtype: below 1.9%
-  of its norm in float32, 0.012% in float64) is treated as exactly zero, in
-  the statistic and in the update, so that a gradient anywhere from 0% to 100%
-  inside the span gives a bounded step.  Above the threshold the identity's
-  error is below ~3% of the column's scale (relative ``ε/√ε``).
+  ``span(P)``.  A float32 SVD gives a ``P`` orthonormal to ~1e-6 only, so
+  what is left there is noise, which ``OS`` would scale up to unit size.  A
+  column whose residual holds less than ``√ε`` of the gradient column's squared
+  norm (``ε`` of the projector's dtype: a residual under 1.9% of the column's
+  norm in float32, 0.012% in float64) is treated as exactly zero, in the
+  statistic and in the update, so that a gradient anywhere from 0% to 100%
+  inside the span gives a bounded step.  Above the threshold an error of
+  ``k·ε·‖G_j‖²`` in the difference is at most ``k·√ε`` of it (a few percent
+  for ``k ~ 100``).  Without this guard, a ``64×96`` leaf at rank 16 fed
+  float32 gradients from a fixed 16-dimensional subspace got updates with RMS
+  up to 21.7 and entries up to 129; with it, at most 0.50 and 1.84.
 * **Bias correction and ε** ("not described for simplicity", Alg. 1): the
   momentum is bias-corrected by ``1 − β1^t`` *before* it enters Alg. 3, every
   second-moment statistic by ``1 − β2^t``, and ``ε`` (default ``1e-8``, the
