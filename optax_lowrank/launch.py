@@ -36,6 +36,9 @@ What the launcher guarantees:
   signalled).  Then :class:`LaunchError` is raised, naming the process that
   failed first, its exit code or signal, and the end of its standard error.
   The same clean-up runs if the caller is interrupted (``KeyboardInterrupt``).
+  (If the caller itself is killed outright, with ``SIGKILL``, nothing can stop
+  its processes: they run on until they finish, or fail once the coordinator,
+  process 0, is gone.)
 * Outputs are collected in anonymous temporary files (no pipe can fill up and
   block a process; nothing is left on disk) and returned per process as
   :class:`ProcessResult`; ``capture=False`` lets the processes write to the
@@ -242,7 +245,7 @@ def launch_local(
     raise ValueError(f"`grace` must be >= 0 seconds, got {grace!r}")
 
   address = f"{LOOPBACK}:{free_port()}"
-  base = dict(os.environ, **(env or {}))
+  base = {**os.environ, **(env or {})}
   outputs: list[tuple] = []
   procs: list[subprocess.Popen] = []
   codes: list[int | None] = [None] * num_processes
