@@ -74,7 +74,9 @@ def _scale_by_adam(
   moments and their bias correction disagree by ``~1e-5`` relative.  Made
   float32 arrays (the coefficients' dtype; float64 for float64 params), both are
   float32, exactly as under ``optax.inject_hyperparams`` — so the plain and the
-  injected recipe give the same updates to round-off.
+  injected recipe give the same updates to round-off.  Updates and moments keep
+  their dtypes (a bfloat16 leaf's moments are updated in float32 and stored
+  in bfloat16).
   """
   init_fn = optax.scale_by_adam(b1=b1, b2=b2, eps=eps).init
 
@@ -82,7 +84,9 @@ def _scale_by_adam(
     dtype = jnp.promote_types(optax.tree.dtype(updates, "highest"), jnp.float32)
     as_array = lambda x: jnp.asarray(x, dtype) if isinstance(x, (int, float)) else x
     tx = optax.scale_by_adam(b1=as_array(b1), b2=as_array(b2), eps=as_array(eps))
-    return tx.update(updates, state, params)
+    new_updates, new_state = tx.update(updates, state, params)
+    like = lambda new, old: jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)
+    return like(new_updates, updates), like(new_state, state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

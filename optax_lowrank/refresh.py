@@ -21,12 +21,28 @@ gradients) holds, at each projected position, a statistic of that leaf.
   learning-rate re-warm-up, as ReLoRA does.
 * ``"transport"``: carry each statistic into the new basis with the per-axis
   least-squares change of coordinates ``T_i = pinv(U_i^new) U_i^old``
-  (``U^newᵀ U^old`` for orthonormal bases).  Statistics shaped like the
-  coefficients are mapped linearly, ``c ×_i T_i``; those whose field name marks
-  them as second moments (``nu``, ``v``, ``exp_avg_sq``, ``sum_of_squares``,
-  ``acc``...) with the element-wise squared map ``c ×_i (T_i ∘ T_i)``, which
-  keeps them non-negative.  Statistics of another shape (Adafactor's factored
-  row/column moments) cannot be mapped and are reset.
+  (``U^newᵀ U^old`` for orthonormal bases), each row of it shrunk to unit
+  Euclidean length where it is longer (``T̃_i = D_i^{-1/2} T_i`` with
+  ``D_i = diag(max(1, ‖row‖²))``).  Statistics shaped like the coefficients
+  are mapped linearly, ``c ×_i T̃_i``; those whose field name marks them as
+  second moments (``nu``, ``exp_avg_sq``, ``sum_of_squares``, ``acc``...) with
+  the element-wise squared map ``c ×_i (T̃_i ∘ T̃_i)``, which keeps them
+  non-negative.  Statistics of another shape (Adafactor's factored row/column
+  moments) cannot be mapped and are reset.
+
+  Why the rows are shrunk: for orthonormal bases the rows of ``T`` already
+  have length ≤ 1 (``T̃ = T``), so ``T∘T`` has row sums ≤ 1 and a second
+  moment can only shrink or be redistributed.  For non-orthonormal bases
+  (Flora's Gaussian sketches, above all at full rank, where ``T =
+  U_new⁻¹ U_old``) rows of ``T`` can be long, and ``T∘T`` — exact only for
+  uncorrelated coordinates — multiplies a second moment by its row sums at
+  every refresh: with ``β2 = 0.999`` over 200 steps 82% of it survives to the
+  next refresh, so it compounds without bound and the steps vanish.  With
+  ``T̃`` every transported second moment is a sub-convex combination of the
+  old ones (``max ν`` never grows through a refresh, whatever the pair of
+  bases), and the first moment is scaled by the same row factors, so
+  ``|μ_i| ≤ √(r·ν_i)`` (Cauchy–Schwarz) still bounds Adam's first step after
+  a refresh.
 
 Whatever the policy, gradient *histories* (fields named ``history`` or
 ``gram``, as in ``olr.woodbury_precondition``) are cleared at a refresh: they
@@ -50,8 +66,8 @@ POLICIES = ("keep", "reset", "transport")
 CLEARED_NAMES = frozenset({"history", "gram"})
 
 SECOND_MOMENT_NAMES = frozenset(
-    {"nu", "v", "nu_hat", "exp_avg_sq", "sum_of_squares", "acc", "v_row", "v_col",
-     "grad_sqr", "second_moment"}
+    {"nu", "v", "nu_hat", "nu_max", "exp_avg_sq", "sum_of_squares", "acc", "v_row", "v_col",
+     "grad_sqr", "grad_sum_sq", "second_moment", "e_g", "e_x", "n"}
 )
 
 
@@ -91,7 +107,7 @@ def apply_policy(
 
   if on_refresh == "transport":
     mats = [
-        None if not p.projected else bases_lib.transport_matrices(o, n)
+        None if not p.projected else bounded_transport_matrices(o, n)
         for p, o, n in zip(
             plan_leaves,
             _aligned(plans, old_bases),
@@ -137,6 +153,22 @@ def apply_policy(
   )
 
 
+def bounded_transport_matrices(old: bases_lib.Basis, new: bases_lib.Basis) -> tuple:
+  """Per-axis ``T̃_i``: ``pinv(U_i^new) U_i^old`` with rows longer than 1 scaled to length 1.
+
+  The change of coordinates of :func:`optax_lowrank.bases.transport_matrices`,
+  made safe to apply at every refresh (see the module docstring): with
+  ``T̃_i ∘ T̃_i`` row-sub-stochastic, no statistic carried through any number
+  of refreshes can compound.  Rows of length ≤ 1 — every row when both bases
+  are orthonormal — are left as they are.
+  """
+  return tuple(
+      None if t is None
+      else t / jnp.sqrt(jnp.maximum(1.0, jnp.sum(jnp.square(t), axis=1, keepdims=True)))
+      for t in bases_lib.transport_matrices(old, new)
+  )
+
+
 def _aligned(plans: Any, bases_tree: Any) -> list:
   """The basis (or None) of every leaf position, in flattening order."""
   out = []
@@ -144,4 +176,4 @@ def _aligned(plans: Any, bases_tree: Any) -> list:
   return out
 
 
-__all__ = ["POLICIES", "apply_policy", "check_policy", "LeafPlan"]
+__all__ = ["POLICIES", "apply_policy", "bounded_transport_matrices", "check_policy", "LeafPlan"]
