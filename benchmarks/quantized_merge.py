@@ -17,8 +17,11 @@ that ends at the floor lost nothing to the merges.
 
 Candidates: ``olr.quantization.MergeRule(rounding, scales, feedback_bits)``,
 the plain re-quantization of every merge (``rule=None``: fresh scales, nearest
-rounding, what ``olr.adapters.merge`` did before rules existed), and merge
-intervals that grow by 5% per merge (same first interval, about 40 merges).
+rounding, what ``olr.adapters.merge`` did before rules existed), merge
+intervals that grow by 5% per merge (same first interval, about 40 merges),
+and error feedback that carries the residual whole instead of removing its
+part in the subspace ``Λ`` lived in (what ``merge_update`` does when given the
+basis, as ``olr.adapters.merge`` always does).
 
 Run: ``python -m benchmarks.quantized_merge`` (about a minute on one core);
 ``--seeds 0,1,2`` for more problems, ``--block-size``, ``--steps``.
@@ -41,6 +44,7 @@ class Candidate:
   name: str
   rule: object  # MergeRule | None | "float"
   growth: float = 1.0
+  span_correction: bool = True  # False: merge the residual without removing its part in S
 
 
 def candidates(q) -> list[Candidate]:
@@ -52,12 +56,14 @@ def candidates(q) -> list[Candidate]:
       Candidate("stochastic, kept scales", rule("stochastic", "keep", 0)),
       Candidate("nearest, kept scales", rule("nearest", "keep", 0)),
       Candidate("nearest, kept scales, intervals +5%/merge", rule("nearest", "keep", 0), 1.05),
-      Candidate("feedback 2 bits, nearest", rule("nearest", "keep", 2)),
-      Candidate("feedback 2 bits, stochastic", rule("stochastic", "keep", 2)),
-      Candidate("feedback 4 bits, nearest, fresh scales", rule("nearest", "fresh", 4)),
-      Candidate("feedback 4 bits, nearest", rule("nearest", "keep", 4)),
-      Candidate("feedback 4 bits, stochastic", rule("stochastic", "keep", 4)),
-      Candidate("feedback 8 bits, nearest", rule("nearest", "keep", 8)),
+      Candidate("feedback 4 bits, nearest, residual counted whole", rule("nearest", "fresh", 4),
+                span_correction=False),
+      Candidate("feedback 2 bits, nearest", rule("nearest", "fresh", 2)),
+      Candidate("feedback 2 bits, stochastic", rule("stochastic", "fresh", 2)),
+      Candidate("feedback 4 bits, nearest, kept scales", rule("nearest", "keep", 4)),
+      Candidate("feedback 4 bits, nearest (default)", rule("nearest", "fresh", 4)),
+      Candidate("feedback 4 bits, stochastic", rule("stochastic", "fresh", 4)),
+      Candidate("feedback 8 bits, nearest", rule("nearest", "fresh", 8)),
   ]
 
 
@@ -118,6 +124,16 @@ def run(candidate: Candidate, fmt: str, seed: int, steps: int, every: int, block
     return jax.lax.fori_loop(0, n, body, (lam, state))
 
   merge = jax.jit(olr.adapters.merge)
+  if not candidate.span_correction:
+
+    @jax.jit
+    def merge(adapter, lam):
+      # the residual is carried whole: merge_tree without the bases
+      new, lam0 = olr.adapters.merge(adapter, lam)
+      merged = olr.adapters.materialize(adapter, lam)
+      base = q.merge_tree(adapter.base, merged)
+      return olr.adapters.Adapter(base, new.stored_bases, new.key, new.refresh_index,
+                                  new.plans), lam0
   done = 0
   for point in merge_points(steps, every, candidate.growth) + [steps]:
     lam, state = train(adapter, lam, state, point - done)

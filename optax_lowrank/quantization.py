@@ -704,7 +704,9 @@ class MergeRule:
   residual; rounded to nearest, ``c`` is then the nearest level of the kept
   weight.  So updates smaller than half a level gap accumulate in ``j`` until
   the code moves (error feedback), and the kept weight is within
-  ``2^{-b-1}`` rank units of the exact sum instead of ``1/2``.
+  ``2^{-b-1}`` rank units of the exact sum instead of ``1/2``.  Stochastic
+  rounding is unbiased except within ``2^{-b-1}`` rank units of the ends of
+  the table (a block's absmax), where only inner points exist.
 
   Attributes:
     rounding: ``"nearest"`` or ``"stochastic"`` (unbiased: ``E[ρ̂] = ρ``,
@@ -724,8 +726,8 @@ class MergeRule:
   """
 
   rounding: str = "nearest"
-  scales: str = "keep"
-  feedback_bits: int = 0
+  scales: str = "fresh"
+  feedback_bits: int = 4
 
   def __post_init__(self):
     if self.rounding not in _MERGE_ROUNDINGS:
@@ -739,7 +741,9 @@ class MergeRule:
                        f"got {self.feedback_bits!r}.")
 
 
-DEFAULT_MERGE_RULE = MergeRule(rounding="nearest", scales="keep", feedback_bits=4)
+#: The rule ``olr.adapters.quantize_base`` uses unless told otherwise: 4-bit
+#: error feedback, nearest rounding, fresh scales (``MergeRule()``).
+DEFAULT_MERGE_RULE = MergeRule(rounding="nearest", scales="fresh", feedback_bits=4)
 
 
 @functools.partial(
@@ -798,9 +802,32 @@ def _level_value(rank: jax.Array, format: str) -> jax.Array:
   return jnp.interp(rank, jnp.arange(n, dtype=jnp.float32), jnp.asarray(format_levels(format)))
 
 
-def _absmax_unit(blocks: jax.Array, format: str) -> jax.Array:
-  absmax = jnp.max(jnp.abs(blocks), axis=1)
-  return absmax / 127.0 if format == "int8" else absmax
+def _end_values(format: str, bits: int) -> tuple[float, float]:
+  """Values (block units) of the lowest and highest kept points of a format.
+
+  The kept points nearest the ends of the level table lie ``2^{-b-1}`` rank
+  units inside it (see :class:`MergeRule`).
+  """
+  levels = _LEVELS_F64[format] * (127.0 if format == "int8" else 1.0)
+  inset = 0.5 / 2**bits if bits else 0.0
+  ranks = np.arange(levels.size)
+  return (float(np.interp(inset, ranks, levels)),
+          float(np.interp(levels.size - 1 - inset, ranks, levels)))
+
+
+def _absmax_unit(blocks: jax.Array, format: str, bits: int) -> jax.Array:
+  """float32[n_blocks] block scales that put the block's extreme on an end point.
+
+  The larger of ``max(x) / top`` and ``max(−x) / |bottom|`` (``top``,
+  ``bottom`` the outermost kept points): the element that sets the scale is a
+  kept point exactly, and every other element lies between the end points, so
+  re-deriving the scale at a merge neither shrinks nor grows it step by step.
+  With ``bits = 0`` this is :func:`quantize`'s absmax scale.
+  """
+  bottom, top = _end_values(format, bits)
+  high = jnp.max(jnp.maximum(blocks, 0.0), axis=1) / top
+  low = jnp.max(jnp.maximum(-blocks, 0.0), axis=1) / -bottom
+  return jnp.maximum(high, low)
 
 
 def _encode(blocks, unit, format, block_size, shape, dtype, rule, seed) -> QuantizedBase:
@@ -820,7 +847,10 @@ def _encode(blocks, unit, format, block_size, shape, dtype, rule, seed) -> Quant
   else:
     below = jnp.floor(t)
     t = below + (_dither(seed, t.size) < t - below)
-  t = jnp.clip(t, 0, n_levels * grid - 1).astype(jnp.int32)
+  # Only points inside the table: a value at the block absmax keeps a point
+  # 1/(2·grid) inside it (so it never outgrows a kept scale).
+  lo, hi = (grid // 2, (n_levels - 1) * grid + grid // 2 - 1) if grid > 1 else (0, n_levels - 1)
+  t = jnp.clip(t, lo, hi).astype(jnp.int32)
   codes = t // grid
   if format == "int8":
     packed = (codes - 127).astype(jnp.int8)
@@ -844,8 +874,7 @@ def _kept_blocks(q: QuantizedBase) -> jax.Array:
   if q.rule.feedback_bits:
     grid = 2**q.rule.feedback_bits
     j = _unpack_bits(q.residual, q.rule.feedback_bits, padded).astype(jnp.float32)
-    # clamped to the table: a kept weight never exceeds its block's scale
-    rank = jnp.clip(rank - 0.5 + (j + 0.5) / grid, 0, _LEVELS_F64[q.format].size - 1)
+    rank = rank - 0.5 + (j + 0.5) / grid
   values = _level_value(rank, q.format).reshape(q.n_blocks, q.block_size)
   return values * q.scales[:, None]
 
@@ -860,9 +889,11 @@ def quantize_base_array(
 ) -> QuantizedBase:
   """Quantizes a frozen base for merges that follow ``rule``.
 
-  Block scales are the absmax scales of :func:`quantize`; codes are the
-  nearest levels (with ``feedback_bits > 0`` the residual keeps the rounding
-  error, so the kept weight is ``x`` to within ``2^{-b-1}`` of a level gap).
+  Codes are the nearest levels; with ``feedback_bits = b > 0`` the residual
+  keeps the rounding error, so the kept weight is ``x`` to within ``2^{-b-1}``
+  of a level gap, and the block scales are those of :func:`quantize` enlarged
+  by a factor ``1 + O(2^{-b-1} gap)`` so that each block's extreme element is
+  a kept point (``b = 0``: exactly :func:`quantize`'s).
 
   Args:
     x: floating-point array.
@@ -899,8 +930,8 @@ def _merge_seed(rule: MergeRule, seed: Any) -> jax.Array | None:
 @functools.partial(jax.jit, static_argnames=("format", "block_size", "rule"))
 def _quantize_base(x, format, block_size, rule, seed) -> QuantizedBase:
   blocks = _blocks(x, block_size)
-  return _encode(blocks, _absmax_unit(blocks, format), format, block_size, tuple(x.shape),
-                 x.dtype, rule, seed)
+  unit = _absmax_unit(blocks, format, rule.feedback_bits)
+  return _encode(blocks, unit, format, block_size, tuple(x.shape), x.dtype, rule, seed)
 
 
 def merge_update(
@@ -982,9 +1013,10 @@ def _merge_update(q: QuantizedBase, merged: jax.Array, seed: jax.Array | None,
     residual = (kept - _blocks(codes, q.block_size)).ravel()[: q.size].reshape(q.shape)
     delta = delta - _span_projection(basis, residual)
   new = kept + _blocks(delta, q.block_size)
-  unit = _absmax_unit(new, q.format)
+  unit = _absmax_unit(new, q.format, q.rule.feedback_bits)
   if q.rule.scales == "keep":
-    unit = jnp.where(unit > q.scales, unit, q.scales)
+    # (a margin of float32 round-off: a kept extreme re-derives its own scale)
+    unit = jnp.where(unit > q.scales * (1 + 1e-6), unit, q.scales)
   return _encode(new, unit, q.format, q.block_size, q.shape, q.dtype, q.rule, seed)
 
 
