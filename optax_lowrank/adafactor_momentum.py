@@ -479,13 +479,14 @@ def _init_leaf(p: LeafPlan, mu_dtype) -> tuple[Any, Any, Any, Any]:
   """Zeros for ``(mu, nu_row, nu_col, nu_res)`` of one leaf."""
   sd = _stat_dtype(p)
   if p.projected:
-    a, b = p.coefficient_shape
+    *batch, a, b = p.coefficient_shape  # batch: the matrices of a stacked leaf
+    batch = tuple(batch)
     q = p.view_shape[1 - _projected_axis(p)]
     return (
-        jnp.zeros((a, b), _mu_dtype(p, mu_dtype)),
-        jnp.zeros((a,), sd),
-        jnp.zeros((b,), sd),
-        jnp.zeros((q,), sd),
+        jnp.zeros(batch + (a, b), _mu_dtype(p, mu_dtype)),
+        jnp.zeros(batch + (a,), sd),
+        jnp.zeros(batch + (b,), sd),
+        jnp.zeros(batch + (q,), sd),
     )
   shape = p.shape
   if len(shape) >= 2:
@@ -660,13 +661,23 @@ def scale_by_adamem(
         count % refresh_every == 0, refresh, lambda b: b, state.bases
     )
 
+    def matrix(p: LeafPlan, g, factors, mu, nu_row, nu_col, nu_res):
+      """One matrix in its view (a whole leaf, or one matrix of a stack)."""
+      return _adamem_update(
+          Basis(factors, p.view_shape, p.view_shape), g, mu, nu_row, nu_col, nu_res,
+          count, b1=b1, b2=b2, eps=eps, delta=delta, statistics=statistics,
+          clip_threshold=clip_threshold,
+      )
+
     def leaf(p: LeafPlan, g, basis, mu, nu_row, nu_col, nu_res):
       if p.projected:
-        u, stats = _adamem_update(
-            basis, g, mu, nu_row, nu_col, nu_res, count, b1=b1, b2=b2, eps=eps, delta=delta,
-            statistics=statistics, clip_threshold=clip_threshold,
+        # Stacked leaves: every matrix of the stack is its own AdaMeM problem,
+        # solved as one batch (vmap over the batch axes of the view).
+        step = lambda *a: matrix(p, *a)
+        u, stats = bases_lib.over_batch(step, len(p.batch_shape))(
+            bases_lib.to_view(basis, g), basis.factors, mu, nu_row, nu_col, nu_res
         )
-        return (u.astype(g.dtype), *stats)
+        return (bases_lib.from_view(basis, u).astype(g.dtype), *stats)
       u, nu_row, nu_col = _adafactor_leaf(g, nu_row, nu_col, count, b2, eps, clip_threshold)
       return u.astype(g.dtype), None, nu_row, nu_col, None
 

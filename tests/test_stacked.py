@@ -80,7 +80,6 @@ def test_natural_galore_on_a_stack_equals_separate_leaves(on_refresh):
       1e-2, rank=3, history=2, refresh_every=3, on_refresh=on_refresh, reshape=reshape))
 
 
-@pytest.mark.xfail(strict=True, reason="AdaMeM's per-leaf step is not yet mapped over batch axes")
 def test_adamem_on_a_stack_equals_separate_leaves():
   _stacked_vs_separate(lambda reshape: olr.adamem(
       1e-2, rank=3, refresh_every=3, reshape=reshape))
