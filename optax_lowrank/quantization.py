@@ -96,6 +96,7 @@ __all__ = [
   "QuantizedBase",
   "dequantize",
   "dequantize_tree",
+  "drop_residual",
   "format_levels",
   "max_abs_error_factor",
   "merge_tree",
@@ -1043,3 +1044,20 @@ def merge_tree(
     else:
       out.append(new)
   return jax.tree.unflatten(treedef, out)
+
+
+def drop_residual(tree: Any) -> Any:
+  """Replaces every :class:`QuantizedBase` in ``tree`` by a plain :class:`QuantizedArray`.
+
+  The same codes and scales (what :func:`dequantize` reads) without the
+  residual and the rule: the base to keep once training is over (no more
+  merges), at the format's own size.
+  """
+
+  def one(x):
+    if isinstance(x, QuantizedBase):
+      return QuantizedArray(codes=x.codes, scales=x.scales, shape=x.shape, dtype=x.dtype,
+                            format=x.format, block_size=x.block_size)
+    return x
+
+  return jax.tree.map(one, tree, is_leaf=_is_quantized)

@@ -261,6 +261,15 @@ def test_kept_scales_grow_only_where_a_value_outgrows_them():
   assert np.any(np.asarray(fresh.scales) != np.asarray(qb.scales))
 
 
+def test_drop_residual_keeps_what_the_forward_pass_reads():
+  x, qb = _random_base(0, (4, 4), "nf4", DEFAULT, 8)
+  tree = q.drop_residual({"w": qb, "b": x})
+  plain = tree["w"]
+  assert type(plain) is q.QuantizedArray and tree["b"] is x
+  np.testing.assert_array_equal(q.dequantize(plain), q.dequantize(qb))
+  assert q.nbytes(plain) == q.nbytes(qb) - qb.residual.size  # 16 weights: 8 + 8 + 8 bytes
+
+
 def test_bad_rules_fail_early():
   with pytest.raises(ValueError, match="rounding"):
     q.MergeRule(rounding="up")
