@@ -1,7 +1,8 @@
 """The documentation site: every code example runs, and the site builds strictly.
 
-For each page under ``docs/`` the ```` ```python```` blocks are executed in
-order in one namespace per page (later blocks use what earlier ones defined).
+For each page under ``docs/``, and for ``README.md``, the ```` ```python````
+blocks are executed in order in one namespace per page (later blocks use what
+earlier ones defined).
 A block whose first line is ``# requires: NAME[, NAME...]`` is skipped while
 ``optax_lowrank`` lacks one of those attributes (features documented ahead of
 their merge), and one whose first line starts with ``# not run`` (code for
@@ -30,6 +31,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
+README = ROOT / "README.md"
 HOOKS = DOCS / "_hooks" / "olr_docs.py"
 
 
@@ -52,7 +54,7 @@ def _page_id(path: Path) -> str:
 def available():
   """Which ``# requires:`` names the package has, from a fresh interpreter."""
   wanted = set()
-  for page in PAGES:
+  for page in [*PAGES, README]:
     for block in hooks.python_blocks(page.read_text(encoding="utf-8")):
       wanted.update(hooks.requires_of(block))
   return hooks.package_facts(wanted)["has"]
@@ -64,6 +66,15 @@ def test_pages_exist():
 
 @pytest.mark.parametrize("page", PAGES, ids=_page_id)
 def test_code_blocks_run(page, available, tmp_path, monkeypatch):
+  _run_blocks(page, _page_id(page), available, tmp_path, monkeypatch)
+
+
+def test_readme_code_blocks_run(available, tmp_path, monkeypatch):
+  """The README's Python blocks, run as the docs' are: a first reader pastes these."""
+  _run_blocks(README, "README.md", available, tmp_path, monkeypatch)
+
+
+def _run_blocks(page: Path, label: str, available, tmp_path, monkeypatch):
   blocks = hooks.python_blocks(page.read_text(encoding="utf-8"))
   if not blocks:
     pytest.skip("no python examples on this page")
@@ -79,11 +90,11 @@ def test_code_blocks_run(page, available, tmp_path, monkeypatch):
         skipped.append((i, missing))
         continue
       try:
-        code = compile(textwrap.dedent(block), f"{_page_id(page)}:block{i}", "exec")
+        code = compile(textwrap.dedent(block), f"{label}:block{i}", "exec")
         exec(code, namespace)  # noqa: S102 - running the documentation's own examples
       except Exception:
         pytest.fail(
-            f"{_page_id(page)}, python block {i} failed:\n\n{textwrap.indent(block, '    ')}"
+            f"{label}, python block {i} failed:\n\n{textwrap.indent(block, '    ')}"
             f"\n\n{traceback.format_exc()}",
             pytrace=False,
         )
