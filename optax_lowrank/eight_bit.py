@@ -75,6 +75,21 @@ but for one leaf at a time: each leaf is decoded only after the previous leaf is
 re-encoded (:func:`~optax_lowrank.quantization.tie`), so XLA cannot hold the
 float moments of the whole tree at once.
 
+Large leaves in chunks. One leaf's float moments can still outweigh the 8-bit
+savings: a 32000 × 512 embedding has 16.4M elements, 131 MB of float32 ``m`` and
+``v`` during its update against 33 MB of 8-bit state, and with bf16 weights the
+float32 Adam moments of the whole model are not much larger. A leaf of more than
+``chunk_size`` elements (default ``2**20``) is therefore decoded, updated and
+re-encoded in chunks of whole blocks (at most ``chunk_size`` elements each) by
+a ``jax.lax.scan``, so only one chunk's float moments are alive at a time:
+about ``12 * chunk_size`` bytes of float32 temporaries (``m``, ``v``, the
+gradient) instead of ``12 * n``. Chunk boundaries fall on block boundaries, so
+with round-to-nearest the result is bit-identical to the whole-leaf update;
+with stochastic rounding chunk ``k`` draws its noise from
+``mix_seed(seed_of_the_leaf, k)`` (same distribution, other draws). The leaf is
+zero-padded to a whole number of equal chunks (at most one block per chunk of
+padding). ``chunk_size=0`` updates every leaf whole.
+
 Reference:
   Dettmers, Lewis, Shleifer, Zettlemoyer, "8-bit Optimizers via Block-wise
   Quantization", ICLR 2022. https://arxiv.org/abs/2110.02861
@@ -82,6 +97,7 @@ Reference:
 
 # No ``from __future__ import annotations``: ``adam_8bit``'s signature carries
 # the real ``optax.ScalarOrSchedule`` (optax's test suite reads it).
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -94,6 +110,7 @@ import optax.tree
 from optax_lowrank import quantization
 
 __all__ = [
+  "DEFAULT_CHUNK_SIZE",
   "MU_FORMAT",
   "NU_FORMAT",
   "ScaleByAdam8bitState",
@@ -104,6 +121,7 @@ __all__ = [
 
 MU_FORMAT = "dynamic8"  # signed dynamic tree code for the first moment
 NU_FORMAT = "dynamic8_unsigned"  # unsigned dynamic tree code for sqrt(second moment)
+DEFAULT_CHUNK_SIZE = 2**20  # elements; leaves above it are updated chunk by chunk
 
 
 class ScaleByAdam8bitState(NamedTuple):
@@ -181,6 +199,7 @@ def scale_by_adam_8bit(
   *,
   stochastic_rounding: bool = True,
   seed: int | jax.Array = 0,
+  chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> optax.GradientTransformation:
   """Rescales updates by Adam with 8-bit block-wise quantized moments.
 
@@ -208,6 +227,10 @@ def scale_by_adam_8bit(
       (e.g. from :func:`optax.inject_hyperparams`). Step ``t``, leaf ``i`` and
       moment ``j`` round with ``quantization.mix_seed(seed, t, i, j)``, so no
       key is stored and runs are reproducible.
+    chunk_size: leaves of more than ``chunk_size`` elements are updated in
+      chunks of whole blocks of at most ``max(chunk_size, block_size)``
+      elements, so that only one chunk's float32 moments exist at a time (see
+      the module docstring); a static int ``>= 0``, 0 updates every leaf whole.
 
   Returns:
     A :class:`optax.GradientTransformation` whose state is a
@@ -225,6 +248,7 @@ def scale_by_adam_8bit(
     raise ValueError(f"`eps` must be >= 0, got {eps!r}.")
   block_size = _static_int("block_size", block_size, 1)
   min_8bit_size = _static_int("min_8bit_size", min_8bit_size, 0)
+  chunk_size = _static_int("chunk_size", chunk_size, 0)
   if isinstance(seed, bool) or (isinstance(seed, int) and not 0 <= seed < 2**32):
     raise ValueError(f"`seed` must be an int in [0, 2**32), got {seed!r}.")
 
@@ -258,10 +282,10 @@ def scale_by_adam_8bit(
       nu=jax.tree.map(lambda x: zeros(x, NU_FORMAT), params),
     )
 
-  def leaf_update(g, m_stored, v_stored, count_inc, m_seed, v_seed):
+  def adam_step(g, m, v, count_inc, quantized):
+    """Adam on float32 moments ``m``, ``v`` (decoded); the update in ``g``'s dtype."""
     grad = g.astype(jnp.float32)
-    m, v = decode_mu(m_stored), decode_nu(v_stored)
-    if _is_quantized(v_stored):
+    if quantized:
       # v == 0 implies m == 0 in exact arithmetic; enforce it after decoding so
       # a second moment rounded to zero cannot turn a small m into m / eps.
       m = jnp.where(v > 0, m, 0.0)
@@ -269,10 +293,73 @@ def scale_by_adam_8bit(
     v = b2 * v + (1 - b2) * jnp.square(grad)
     m_hat = optax.tree.bias_correction(m, b1, count_inc)
     v_hat = optax.tree.bias_correction(v, b2, count_inc)
-    u = (m_hat / (jnp.sqrt(v_hat) + eps)).astype(g.dtype)
+    return (m_hat / (jnp.sqrt(v_hat) + eps)).astype(g.dtype), m, v
+
+  def leaf_update(g, m_stored, v_stored, count_inc, m_seed, v_seed):
+    if _is_quantized(m_stored) and 0 < chunk_size < m_stored.size:
+      return chunked_update(g, m_stored, v_stored, count_inc, m_seed, v_seed)
+    m, v = decode_mu(m_stored), decode_nu(v_stored)
+    u, m, v = adam_step(g, m, v, count_inc, _is_quantized(v_stored))
     if stochastic_rounding:
       return u, encode_mu(m, m_seed), encode_nu(v, v_seed)
     return u, encode_mu(m), encode_nu(v)
+
+  def chunked_update(g, m_stored, v_stored, count_inc, m_seed, v_seed):
+    """``leaf_update`` of a large quantized leaf, one chunk of whole blocks at a time.
+
+    A loop over the ``full`` chunks of ``size`` elements reads chunk ``k`` of
+    the gradient and of the codes and scales, and writes the update and the
+    new codes and scales over what it read: the loop carries the flat
+    gradient and the state, so XLA updates them in place and holds the
+    float32 moments of one chunk.  The remaining ``tail`` elements (fewer
+    than a chunk; the last block may be partial) are updated whole after.
+    """
+    bs, n = block_size, m_stored.size
+    per_chunk = max(1, chunk_size // bs)  # blocks
+    size = per_chunk * bs
+    full, tail = divmod(n, size)
+
+    def chunk_of(q, codes, scales, length):
+      return quantization.QuantizedArray(codes, scales, (length,), np.dtype(jnp.float32),
+                                         q.format, bs)
+
+    def step(k, g_k, mc, ms, vc, vs, length):
+      m = quantization.dequantize(chunk_of(m_stored, mc, ms, length))
+      v = jnp.square(quantization.dequantize(chunk_of(v_stored, vc, vs, length)))
+      u, m, v = adam_step(g_k, m, v, count_inc, True)
+      if stochastic_rounding:
+        k = jnp.asarray(k, jnp.uint32)
+        seeds = (quantization.mix_seed(m_seed, k), quantization.mix_seed(v_seed, k))
+      else:
+        seeds = (None, None)
+      m = quantization.quantize(m, MU_FORMAT, bs, seed=seeds[0])
+      v = quantization.quantize(jnp.sqrt(v), NU_FORMAT, bs, seed=seeds[1])
+      return u, m.codes, m.scales, v.codes, v.scales
+
+    def body(k, carry):
+      flat, mc, ms, vc, vs = carry
+      at, at_block = k * size, k * per_chunk
+      out = step(k, jax.lax.dynamic_slice(flat, (at,), (size,)),
+                 jax.lax.dynamic_slice(mc, (at,), (size,)),
+                 jax.lax.dynamic_slice(ms, (at_block,), (per_chunk,)),
+                 jax.lax.dynamic_slice(vc, (at,), (size,)),
+                 jax.lax.dynamic_slice(vs, (at_block,), (per_chunk,)), size)
+      starts = (at, at, at_block, at, at_block)
+      return tuple(jax.lax.dynamic_update_slice(buf, new, (i,))
+                   for buf, new, i in zip(carry, out, starts, strict=True))
+
+    carry = (jnp.ravel(g), m_stored.codes, m_stored.scales, v_stored.codes, v_stored.scales)
+    carry = jax.lax.fori_loop(0, full, body, carry)
+    if tail:
+      at, at_block = full * size, full * per_chunk
+      flat, mc, ms, vc, vs = carry
+      out = step(full, flat[at:], mc[at:], ms[at_block:], vc[at:], vs[at_block:], tail)
+      starts = (at, at, at_block, at, at_block)
+      carry = tuple(jax.lax.dynamic_update_slice(buf, new, (i,))
+                    for buf, new, i in zip(carry, out, starts, strict=True))
+    flat, mc, ms, vc, vs = carry
+    return (flat.reshape(jnp.shape(g)), dataclasses.replace(m_stored, codes=mc, scales=ms),
+            dataclasses.replace(v_stored, codes=vc, scales=vs))
 
   def update_fn(
     updates: optax.Updates, state: ScaleByAdam8bitState, params: optax.Params | None = None
@@ -320,6 +407,7 @@ def adam_8bit(
   *,
   stochastic_rounding: bool = True,
   seed: int | jax.Array = 0,
+  chunk_size: int | None = None,
 ) -> optax.GradientTransformation:
   """8-bit Adam (AdamW when ``weight_decay > 0``).
 
@@ -333,14 +421,15 @@ def adam_8bit(
   an array or schedule ``weight_decay`` (e.g. from
   :func:`optax.inject_hyperparams`) is applied, so ``params`` are needed.
 
-  ``block_size`` and ``min_8bit_size`` default to ``None`` (256 and 4096):
+  ``block_size``, ``min_8bit_size`` and ``chunk_size`` default to ``None``
+  (256, 4096 and :data:`DEFAULT_CHUNK_SIZE`):
   they fix array shapes, and ``None`` stays static under
   :func:`optax.inject_hyperparams`, which turns numeric defaults into arrays.
 
   Args:
     learning_rate: a float or an :data:`optax.Schedule`.
-    b1, b2, eps, block_size, min_8bit_size, stochastic_rounding, seed: see
-      :func:`scale_by_adam_8bit`.
+    b1, b2, eps, block_size, min_8bit_size, stochastic_rounding, seed,
+      chunk_size: see :func:`scale_by_adam_8bit`.
     weight_decay: decoupled weight-decay coefficient, ``>= 0``.
     mask: optional pytree/callable selecting leaves to decay, as in
       :func:`optax.add_decayed_weights`.
@@ -364,6 +453,7 @@ def adam_8bit(
       4096 if min_8bit_size is None else min_8bit_size,
       stochastic_rounding=stochastic_rounding,
       seed=seed,
+      chunk_size=DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size,
     ),
     decay,
     optax.scale_by_learning_rate(learning_rate),
