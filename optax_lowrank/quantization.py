@@ -57,6 +57,14 @@ Memory
 block is stored (it is at most ``block_size - 1`` elements) and stripped again by
 :func:`dequantize`.
 
+Merges
+------
+The adapter path's frozen base is written to at every merge (``W0 + SᵀΛ``).
+:class:`QuantizedBase` adds to a :class:`QuantizedArray` a few bits per
+element of rounding residual and a :class:`MergeRule`, and
+:func:`merge_update` writes a merged weight back so that updates smaller than
+half a level gap are not lost (error feedback); ``"int8"`` and ``"nf4"``.
+
 All functions trace under :func:`jax.jit`; ``format`` and ``block_size`` are
 static Python values. Non-finite inputs are not checked by :func:`quantize`
 (a NaN or inf poisons the scale of its block, and the whole block dequantizes to
@@ -713,16 +721,24 @@ class MergeRule:
     rounding: ``"nearest"`` or ``"stochastic"`` (unbiased: ``E[ρ̂] = ρ``,
       keyed from the seed of the merge; needs ``seed`` in :func:`merge_update`).
     scales: ``"keep"``: a block keeps its scale across merges unless a value
-      outgrows it (then that block gets the absmax scale of its new values);
-      ``"fresh"``: every merge takes each block's new absmax, as
-      :func:`quantize` does (a changed absmax moves the whole grid of the block
-      and re-rounds every element in it).
+      outgrows it (then that block's scale is derived again from its new
+      values); ``"fresh"``: every merge derives each block's scale from its
+      new values, as :func:`quantize` does from the absmax (a changed scale
+      moves the whole grid of the block and re-rounds every element in it; the
+      residual keeps that re-rounding within ``2^{-b-1}`` rank units).
     feedback_bits: bits per element of the carried residual, ``0`` (none),
       ``2``, ``4`` or ``8``; memory ``b / 8`` bytes per element on top of the
       codes and scales.
 
-  The default (:data:`DEFAULT_MERGE_RULE`) is the rule that measured best in
-  ``benchmarks/quantized_merge.py``; see the how-to "Training on a quantized
+  A merge given the basis of ``Λ`` also removes the part of the residual
+  that lies in that subspace (see :func:`merge_update`); without that, error
+  feedback barely helps.
+
+  The default, ``MergeRule()`` = :data:`DEFAULT_MERGE_RULE` (nearest, fresh
+  scales, 4 residual bits), ends at the loss floor of both formats on the
+  drift problem of ``benchmarks/quantized_merge.py`` (0.86x INT8, 0.95x NF4;
+  re-quantizing without a residual: 2.9x and 3.7x); 8 bits come 2-4% closer
+  for twice the residual memory.  See the how-to "Training on a quantized
   base" for the table.
   """
 
@@ -761,9 +777,9 @@ class QuantizedBase(QuantizedArray):
   ``olr.adapters.quantize_base``) and update it with :func:`merge_update`.
 
   Attributes:
-    residual: uint8 packed residuals ``j`` (see :class:`MergeRule`), ``8 / b`` per byte
-      (element ``j`` of a byte in bits ``j·b .. j·b + b - 1``), over the
-      zero-padded ``n_blocks * block_size`` elements; ``None`` when
+    residual: uint8 packed residuals ``j`` (see :class:`MergeRule`), ``8 / b``
+      per byte (the ``i``-th of a byte in bits ``i·b .. i·b + b − 1``), over
+      the zero-padded ``n_blocks * block_size`` elements; ``None`` when
       ``rule.feedback_bits == 0``.
     rule: static :class:`MergeRule`.
   """
