@@ -89,7 +89,14 @@ Decisions where the paper is silent, ambiguous or inconsistent:
   ``k·ε·‖G_j‖²`` in the difference is at most ``k·√ε`` of it (a few percent
   for ``k ~ 100``).  Without this guard, a ``64×96`` leaf at rank 16 fed
   float32 gradients from a fixed 16-dimensional subspace got updates with RMS
-  up to 21.7 and entries up to 129; with it, at most 0.50 and 1.84.
+  up to 21.7 and entries up to 129; with it, at most 0.50 and 1.84.  The
+  threshold assumes float32 products, as on the CPU.  On GPUs (TF32) and TPUs
+  (bfloat16 passes) JAX's default float32 matmul precision is lower: the step
+  stays bounded (the kept columns still have ``‖S_j‖² > √ε·‖G_j‖²``, and
+  clipping caps each part), but for a gradient almost inside the span the
+  residual part is then mostly product round-off.  Wrap the step in
+  ``jax.default_matmul_precision("float32")`` where that matters (not
+  measured on an accelerator).
 * **Bias correction and ε** ("not described for simplicity", Alg. 1): the
   momentum is bias-corrected by ``1 − β1^t`` *before* it enters Alg. 3, every
   second-moment statistic by ``1 − β2^t``, and ``ε`` (default ``1e-8``, the
