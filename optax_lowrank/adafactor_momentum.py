@@ -92,8 +92,8 @@ Decisions where the paper is silent, ambiguous or inconsistent:
   up to 21.7 and entries up to 129; with it, at most 0.50 and 1.84.  The
   threshold assumes float32 products, as on the CPU.  On GPUs (TF32) and TPUs
   (bfloat16 passes) JAX's default float32 matmul precision is lower: the step
-  stays bounded (the kept columns still have ``‖S_j‖² > √ε·‖G_j‖²``, and
-  clipping caps each part), but for a gradient almost inside the span the
+  stays bounded (a kept column's computed ``‖G_j‖² − ‖R_j‖²`` still exceeds
+  ``√ε·‖G_j‖²``, and clipping caps each part), but for a gradient almost inside the span the
   residual part is then mostly product round-off.  Wrap the step in
   ``jax.default_matmul_precision("float32")`` where that matters (not
   measured on an accelerator).
