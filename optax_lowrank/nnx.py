@@ -71,23 +71,81 @@ class LowRankLinear(nnx.Module):
     self.bias = None if bias is None else nnx.Param(bias)
     self.path = path
 
+  evaluation: str = "auto"
+  """How the forward and backward passes are computed (a class default; set it
+  on an instance to override): ``"factors"`` (``x·W0 + ((x U) Λ) Vᵀ``),
+  ``"merged"`` (``x·(W0 + U Λ Vᵀ)`` with the sum formed on the fly in the
+  forward pass and formed again in the backward pass, never kept; ``dΛ`` still
+  from the factors, ``(x U)ᵀ (dy V)``) or ``"auto"``: whichever
+  :meth:`flops` counts cheaper for the call's number of tokens."""
+
   def __call__(self, x: jax.Array) -> jax.Array:
     base = self.base.get_value()
-    if isinstance(base, quantization.QuantizedArray):
-      y = _dequantized_matmul(x, base)
-    else:
-      y = x @ base.astype(x.dtype)
     lam = self.lam.get_value()
-    t = x.astype(jnp.promote_types(x.dtype, lam.dtype))
-    if self.left is not None:
-      t = t @ self.left.get_value()
-    t = t @ lam
-    if self.right is not None:
-      t = t @ self.right.get_value().T
-    y = y + t.astype(y.dtype)
+    left = None if self.left is None else self.left.get_value()
+    right = None if self.right is None else self.right.get_value()
+    if self._merged(x, base, left, right):
+      y = _merged_matmul(x, base, left, lam, right)
+    else:
+      if isinstance(base, quantization.QuantizedArray):
+        y = _dequantized_matmul(x, base)
+      else:
+        y = x @ base.astype(x.dtype)
+      t = x.astype(jnp.promote_types(x.dtype, lam.dtype))
+      if left is not None:
+        t = t @ left
+      t = t @ lam
+      if right is not None:
+        t = t @ right.T
+      y = y + t.astype(y.dtype)
     if self.bias is not None:
       y = y + self.bias.get_value().astype(y.dtype)
     return y
+
+  def _merged(self, x, base, left, right) -> bool:
+    if self.evaluation not in ("auto", "factors", "merged"):
+      raise ValueError(f"LowRankLinear '{self.path}': evaluation must be 'auto', 'factors' or "
+                       f"'merged', got {self.evaluation!r}")
+    if self.evaluation != "auto":
+      return self.evaluation == "merged"
+    m, n = base.shape[-2:]
+    tokens = x.size // max(x.shape[-1], 1)
+    cost = self.flops(tokens, m, n, None if left is None else left.shape[-1],
+                      None if right is None else right.shape[-1])
+    return cost["merged"] < cost["factors"]
+
+  @staticmethod
+  def flops(tokens: int, m: int, n: int, left_rank: int | None, right_rank: int | None
+            ) -> dict[str, int]:
+    """Multiply-add FLOPs (×2) of one forward + backward pass of the layer.
+
+    For ``tokens`` rows of input, an ``m×n`` base and ranks ``r_l`` (left
+    basis ``U``, ``m×r_l``) and ``r_r`` (right basis ``V``, ``n×r_r``), with
+    ``Λ`` of shape ``a×b`` (``a = r_l`` or ``m``, ``b = r_r`` or ``n``):
+
+    * ``"dense"`` (an ``nnx.Linear`` trained in full): ``6·T·m·n``;
+    * ``"factors"``: ``4·T·m·n`` (``x·W0`` and ``dy·W0ᵀ``; no weight
+      gradient) ``+ 4·T·m·r_l + 6·T·a·b + 4·T·r_r·n``;
+    * ``"merged"``: ``4·T·m·n + 2·F`` (``F``: forming ``U Λ Vᵀ``, twice)
+      ``+ 2·T·m·r_l + 2·T·n·r_r + 2·T·a·b`` (``dΛ = (x U)ᵀ (dy V)``).
+
+    ``"merged"`` wins when tokens are many against ``m·n / (m + n)``
+    (training batches of thousands of tokens on layers of a few hundred
+    features); ``"factors"`` when tokens are few against the layer's size.
+    """
+    t = int(tokens)
+    a = m if left_rank is None else left_rank
+    b = n if right_rank is None else right_rank
+    ul = 0 if left_rank is None else 2 * t * m * left_rank
+    vr = 0 if right_rank is None else 2 * t * n * right_rank
+    ab = 2 * t * a * b
+    if left_rank is not None and right_rank is not None:
+      form = 2 * m * left_rank * right_rank + 2 * m * right_rank * n
+    else:
+      form = 2 * m * n * (left_rank if left_rank is not None else right_rank or 0)
+    base = 2 * t * m * n
+    return {"dense": 3 * base, "factors": 2 * base + 2 * ul + 3 * ab + 2 * vr,
+            "merged": 2 * base + 2 * form + ul + vr + ab}
 
 
 def _matmul(x: jax.Array, q: quantization.QuantizedArray) -> jax.Array:
@@ -121,6 +179,83 @@ def _dequantized_matmul_bwd(q, dy):
 
 
 _dequantized_matmul.defvjp(_dequantized_matmul_fwd, _dequantized_matmul_bwd)
+
+
+def _delta(left, lam, right, dtype):
+  """``U Λ Vᵀ`` (absent factors skipped) in ``dtype``."""
+  d = lam.astype(dtype)
+  if left is not None:
+    d = left.astype(dtype) @ d
+  if right is not None:
+    d = d @ right.astype(dtype).T
+  return d
+
+
+def _tie(a: jax.Array, t: jax.Array) -> jax.Array:
+  """``a`` plus an exact zero computed from ``t`` (see ``quantization.tie``).
+
+  Makes the weight formed from ``a`` depend on the forward input or the
+  backward cotangent, so XLA neither computes it before that exists nor merges
+  (CSE) the forward and the backward formation into one buffer kept alive
+  from the forward to the backward pass.
+  """
+  if t.size == 0:
+    return a
+  first = t.reshape(-1)[:1]
+  bits = first.dtype.itemsize * 8
+  word = jax.lax.bitcast_convert_type(first, jnp.dtype(f"uint{bits}"))
+  zero = ((word >> (bits - 1)) >> 1).astype(a.dtype)[0]
+  return a + zero
+
+
+def _weight(base, left, lam, right, dtype, tie_to):
+  """``W0 + U Λ Vᵀ`` in ``dtype``, formed after ``tie_to`` exists (not shared)."""
+  ct = jnp.promote_types(dtype, lam.dtype)
+  lam = _tie(lam, tie_to)
+  if isinstance(base, quantization.QuantizedArray):
+    base = quantization.dequantize(quantization.tie(base, tie_to))
+  return (base.astype(ct) + _delta(left, lam, right, ct)).astype(dtype)
+
+
+@jax.custom_vjp
+def _merged_matmul(x, base, left, lam, right):
+  """``x·(W0 + U Λ Vᵀ)`` whose backward pass forms the weight again, never keeps it.
+
+  The residuals are the layer's input and its (frozen, maybe quantized) base,
+  factors and ``Λ``: arguments of the step, held anyway.  The backward pass
+  computes ``dx = dy·Wᵀ`` with ``W`` formed again and ``dΛ = (x U)ᵀ (dy V)``
+  through the factors: no ``m×n`` gradient is needed for ``Λ``.  Cotangents
+  of the frozen base and factors are computed from ``dW = xᵀ dy`` (correct if
+  asked for; under ``jax.jit`` XLA removes them when the step does not use
+  them); a quantized base gets none.  Reverse-mode only, as any
+  ``custom_vjp``.
+  """
+  return x @ _weight(base, left, lam, right, x.dtype, x)
+
+
+def _merged_matmul_fwd(x, base, left, lam, right):
+  return _merged_matmul(x, base, left, lam, right), (x, base, left, lam, right)
+
+
+def _merged_matmul_bwd(res, dy):
+  x, base, left, lam, right = res
+  dx = dy @ _weight(base, left, lam, right, dy.dtype, dy).T
+  ct = jnp.promote_types(x.dtype, lam.dtype)
+  a = x.astype(ct) if left is None else x.astype(ct) @ left.astype(ct)
+  b = dy.astype(ct) if right is None else dy.astype(ct) @ right.astype(ct)
+  rows = tuple(range(x.ndim - 1))
+  dlam = jnp.tensordot(a, b, axes=(rows, rows)).astype(lam.dtype)
+  dw = jnp.tensordot(x.astype(ct), dy.astype(ct), axes=(rows, rows))  # for frozen parts only
+  dbase = None if isinstance(base, quantization.QuantizedArray) else dw.astype(base.dtype)
+  dleft = dright = None
+  if left is not None:
+    dleft = (dw @ _delta(None, lam, right, ct).T).astype(left.dtype)
+  if right is not None:
+    dright = (dw.T @ _delta(left, lam, None, ct)).astype(right.dtype)
+  return dx.astype(x.dtype), dbase, dleft, dlam, dright
+
+
+_merged_matmul.defvjp(_merged_matmul_fwd, _merged_matmul_bwd)
 
 
 def _kernel_paths(adapter: adapters_lib.Adapter) -> dict[str, Any]:
