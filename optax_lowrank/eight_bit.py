@@ -428,8 +428,8 @@ def adam_8bit(
 
   Args:
     learning_rate: a float or an :data:`optax.Schedule`.
-    b1, b2, eps, block_size, min_8bit_size, stochastic_rounding, seed,
-      chunk_size: see :func:`scale_by_adam_8bit`.
+    b1, b2, eps, block_size, min_8bit_size, stochastic_rounding, seed, chunk_size: see
+      :func:`scale_by_adam_8bit`.
     weight_decay: decoupled weight-decay coefficient, ``>= 0``.
     mask: optional pytree/callable selecting leaves to decay, as in
       :func:`optax.add_decayed_weights`.
