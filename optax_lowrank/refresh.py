@@ -40,9 +40,9 @@ gradients) holds, at each projected position, a statistic of that leaf.
   next refresh, so it compounds without bound and the steps vanish.  With
   ``T̃`` every transported second moment is a sub-convex combination of the
   old ones (``max ν`` never grows through a refresh, whatever the pair of
-  bases), and the first moment is scaled by the same row factors, so
-  ``|μ_i| ≤ √(r·ν_i)`` (Cauchy–Schwarz) still bounds Adam's first step after
-  a refresh.
+  bases), and the first moment is scaled by the same row factors, so where
+  ``|μ_j| ≤ √ν_j`` held before, ``|μ_i| ≤ √(r·ν_i)`` (Cauchy–Schwarz) holds
+  after: Adam's first steps after a refresh stay bounded too.
 
 Whatever the policy, gradient *histories* (fields named ``history`` or
 ``gram``, as in ``olr.woodbury_precondition``) are cleared at a refresh: they
