@@ -31,6 +31,8 @@ Workflow::
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -320,6 +322,7 @@ def to_low_rank(model: nnx.Module, adapter: adapters_lib.Adapter) -> nnx.Module:
           "((0,), (1,), (2,)); no other reshape rule"
       )
     basis, base = by_path[plan.path]  # the adapter's base: possibly quantized
+    base = _layer_major(base, plan)
     left, right = basis.factors
     bias = None if module.bias is None else module.bias.get_value()
     lam = jnp.zeros(plan.coefficient_shape, plan.coefficient_dtype)
@@ -328,6 +331,44 @@ def to_low_rank(model: nnx.Module, adapter: adapters_lib.Adapter) -> nnx.Module:
   if not converted:
     raise ValueError("the adapter projects no nnx.Linear kernel of this model")
   return model
+
+
+def _layer_major(base: Any, plan) -> Any:
+  """A stacked leaf's quantized base with a leading layer axis on every array.
+
+  ``olr.adapters.quantize_base`` stores a stacked ``(L, m, n)`` kernel as one
+  flat block-wise code array.  When a layer's ``m·n`` elements fill whole
+  blocks, the first ``1/L`` of every array (codes, scales, packed residuals)
+  belongs to layer 0, the next to layer 1, and so on, so reshaping each array
+  to ``(L, -1)`` and giving it the per-layer shape is exactly the per-layer
+  quantization — which ``nnx.scan`` can then slice layer by layer.  Float
+  bases need nothing (their leading axis is the layer axis already).
+  """
+  if not plan.batch_shape or not isinstance(base, quantization.QuantizedArray):
+    return base
+  layers = math.prod(plan.batch_shape)
+  per_layer = math.prod(plan.shape) // layers
+  arrays = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)
+            if isinstance(getattr(base, f.name), jax.Array)}
+  if per_layer % base.block_size or any(a.size % layers for a in arrays.values()):
+    raise ValueError(
+        f"leaf '{plan.path}' of shape {plan.shape}: a stacked quantized base needs each "
+        f"layer's {per_layer} elements to fill whole blocks of block_size {base.block_size}"
+    )
+  return dataclasses.replace(
+      base, shape=plan.shape[len(plan.batch_shape):],
+      **{k: a.reshape(plan.batch_shape + (a.size // layers,)) for k, a in arrays.items()},
+  )
+
+
+def _flat(base: Any, plan) -> Any:
+  """Inverse of :func:`_layer_major`: the adapter's flat storage of a stacked base."""
+  if not plan.batch_shape or not isinstance(base, quantization.QuantizedArray):
+    return base
+  arrays = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)
+            if isinstance(getattr(base, f.name), jax.Array)}
+  return dataclasses.replace(base, shape=plan.shape,
+                             **{k: a.reshape(-1) for k, a in arrays.items()})
 
 
 def _layers(model: nnx.Module) -> dict[str, LowRankLinear]:
@@ -353,8 +394,10 @@ def merge(model: nnx.Module, adapter: adapters_lib.Adapter, grads: Any = None
       else jnp.zeros(p.coefficient_shape, p.coefficient_dtype),
       adapter.plans,
   )
-  base = map_plans(lambda p, w: layers[p.path].base.get_value() if p.path in layers else w,
-                   adapter.plans, adapter.base)
+  base = map_plans(
+      lambda p, w: _flat(layers[p.path].base.get_value(), p) if p.path in layers else w,
+      adapter.plans, adapter.base,
+  )
   current = adapters_lib.Adapter(base, adapter.stored_bases, adapter.key, adapter.refresh_index,
                                  adapter.plans)
   new, lam0 = adapters_lib.merge(current, lam, grads)
@@ -363,7 +406,7 @@ def merge(model: nnx.Module, adapter: adapters_lib.Adapter, grads: Any = None
   def write(p, w0, b, z):
     if p.path in layers:
       layer = layers[p.path]
-      layer.base.set_value(w0)
+      layer.base.set_value(_layer_major(w0, p))
       left, right = b.factors
       if layer.left is not None:
         layer.left.set_value(left)

@@ -396,3 +396,51 @@ def test_track_coefficients_on_a_stack_holds_one_lambda_per_matrix():
   assert lam.shape == (L, M, 3)
   basis = state.bases["w"]
   np.testing.assert_allclose(olr.project_back(basis, lam), updates["w"], atol=1e-12)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_quantized_stacked_base_under_nnx_scan(fmt):
+  """Each layer of a stacked quantized base is sliced by nnx.scan, before and after merges."""
+  batch = jax.random.randint(jax.random.PRNGKey(1), (2, 17), 0, 256)
+  where = lambda path, x: "layers" in path and x.ndim == 3
+  config = LlamaConfig.preset("tiny", scan_layers=True)
+  model = Llama(config, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  adapter = adapters.quantize_base(
+      adapters.init(params, olr.gaussian(4), where=where, reshape=STACKED_RULE), fmt, 64)
+
+  def dense_loss(adapter, lam, model=None):
+    """The functional adapter path on the dense scanned model (unprojected leaves
+    taken from ``model``, which trains them directly)."""
+    weights = adapters.materialize(adapter, lam)
+    if model is not None:
+      trained = {"/".join(olr.leaves.path_names(k)): v for k, v in
+                 jax.tree_util.tree_flatten_with_path(
+                     olr.leaves.unwrap_variables(nnx.state(model, nnx.Param)))[0]}
+      weights = olr.leaves.map_plans(
+          lambda p, w: w if p.projected else trained[p.path], adapter.plans, weights)
+    return loss_fn(nnx.merge(graphdef, weights), batch)
+
+  olr.nnx.to_low_rank(model, adapter)
+  assert model.layers.ffn.w1.base.get_value().codes.shape[0] == 2  # codes: one row per layer
+  np.testing.assert_allclose(loss_fn(model, batch), dense_loss(adapter, adapters.zeros(adapter)),
+                             rtol=1e-5)
+  opt = nnx.Optimizer(model, olr.nnx.optimizer(optax.adam(1e-2)), wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, opt):
+    loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
+    opt.update(model, grads)
+    return loss
+
+  first = train_step(model, opt)
+  for _ in range(3):
+    train_step(model, opt)
+  lam = model.layers.ffn.w1.lam[...]
+  assert float(jnp.max(jnp.abs(lam))) > 0
+  adapter = olr.nnx.merge(model, adapter)
+  assert float(jnp.max(jnp.abs(model.layers.ffn.w1.lam[...]))) == 0
+  after = loss_fn(model, batch)
+  np.testing.assert_allclose(after, dense_loss(adapter, adapters.zeros(adapter), model),
+                             rtol=1e-5)
+  assert after < first
