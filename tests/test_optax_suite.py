@@ -104,8 +104,7 @@ class RecipesPassOptaxSuite(parameterized.TestCase):
 
   @contextlib.contextmanager
   def subTest(self, msg=None, **params):  # noqa: N802 - unittest's name
-    # The first failing check fails the case, named (so that a case can be
-    # marked xfail as a whole).
+    # The first failing check fails the case, named.
     try:
       yield
     except AssertionError as e:
