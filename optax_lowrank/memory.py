@@ -16,12 +16,20 @@ Two questions a user asks before training:
    − aliased`` is what the step holds at once on the device; on the adapter
    path it excludes the ``m×n`` weight gradients the gradient path must form.
 
+3. *Will the train step fit on my card?*  :func:`plan_train_step` compiles
+   the whole step from shapes (``jax.ShapeDtypeStruct``, ``nnx.eval_shape``),
+   never allocating, and returns XLA's figures beside the analytic parts
+   (weights, optimizer state, weight gradients, saved activations); where the
+   backend computes bf16 products in f32 (XLA on the CPU) it also gives the
+   figure to carry to a GPU (:class:`StepPlan`).
+
 All figures are bytes; :func:`format_table` prints them in MiB.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -263,8 +271,15 @@ def backend_upcasts_low_precision() -> bool:
   """Whether this backend computes a bf16 matrix product in float32.
 
   Compiles a 16×16 bf16 product and looks at the optimized HLO: on XLA's CPU
-  backend the product's operands are converted to f32 first.
+  backend the product's operands are converted to f32 first.  Cached per
+  backend.
   """
+  return _upcasts(jax.default_backend())
+
+
+@functools.cache
+def _upcasts(backend: str) -> bool:
+  del backend  # the cache key
   a = jax.ShapeDtypeStruct((16, 16), jnp.bfloat16)
   text = jax.jit(jnp.matmul).lower(a, a).compile().as_text()
   dots = [line for line in text.splitlines() if " dot(" in line]
