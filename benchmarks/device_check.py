@@ -138,8 +138,10 @@ def _run_child(size: str, method: str, rank: int | None, tokens: int, steps: int
 
 
 def format_rows(rows: list[dict]) -> str:
-  fmt = lambda b: "-" if b is None else f"{b / GIB:.2f}"
-  lines = [f"{'size':<6}{'method':<26}{'plan GiB':>10}{'real GiB':>10}{'real/plan':>10}"
+  largest = max((r.get("plan_peak_bytes") or 0 for r in rows), default=0)
+  unit, div = ("GiB", GIB) if largest >= GIB else ("MiB", 2**20)
+  fmt = lambda b: "-" if b is None else f"{b / div:.2f}"
+  lines = [f"{'size':<6}{'method':<26}{'plan ' + unit:>10}{'real ' + unit:>10}{'real/plan':>10}"
            f"{'ms/step':>10}{'loss':>8}  status"]
   for r in rows:
     plan, real = r.get("plan_peak_bytes"), r.get("peak_bytes_in_use")
@@ -193,7 +195,7 @@ def main(argv=None) -> None:
       row = _run_child(size, method, rank if method in RANKED else None, tokens, args.steps,
                        timeout=left)
       rows.append(row)
-      print(format_rows([row]).splitlines()[1], flush=True)
+      print(f"  {size} {row['method']}: {row['status']}", flush=True)
   print()
   print(format_rows(rows))
   print(f"\n{time.perf_counter() - start:.0f} s in all")
