@@ -210,7 +210,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   donation = {"both": (True, False), "yes": (True,), "no": (False,)}[args.donation]
   config = config_for(args.size)
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   print(f"LLaMA {args.size} (dim {config.dim}, {config.n_layers} layers, vocab "
         f"{config.vocab_size}), token batch {args.tokens}, bf16, remat; jax {jax.__version__}, "
         f"backend {jax.default_backend()}")
@@ -224,7 +224,8 @@ def main(argv=None) -> None:
           "stacked weights out of the layer loop: 'peak' is its plan, 'transfer' the same "
           "step without the hoisting (the figure for a GPU, over by at most one layer's "
           "weights in f32).")
-  print(f"\nplanned in {time.perf_counter() - start:.0f} s")
+  print(f"\nplanned in {time.perf_counter() - start:.0f} s of wall time, "
+        f"{time.process_time() - cpu_start:.0f} s of this process's CPU time")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)
