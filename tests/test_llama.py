@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from examples.llama import (
+  PAPER_RANKS,
   PRESETS,
   Llama,
   LlamaConfig,
@@ -46,7 +47,9 @@ jit_value_and_grad = nnx.jit(nnx.value_and_grad(loss_fn))
 def test_presets_build_valid_configs() -> None:
   for name in PRESETS:
     config = LlamaConfig.preset(name)
-    assert config.vocab_size == 256
+    # byte-level presets; the GaLore paper's sizes keep its 32000-token vocabulary
+    assert config.vocab_size == (32000 if name in PAPER_RANKS else 256)
+    assert config.scan_layers == (name in PAPER_RANKS)
     assert config.dim % config.n_heads == 0
   assert LlamaConfig.preset("tiny", n_layers=1).n_layers == 1
   with pytest.raises(ValueError, match="preset"):
