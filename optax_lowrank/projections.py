@@ -189,10 +189,14 @@ class Projection:
     """Build the :class:`Basis` of one leaf (float32 or wider ``dtype``).
 
     For a stacked leaf (``batch_shape`` not empty) every matrix gets its own
-    factors, made by one batched computation (``jax.vmap`` of :meth:`make`: one
-    batched SVD or QR, not a loop over layers) from ``grad`` of shape
-    ``batch_shape + view_shape`` and from per-matrix keys
-    ``fold_in(key, b)``, ``b`` the row-major index of the matrix in the stack.
+    factors, from ``grad`` of shape ``batch_shape + view_shape`` and from
+    per-matrix keys ``fold_in(key, b)``, ``b`` the row-major index of the
+    matrix in the stack.  They are made by one ``lax.map`` of :meth:`make` over
+    the stack: one decomposition in the program, run matrix after matrix, so
+    a refresh holds one matrix's SVD or QR workspace at a time, not the
+    stack's (at LLaMA-7B shapes a batched SVD's f32 workspace is tens of GB);
+    the LAPACK work is the same either way.  Random sketches without a
+    decomposition are drawn as one batch.
     """
     view_shape, batch_shape = tuple(view_shape), tuple(batch_shape)
     if not batch_shape:
@@ -204,7 +208,7 @@ class Projection:
     if grad is None:
       factors = jax.vmap(lambda k: make(k, None))(keys)
     else:
-      factors = jax.vmap(make)(keys, grad.reshape((count,) + view_shape))
+      factors = jax.lax.map(lambda kg: make(*kg), (keys, grad.reshape((count,) + view_shape)))
     factors = tuple(
         None if f is None else f.reshape(batch_shape + f.shape[1:]) for f in factors
     )

@@ -244,7 +244,7 @@ def test_low_rank_linear_under_nnx_scan_follows_the_gradient_path():
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
 
 
-def test_a_stack_refresh_compiles_once_with_one_batched_decomposition():
+def test_a_stack_refresh_compiles_once_with_one_decomposition_mapped_over_the_stack():
   tx = olr.galore(1e-2, rank=3, refresh_every=2, reshape=RULE)
   params = {"w": jnp.zeros((L, M, N)), "v": jnp.zeros((2, 4, M, N))}
   rule4 = ((0, 1), (2,), (3,))
@@ -254,8 +254,11 @@ def test_a_stack_refresh_compiles_once_with_one_batched_decomposition():
   grads = {"w": _grads(0), "v": _grads(1, (2, 4, M, N))}
   jaxpr = jax.make_jaxpr(tx.update)(grads, state, params)
   svds = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "svd"]
-  assert len(svds) == 2  # one per leaf, not one per matrix (3 + 8)
-  assert sorted(tuple(e.invars[0].aval.shape[:-2]) for e in svds) == [(3,), (8,)]
+  assert len(svds) == 2  # one per leaf, not one per matrix (3 + 8) ...
+  assert all(e.invars[0].aval.shape == (M, N) for e in svds)  # ... of one matrix at a time,
+  scans = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "scan"
+           and any(x.primitive.name == "svd" for x in _all_eqns(e.params["jaxpr"].jaxpr))]
+  assert sorted(e.params["length"] for e in scans) == [3, 8]  # mapped over each stack
   traces = []
   update = jax.jit(lambda g, s, p: (traces.append(1), tx.update(g, s, p))[1])
   for _ in range(4):  # two refreshes and two ordinary steps
