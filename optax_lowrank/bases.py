@@ -138,9 +138,15 @@ def _inverse_perm(perm: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _dot(a: Array, b: Array) -> Array:
-  """Matrix product that accumulates low-precision inputs in float32."""
+  """Matrix product that accumulates low-precision inputs in float32.
+
+  Mixed dtypes (a bf16 gradient and its float32 factor) meet in the dtype of
+  the larger operand, so the full-size array is never copied to float32 (at
+  LLaMA-7B shapes that copy of a stacked leaf is several GB); the small
+  operand is rounded instead, and the product still accumulates in float32.
+  """
   if a.dtype != b.dtype:
-    dtype = jnp.promote_types(a.dtype, b.dtype)
+    dtype = a.dtype if a.size >= b.size else b.dtype
     a, b = a.astype(dtype), b.astype(dtype)
   acc = jnp.float32 if jnp.finfo(a.dtype).bits < 32 else None
   return jnp.matmul(a, b, preferred_element_type=acc)

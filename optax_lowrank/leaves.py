@@ -132,10 +132,15 @@ class LeafPlan:
     return self.spec is not None and self.spec.stored
 
   def grad_view(self, g: Array) -> Array:
-    """The gradient in the spec's view, in the basis dtype (refresh only)."""
+    """The gradient in the spec's view, in its own dtype (refresh only).
+
+    The spec casts it to the basis dtype one matrix at a time (see
+    ``Projection.basis``), so no float32 copy of a whole low-precision stack
+    is made.
+    """
     if self.perm is not None:
       g = jnp.transpose(g, self.perm)
-    return g.reshape(self.batch_shape + self.view_shape).astype(self.basis_dtype)
+    return g.reshape(self.batch_shape + self.view_shape)
 
   def make_basis(self, base_key: Array, refresh_index: Array, grad: Array | None) -> Basis:
     """The leaf's basis for a refresh: from the gradient (SVD-like) or the key."""

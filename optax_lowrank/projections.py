@@ -188,6 +188,9 @@ class Projection:
   def basis(self, shape, view_shape, perm, key, grad, dtype, batch_shape=()) -> Basis:
     """Build the :class:`Basis` of one leaf (float32 or wider ``dtype``).
 
+    ``grad`` (when the spec needs it) is the leaf's gradient in the view, in
+    the leaf's dtype; :meth:`make` receives it cast to ``dtype``.
+
     For a stacked leaf (``batch_shape`` not empty) every matrix gets its own
     factors, from ``grad`` of shape ``batch_shape + view_shape`` and from
     per-matrix keys ``fold_in(key, b)``, ``b`` the row-major index of the
@@ -199,12 +202,13 @@ class Projection:
     decomposition are drawn as one batch.
     """
     view_shape, batch_shape = tuple(view_shape), tuple(batch_shape)
+    # ``make`` sees the gradient in ``dtype``; the cast happens per matrix, so
+    # a bf16 stack is never copied to float32 whole.
+    make = lambda k, g: self.make(view_shape, k, None if g is None else g.astype(dtype), dtype)
     if not batch_shape:
-      factors = self.make(view_shape, key, grad, dtype)
-      return Basis(factors, tuple(shape), view_shape, perm)
+      return Basis(make(key, grad), tuple(shape), view_shape, perm)
     count = math.prod(batch_shape)
     keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(count, dtype=jnp.uint32))
-    make = lambda k, g: self.make(view_shape, k, g, dtype)
     if grad is None:
       factors = jax.vmap(lambda k: make(k, None))(keys)
     else:

@@ -390,7 +390,7 @@ def woodbury_precondition(
     damping: float | jax.Array = 1e-3,
     *,
     refine: bool = True,
-    batch_ndim: int | Callable[[tuple[str, ...], jax.Array], int] = 0,
+    batch_ndim: int | Callable[[tuple[str, ...], jax.Array], int] | None = None,
 ) -> optax.GradientTransformation:
   """Precondition each leaf by ``(λ I + G Gᵀ)⁻¹`` from its last ``s`` gradients.
 
@@ -417,7 +417,8 @@ def woodbury_precondition(
       gets its own history and Gram matrix, exactly as separate leaves would
       (``batch_shape + (s, k)`` and ``batch_shape + (s, s)``, ``k`` the size
       of one matrix).  An int for every leaf, or a callable
-      ``(path, leaf) -> int``.  ``olr.natural_galore`` sets it from its
+      ``(path, leaf) -> int``; ``None`` (0) by default, which also keeps it
+      static under ``optax.inject_hyperparams``.  ``olr.natural_galore`` sets it from its
       coefficients, which are ``batch + 2``-dimensional.
 
   Returns:
@@ -432,7 +433,7 @@ def woodbury_precondition(
 
   def batch_ndims(tree):
     if not callable(batch_ndim):
-      return [batch_ndim] * len(jax.tree.leaves(tree))
+      return [batch_ndim or 0] * len(jax.tree.leaves(tree))
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return [int(batch_ndim(leaves_lib.path_names(p), x)) for p, x in flat]
 
