@@ -74,17 +74,27 @@ def target(backend: str) -> contextlib.AbstractContextManager:
 # ----------------------------------------------------------------------------
 
 def plan_backends(size: str, backends: tuple[str, ...], methods: tuple[str, ...],
-                  tokens: int = 256, log: Callable[[str], None] | None = print) -> list[dict]:
-  """``benchmarks.plan.plan_rows`` (donated) for every backend; rows tagged with it."""
+                  tokens: int = 256, log: Callable[[str], None] | None = print,
+                  json_path: str | None = None) -> list[dict]:
+  """``benchmarks.plan.plan_rows`` (donated) for every backend; rows tagged with it.
+
+  Each row is logged, and written to ``json_path``, as soon as it is planned
+  (a GaLore step at the 60M shape takes minutes to compile for the TPU).
+  """
   rows = []
   for backend in backends:
-    if log:
-      log(f"{backend}:")
-    with target(backend):
-      got = plan.plan_rows(size, tokens, methods, donation=(True,), transfer=False, log=log)
-    for r in got:
-      r["backend"] = backend
-    rows += got
+    for method in methods:
+      with target(backend):
+        got = plan.plan_rows(size, tokens, (method,), donation=(True,), transfer=False)
+      for r in got:
+        r["backend"] = backend
+        if log:
+          log(f"  {r['method']} [{backend}]: peak {r['peak_bytes'] / GIB:.3f} GiB, "
+              f"temp {r['temp_bytes'] / GIB:.3f} GiB")
+      rows += got
+      if json_path:
+        with open(json_path, "w") as f:
+          json.dump(rows, f, indent=1)
   return rows
 
 
@@ -239,7 +249,8 @@ def main(argv=None) -> None:
   print(f"jax {jax.__version__}, backends {', '.join(backends)}")
   start = time.perf_counter()
   if args.command == "plans":
-    rows = plan_backends(args.size, backends, tuple(args.methods), args.tokens)
+    rows = plan_backends(args.size, backends, tuple(args.methods), args.tokens,
+                         json_path=args.json)
     print()
     print(format_side_by_side(rows, backends))
   elif args.command == "ordering":
