@@ -348,8 +348,7 @@ def _layer_major(base: Any, plan) -> Any:
     return base
   layers = math.prod(plan.batch_shape)
   per_layer = math.prod(plan.shape) // layers
-  arrays = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)
-            if isinstance(getattr(base, f.name), jax.Array)}
+  arrays = _array_fields(base)
   if per_layer % base.block_size or any(a.size % layers for a in arrays.values()):
     raise ValueError(
         f"leaf '{plan.path}' of shape {plan.shape}: a stacked quantized base needs each "
@@ -365,10 +364,14 @@ def _flat(base: Any, plan) -> Any:
   """Inverse of :func:`_layer_major`: the adapter's flat storage of a stacked base."""
   if not plan.batch_shape or not isinstance(base, quantization.QuantizedArray):
     return base
-  arrays = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)
-            if isinstance(getattr(base, f.name), jax.Array)}
   return dataclasses.replace(base, shape=plan.shape,
-                             **{k: a.reshape(-1) for k, a in arrays.items()})
+                             **{k: a.reshape(-1) for k, a in _array_fields(base).items()})
+
+
+def _array_fields(q: quantization.QuantizedArray) -> dict[str, jax.Array]:
+  """The array fields of a quantized leaf (codes, scales, packed residuals...)."""
+  return {f.name: getattr(q, f.name) for f in dataclasses.fields(q)
+          if isinstance(getattr(q, f.name), jax.Array)}
 
 
 def _layers(model: nnx.Module) -> dict[str, LowRankLinear]:
