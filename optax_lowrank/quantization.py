@@ -538,23 +538,18 @@ def _quantize(x: jax.Array, format: str, block_size: int, seed: jax.Array | None
 
 
 def _pack_nibbles(codes: jax.Array, zero_code: int) -> jax.Array:
-  """uint8[m] with values < 16 -> uint8[ceil(m/2)], element 2i in the low nibble."""
+  """uint8[m] with values < 16 -> uint8[ceil(m/2)], element 2i in the low nibble.
+
+  An odd last element is paired with ``zero_code`` (the code of 0).
+  """
   if codes.size % 2:
     codes = jnp.concatenate([codes, jnp.full((1,), zero_code, jnp.uint8)])
-  pairs = codes.reshape(-1, 2)
-  return pairs[:, 0] | (pairs[:, 1] << 4)
+  return _pack_bits(codes, 4)
 
 
 def _unpack_nibbles(packed: jax.Array) -> jax.Array:
-  """Inverse of :func:`_pack_nibbles` (keeps the odd pad code, if any).
-
-  Element ``i`` is byte ``i // 2`` shifted by 0 or 4 bits by the parity of
-  ``i``: an element-wise form with no ``(n, 2)`` intermediate, which the TPU
-  compiler pads to whole tiles (256 MiB of temporaries to unpack 1M weights
-  on v5e, measured with ``benchmarks/tpu.py``).
-  """
-  shift = (jnp.arange(2 * packed.size, dtype=jnp.uint8) & 1) << 2
-  return (jnp.repeat(packed, 2) >> shift) & 0x0F
+  """Inverse of :func:`_pack_nibbles` (keeps the odd pad code, if any)."""
+  return _unpack_bits(packed, 4, 2 * packed.size)
 
 
 def tie(q: QuantizedArray, t: jax.Array) -> QuantizedArray:
@@ -812,10 +807,17 @@ def _pack_bits(values: jax.Array, bits: int) -> jax.Array:
 
 
 def _unpack_bits(packed: jax.Array, bits: int, size: int) -> jax.Array:
+  """Inverse of :func:`_pack_bits`: the first ``size`` values.
+
+  Value ``i`` is byte ``i // (8 / bits)`` shifted right by ``bits·(i mod
+  8/bits)``: an element-wise form with no ``(n, 8/bits)`` intermediate, which
+  the TPU compiler pads to whole tiles (256 MiB of temporaries to unpack 1M
+  NF4 weights on v5e, 0 in this form; measured with ``benchmarks/tpu.py``).
+  """
   per_byte = 8 // bits
   mask = (1 << bits) - 1
-  parts = [(packed >> (j * bits)) & mask for j in range(per_byte)]
-  return jnp.stack(parts, axis=-1).ravel()[:size]
+  shift = (jnp.arange(per_byte * packed.size, dtype=jnp.uint8) % per_byte) * bits
+  return ((jnp.repeat(packed, per_byte) >> shift) & mask)[:size]
 
 
 def _level_value(rank: jax.Array, format: str) -> jax.Array:
