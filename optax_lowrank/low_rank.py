@@ -26,7 +26,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
 from optax_lowrank import leaves as leaves_lib
 from optax_lowrank import projections as proj
@@ -226,7 +225,7 @@ def low_rank(
           plans, coefficients, inner_updates,
       )
     new_state = LowRankState(
-        count=numerics.safe_increment(count),
+        count=optax.safe_increment(count),
         key=state.key,
         bases=stored,
         inner_state=inner_state,
