@@ -84,6 +84,7 @@ def apply_policy(
     plans: Any,
     old_bases: Any,
     new_bases: Any,
+    due: Any = None,
 ) -> optax.OptState:
   """The inner state after a refresh from ``old_bases`` to ``new_bases``.
 
@@ -94,10 +95,15 @@ def apply_policy(
     plans: the :class:`~optax_lowrank.leaves.LeafPlan` tree of the params.
     old_bases, new_bases: every projected leaf's basis before and after
       (``None`` at non-projected leaves).
+    due: optional tree like the params of bools (``batch_shape`` at projected
+      leaves, see :mod:`optax_lowrank.refresh_schedule`): only the statistics
+      of due matrices change; those that are not coefficient-shaped change
+      when any matrix of their leaf is due.
   """
   plan_leaves, plan_def = jax.tree.flatten(plans, is_leaf=is_plan)
   if not any(p.projected for p in plan_leaves):
     return inner_state
+  dues = [None] * len(plan_leaves) if due is None else _aligned(plans, due)
   coeff_struct = jax.tree.map(
       lambda p: jax.ShapeDtypeStruct(p.coefficient_shape, p.coefficient_dtype),
       plans, is_leaf=is_plan,
@@ -143,9 +149,10 @@ def apply_policy(
       if not p.projected or (bare_leaf and not same_shape):
         out.append(o)
       elif cleared or on_refresh == "reset" or not same_shape:
-        out.append(f)
+        out.append(_where_due(dues[i], f, o, same_shape))
       else:
-        out.append(bases_lib.transport(mats[i], o, second_moment=second))
+        out.append(_where_due(dues[i], bases_lib.transport(mats[i], o, second_moment=second),
+                              o, same_shape))
     return jax.tree.unflatten(plan_def, out)
 
   return jax.tree_util.tree_map_with_path(
@@ -167,6 +174,16 @@ def bounded_transport_matrices(old: bases_lib.Basis, new: bases_lib.Basis) -> tu
       else t / jnp.sqrt(jnp.maximum(1.0, jnp.sum(jnp.square(t), axis=1, keepdims=True)))
       for t in bases_lib.transport_matrices(old, new)
   )
+
+
+def _where_due(due, new, old, per_matrix: bool):
+  """``new`` for the due matrices of a leaf, ``old`` for the others."""
+  if due is None:
+    return new
+  due = jnp.asarray(due)
+  if not per_matrix:  # not coefficient-shaped: no axis to select matrices by
+    return jnp.where(jnp.any(due), new, old)
+  return jnp.where(due.reshape(due.shape + (1,) * (new.ndim - due.ndim)), new, old)
 
 
 def _aligned(plans: Any, bases_tree: Any) -> list:
