@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_lowrank import full_rank as full_rank_lib
 from optax_lowrank import leaves as leaves_lib
 from optax_lowrank import projections as proj
 from optax_lowrank import refresh as refresh_lib
@@ -54,6 +55,10 @@ class LowRankState(NamedTuple):
       every projected leaf (``None`` at others): the sum of the back-projected
       steps ``α·Δ`` in the small space since the last refresh, zeroed at every
       refresh exactly as ``olr.adapters.merge`` zeroes ``Λ``; otherwise ``None``.
+    limiter: with a ``full_rank`` rule that limits norm growth, the norm of the
+      last limited update of every projected matrix (``batch_shape``, in the
+      basis dtype, per leaf; ``None`` at others; see
+      :mod:`optax_lowrank.full_rank`); otherwise ``None``.
   """
 
   count: jax.Array
@@ -61,6 +66,7 @@ class LowRankState(NamedTuple):
   bases: Any
   inner_state: optax.OptState
   coefficients: Any = None
+  limiter: Any = None
 
 
 def low_rank(
@@ -75,6 +81,7 @@ def low_rank(
     reshape: leaves_lib.ReshapeRule | Callable[..., Any] | None = None,
     track_coefficients: bool = False,
     unprojected: optax.GradientTransformation | None = None,
+    full_rank: full_rank_lib.FullRankRule | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Run ``inner`` on projected gradients and map its updates back.
 
@@ -121,6 +128,12 @@ def low_rank(
       biases and norms.  Both states then live in an
       ``optax.multi_transform`` state with labels ``"projected"`` /
       ``"unprojected"``.
+    full_rank: how a projected leaf's step comes back to full size, instead
+      of ``α·Sᵀ Δ``: a rule of :mod:`optax_lowrank.full_rank` such as
+      ``scaled_gradient()`` (APOLLO: the gradient rescaled channel- or
+      tensor-wise by ``‖Δ‖/‖S g‖``) or ``scaled_residual()`` (Fira: ``α·Sᵀ Δ``
+      plus the rescaled residual), with its norm-growth limiter.  Put the
+      learning rate after ``low_rank`` then (see the module).
 
   Returns:
     A ``GradientTransformationExtraArgs``; its state is :class:`LowRankState`.
@@ -150,6 +163,10 @@ def low_rank(
   refresh_lib.check_policy(on_refresh)
   if not isinstance(seed, jax.Array) and (isinstance(seed, bool) or not isinstance(seed, int)):
     raise TypeError(f"`seed` must be an int, got {seed!r}")
+  full_rank = full_rank_lib.check_rule(full_rank)
+  if full_rank is not None and track_coefficients:
+    raise ValueError("`track_coefficients` keeps the adapter view Λ of updates Sᵀ Δ; with a "
+                     "`full_rank` rule the updates leave the subspace, so there is none")
   inner = optax.with_extra_args_support(inner)
   if unprojected is not None:
     groups = {"projected": inner, "unprojected": optax.with_extra_args_support(unprojected)}
@@ -172,6 +189,7 @@ def low_rank(
         bases=leaves_lib.zero_bases(plans),
         inner_state=inner_for(plans).init(leaves_lib.coefficient_zeros(plans, params)),
         coefficients=_projected_zeros(plans) if track_coefficients else None,
+        limiter=full_rank_lib.init(full_rank, plans),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -215,10 +233,15 @@ def low_rank(
     inner_updates = map_plans(
         lambda p, u: scale * u if p.projected else u, plans, inner_updates
     )
-    new_updates = map_plans(
-        lambda p, g, u, b: project_back(b, u).astype(g.dtype) if p.projected else u,
-        plans, updates, inner_updates, bases,
-    )
+    limiter = state.limiter
+    if full_rank is None:
+      new_updates = map_plans(
+          lambda p, g, u, b: project_back(b, u).astype(g.dtype) if p.projected else u,
+          plans, updates, inner_updates, bases,
+      )
+    else:  # a full-rank rule measures the step against the coefficients it came from
+      new_updates, limiter = full_rank_lib.back_to_full(
+          full_rank, plans, updates, coeffs, inner_updates, bases, limiter)
     if track_coefficients:
       coefficients = map_plans(
           lambda p, c, u: c + u.astype(c.dtype) if p.projected else None,
@@ -230,6 +253,7 @@ def low_rank(
         bases=stored,
         inner_state=inner_state,
         coefficients=coefficients,
+        limiter=limiter,
     )
     return leaves_lib.rewrap_like(updates_in, new_updates), new_state
 
