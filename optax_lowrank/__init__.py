@@ -5,7 +5,16 @@ back (``low_rank``); or train the dual linear adapter ``Θ0 + SᵀΛ``
 (``adapters``).  See ``docs/`` and the README.
 """
 
-from optax_lowrank import adapters, distributed, eight_bit, memory, nnx, quantization, testing
+from optax_lowrank import (
+    adapters,
+    distributed,
+    eight_bit,
+    layerwise,
+    memory,
+    nnx,
+    quantization,
+    testing,
+)
 from optax_lowrank.adafactor_momentum import adamem, adamem_state_bytes, scale_by_adamem
 from optax_lowrank.bases import Basis, project, project_back
 from optax_lowrank.eight_bit import adam_8bit, scale_by_adam_8bit
@@ -32,6 +41,7 @@ __all__ = [
     "distributed",
     "adam_8bit",
     "eight_bit",
+    "layerwise",
     "quantization",
     "scale_by_adam_8bit",
     "memory",

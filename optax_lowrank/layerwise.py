@@ -1,0 +1,659 @@
+"""Layer-wise updates for scanned models: the optimizer runs inside the backward pass.
+
+A scanned model is ``loss = head(outer, block(layer_{L-1}, … block(layer_0,
+embed(outer, batch))))`` with every leaf of ``layers`` stacked on a leading
+layer axis.  The ordinary step takes ``jax.grad`` of the whole model (the
+full-size gradient of every layer is alive at once) and then ``tx.update``.
+:func:`make_step` instead
+
+1. runs ``embed`` and a forward ``lax.scan`` over the layers that saves each
+   block's *input* ``h_l`` (nothing else), then ``head`` and its VJP, giving
+   ``∂L/∂h_L`` and the head's part of ``∂L/∂outer``;
+2. runs a reverse ``lax.scan``: at layer ``l`` it takes ``jax.vjp`` of the
+   block from its saved input (the block's forward is recomputed once, as
+   with ``jax.checkpoint`` around each block), giving ``G_l = ∂L/∂layer_l``
+   and ``∂L/∂h_l``; then ``tx.update`` on layer ``l``'s slice of the params
+   and of the optimizer state, and writes the new slice back in place
+   (``lax.dynamic_update_index_in_dim`` on the scan's carry);
+3. takes the VJP of ``embed``, adds the head's part and updates ``outer``.
+
+So one layer's weight gradient ``G_l`` is alive at a time; the stack's
+full-size gradient never exists.  ``tx`` sees ``outer`` as one tree and every
+layer as a tree of its own (state made by ``jax.vmap(tx.init)`` over the
+layer axis): the trajectory equals the ordinary step with the layers given to
+``tx`` as ``L`` separate trees, each with its own state.  That holds for any
+*layer-separable* ``tx`` — one whose update of a layer depends only on that
+layer's gradient, params and state (Adam, SGD, momentum, ``olr.low_rank``,
+8-bit Adam...).  Transformations that couple layers, such as
+``optax.clip_by_global_norm``, are detected at ``init`` (data-flow analysis of
+``tx.update``'s jaxpr on two layers) and refused; ``clip=`` offers three
+documented ways of clipping instead.
+
+Random bases.  Every layer's ``olr.low_rank`` state gets the base key
+``fold_in(PRNGKey(seed), l)`` (``l`` = the layer's index on the stacked axis;
+``outer`` keeps ``PRNGKey(seed)``), so layer ``l``'s leaf ``j`` at refresh
+``t`` is drawn from ``fold_in(fold_in(fold_in(PRNGKey(seed), l), t), j)``:
+layers draw different bases, and a layer-wise Flora run is a deterministic
+function of ``seed``.  :func:`layer_state` makes that state for one layer (it
+is what a reference step with separate trees must use).
+
+Memory: params + optimizer state + one layer's gradient + the saved block
+inputs ``L × batch × seq × dim`` (+ one block's internal activations while
+its VJP runs) + ``outer``'s gradient.  Reference: Lv et al. 2023 (LOMO,
+arXiv:2306.09782) fused the update into the backward pass; Zhao et al. 2024
+(GaLore, arXiv:2403.03507, §5) use per-layer weight updates to pre-train
+LLaMA-7B on one 24 GB card.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.extend import core as jex_core
+
+from optax_lowrank import distributed as distributed_lib
+
+__all__ = [
+    "CLIP_MODES",
+    "LayerwiseState",
+    "LayerwiseStep",
+    "NNXParts",
+    "check_separable",
+    "layer_state",
+    "make_step",
+    "split_nnx",
+]
+
+CLIP_MODES = ("layer", "previous", "two_pass")
+
+
+class LayerwiseState(NamedTuple):
+  """State of a layer-wise step.
+
+  Attributes:
+    outer: ``tx``'s state for the ``outer`` params (one tree).
+    layers: ``tx``'s states of the layers, stacked: every leaf has the
+      leading layer axis ``L`` (layer ``l``'s state is its slice ``l``, made by
+      :func:`layer_state`).
+    grad_norm: ``()``, float32 (float64 for float64 params): the global gradient norm
+      ``sqrt(‖G_outer‖² + Σ_l ‖G_l‖²)`` of the last step, before any clipping
+      (0 before the first step).  ``clip="previous"`` clips with it.
+  """
+
+  outer: optax.OptState
+  layers: optax.OptState
+  grad_norm: jax.Array
+
+
+class LayerwiseStep(NamedTuple):
+  """``init(outer, layers, batch=None) -> state`` and
+  ``update(outer, layers, state, batch) -> (outer, layers, state, loss)``."""
+
+  init: Callable[..., LayerwiseState]
+  update: Callable[..., tuple[Any, Any, LayerwiseState, Any]]
+
+
+def layer_state(tx: optax.GradientTransformation, layer: Any, index: int | jax.Array) -> Any:
+  """``tx``'s initial state for layer ``index`` of a layer-wise step.
+
+  ``tx.init(layer)`` with the base key of every ``olr.low_rank`` state in it
+  replaced by ``fold_in(key, index)`` (see the module docstring); everything
+  else as ``tx.init`` makes it.  A reference step that gives the layers to
+  ``tx`` as separate trees gets the layer-wise trajectory with these states.
+  """
+  return distributed_lib.assign_worker(tx.init(layer), index, "independent")
+
+
+# ----------------------------------------------------------------------------
+# Layer separability: data-flow analysis of tx.update's jaxpr.
+
+
+def _open(jaxpr: Any) -> Any:
+  return jaxpr if hasattr(jaxpr, "eqns") else jaxpr.jaxpr
+
+
+def _union(sets: Any) -> frozenset:
+  out: frozenset = frozenset()
+  for s in sets:
+    out = out | s
+  return out
+
+
+def _dependencies(jaxpr: Any, in_deps: list[frozenset]) -> list[frozenset]:
+  """For every output of ``jaxpr``, the labels of the inputs it depends on."""
+  env: dict[Any, frozenset] = dict(zip(jaxpr.invars, in_deps))
+
+  def read(atom: Any) -> frozenset:
+    if isinstance(atom, jex_core.Literal):
+      return frozenset()
+    return env.get(atom, frozenset())
+
+  for eqn in jaxpr.eqns:
+    outs = _equation_dependencies(eqn, [read(a) for a in eqn.invars])
+    env.update(zip(eqn.outvars, outs))
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _equation_dependencies(eqn: Any, ins: list[frozenset]) -> list[frozenset]:
+  name, params = eqn.primitive.name, eqn.params
+  n_out = len(eqn.outvars)
+  if name == "cond":
+    outs = [frozenset()] * n_out
+    for branch in params["branches"]:
+      outs = [a | b for a, b in zip(outs, _dependencies(_open(branch), ins[1:]))]
+    return [o | ins[0] for o in outs]
+  if name == "scan":
+    body, n_consts, n_carry = _open(params["jaxpr"]), params["num_consts"], params["num_carry"]
+    consts, carry, xs = ins[:n_consts], ins[n_consts:n_consts + n_carry], ins[n_consts + n_carry:]
+    while True:  # a fixed point: the carry's labels only grow
+      outs = _dependencies(body, consts + carry + xs)
+      new = [a | b for a, b in zip(carry, outs[:n_carry])]
+      if new == carry:
+        return carry + outs[n_carry:]
+      carry = new
+  if name == "while":
+    n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
+    cond_consts, body_consts = ins[:n_cond], ins[n_cond:n_cond + n_body]
+    carry = ins[n_cond + n_body:]
+    while True:
+      pred = _union(_dependencies(_open(params["cond_jaxpr"]), cond_consts + carry))
+      outs = _dependencies(_open(params["body_jaxpr"]), body_consts + carry)
+      new = [a | b | pred for a, b in zip(carry, outs)]
+      if new == carry:
+        return carry
+      carry = new
+  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):  # pjit, remat, custom_jvp/vjp, shard_map
+    sub = params.get(key)
+    if sub is not None and hasattr(_open(sub), "invars"):
+      sub = _open(sub)
+      if len(sub.invars) == len(ins) and len(sub.outvars) == n_out:
+        return _dependencies(sub, ins)
+  return [_union(ins)] * n_out  # conservative: every output depends on every input
+
+
+def check_separable(tx: optax.GradientTransformation, layer: Any) -> None:
+  """Raise if ``tx`` couples layers (its update of one depends on another's gradient).
+
+  Traces ``tx.update`` (no computation: abstract shapes) on a tree of two
+  copies of ``layer``'s shapes and follows the data flow of the jaxpr, through
+  ``cond``, ``scan``, ``while`` and nested calls (other higher-order primitives
+  count as depending on all their inputs, which can only refuse a separable
+  ``tx``, never accept a coupled one).  Coupling through the optimizer state
+  across steps (a statistic of all layers carried to the next step) is not
+  seen: the state is taken as given.
+
+  Raises:
+    ValueError: naming the update leaf of the first copy that depends on a
+      gradient or param leaf of the second, with their shapes.
+  """
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), layer)
+  pair = [shapes, shapes]
+  state = jax.eval_shape(tx.init, pair)
+  closed = jax.make_jaxpr(lambda g, s, p: tx.update(g, s, p)[0])(pair, state, pair)
+  g_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(pair)[0]]
+  n_half = len(g_paths) // 2
+  labels = [frozenset({("g", i)}) for i in range(len(g_paths))]
+  n_state = len(jax.tree.leaves(state))
+  labels += [frozenset()] * n_state
+  labels += [frozenset({("p", i)}) for i in range(len(g_paths))]
+  outs = _dependencies(closed.jaxpr, labels)
+  out_leaves = jax.tree_util.tree_flatten_with_path(jax.eval_shape(
+      lambda g, s, p: tx.update(g, s, p)[0], pair, state, pair))[0]
+  for (path, leaf), deps in zip(out_leaves, outs):
+    mine = path[0].idx if hasattr(path[0], "idx") else 0
+    for kind, i in sorted(deps):
+      if (i >= n_half) != (mine == 1):
+        other = jax.tree.leaves(pair)[i]
+        what = "gradient" if kind == "g" else "param"
+        raise ValueError(
+            f"`tx` is not layer-separable: the update of layer leaf "
+            f"{jax.tree_util.keystr(path[1:])} {tuple(leaf.shape)} depends on the {what} of "
+            f"another layer's leaf {g_paths[i][3:]} {tuple(other.shape)} (e.g. "
+            "optax.clip_by_global_norm needs the norm of the whole gradient, which a "
+            "layer-wise step does not have when it updates a layer). Take the coupling "
+            "out of `tx` and pass make_step(..., clip=\"layer\" | \"previous\" | "
+            "\"two_pass\", clip_norm=...), or pass check_separable=False if you know "
+            "better."
+        )
+
+
+_check_separable = check_separable  # make_step's argument of the same name shadows it
+
+
+# ----------------------------------------------------------------------------
+# The step.
+
+
+def _split_float(tree: Any) -> tuple[list, list, Any]:
+  """Leaves of ``tree`` split into (differentiable, others) and the treedef."""
+  leaves, treedef = jax.tree.flatten(tree)
+  floats = [x if jnp.issubdtype(jnp.result_type(x), jnp.inexact) else None for x in leaves]
+  others = [None if f is not None else x for f, x in zip(floats, leaves)]
+  return floats, others, treedef
+
+
+def _merge_float(floats: list, others: list, treedef: Any) -> Any:
+  return jax.tree.unflatten(treedef, [o if f is None else f for f, o in zip(floats, others)])
+
+
+def _norm_dtype(tree: Any) -> Any:
+  dtypes = [jnp.promote_types(x.dtype, jnp.float32) for x in jax.tree.leaves(tree)]
+  return jnp.result_type(*dtypes) if dtypes else jnp.float32
+
+
+def _sumsq(tree: Any, dtype: Any) -> jax.Array:
+  return sum((jnp.sum(jnp.square(x.astype(dtype))) for x in jax.tree.leaves(tree)),
+             jnp.zeros([], dtype))
+
+
+def _scaled(tree: Any, factor: jax.Array) -> Any:
+  return jax.tree.map(lambda g: (g * factor.astype(g.dtype)), tree)
+
+
+def _clip_factor(norm: jax.Array, clip_norm: float) -> jax.Array:
+  return jnp.where(norm > clip_norm, clip_norm / jnp.where(norm > 0, norm, 1.0), 1.0)
+
+
+def _index(tree: Any, i: jax.Array) -> Any:
+  return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
+
+
+def _write(tree: Any, new: Any, i: jax.Array) -> Any:
+  return jax.tree.map(lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y.astype(x.dtype), i, 0),
+                      tree, new)
+
+
+def _leading_axis(layers: Any) -> int:
+  flat = jax.tree_util.tree_flatten_with_path(layers)[0]
+  if not flat:
+    raise ValueError("`layers` has no leaves: nothing to scan over")
+  first_path, first = flat[0]
+  if jnp.ndim(first) == 0:
+    raise ValueError(f"`layers` leaf {jax.tree_util.keystr(first_path)} is a scalar; every leaf "
+                     "needs the leading layer axis")
+  n = first.shape[0]
+  for path, leaf in flat:
+    if jnp.ndim(leaf) == 0 or leaf.shape[0] != n:
+      raise ValueError(
+          f"`layers` leaves disagree on the leading layer axis: "
+          f"{jax.tree_util.keystr(path)} has shape {tuple(jnp.shape(leaf))}, but "
+          f"{jax.tree_util.keystr(first_path)} has shape {tuple(first.shape)} ({n} layers)"
+      )
+  return n
+
+
+def make_step(
+    embed_fn: Callable[..., Any],
+    block_fn: Callable[..., Any],
+    head_fn: Callable[..., Any],
+    tx: optax.GradientTransformation,
+    *,
+    clip: str | None = None,
+    clip_norm: float | None = None,
+    microbatches: int = 1,
+    with_context: bool = False,
+    has_aux: bool = False,
+    remat_policy: Callable[..., Any] | None = None,
+    check_separable: bool = True,
+) -> LayerwiseStep:
+  """A train step that updates each layer of a scanned model inside the backward pass.
+
+  Args:
+    embed_fn: ``embed_fn(outer, batch) -> h`` (with ``with_context=True``:
+      ``-> (h, context)``).
+    block_fn: ``block_fn(layer, h) -> h`` on one slice of the stacked
+      ``layers`` (with ``with_context=True``: ``block_fn(layer, h, context)``);
+      the output must have the shape and dtype of ``h`` (checked with
+      ``jax.eval_shape``).
+    head_fn: ``head_fn(outer, h, batch) -> loss`` (a scalar; with
+      ``has_aux=True``: ``-> (loss, aux)``).
+    tx: any optax transformation, applied to ``outer`` as one tree and to
+      every layer's slice as its own tree; it must be layer-separable (see
+      the module docstring), which ``init`` checks.
+    clip: how to clip the gradient to the global norm ``clip_norm`` without
+      coupling layers inside ``tx``: ``None`` (no clipping); ``"layer"``: each
+      tree (``outer``, each layer) clipped by its own norm, ``G ← G·min(1,
+      c/‖G‖)``; ``"previous"``: every tree scaled by ``min(1, c/N_{t-1})``
+      with the previous step's global norm (no clipping at the first step);
+      ``"two_pass"``: exactly ``optax.clip_by_global_norm(c)`` over the whole
+      model, at the cost of a second reverse pass (the first only sums
+      ``‖G_l‖²``; the forward pass and the head are shared).
+    clip_norm: ``c > 0``, required with ``clip``.
+    microbatches: ``k``: every ``batch`` leaf's leading axis is split into
+      ``k`` equal micro-batches and the step is the one-batch step on their
+      concatenation (loss and gradient are means over the micro-batches, so
+      ``head_fn``'s loss should be a mean over examples).  The micro-batches
+      run one at a time through each block; layer ``l``'s gradient is summed
+      over them before ``tx`` sees it, so the accumulator is that one layer's
+      gradient and refresh steps see the full gradient of their layer.  Costs
+      the saved block inputs of all ``k`` micro-batches.
+    with_context: ``embed_fn`` also returns a ``context`` pytree (masks,
+      positions, rotary tables...) passed unchanged to every block.  Its
+      inexact leaves are differentiated (their cotangents summed over the
+      blocks and passed back through ``embed_fn``), the others are constants.
+    has_aux: ``head_fn`` returns ``(loss, aux)``; ``update`` then returns
+      ``(loss, aux)`` in place of ``loss`` (with ``microbatches > 1``, ``aux``
+      is stacked over micro-batches).
+    remat_policy: a ``jax.checkpoint`` policy for the block inside the
+      reverse pass.  ``None``: the VJP keeps the block's residuals while it
+      runs (one block's activations); a policy (e.g.
+      ``jax.checkpoint_policies.nothing_saveable``) keeps fewer of them and
+      recomputes the rest once more.  The forward pass always saves only each
+      block's input.
+    check_separable: check at ``init`` that ``tx`` does not couple layers.
+
+  Returns:
+    A :class:`LayerwiseStep` ``(init, update)``:
+    ``state = init(outer, layers, batch=None)`` (with ``batch``, the shapes
+    of ``embed_fn``/``block_fn`` are checked there too);
+    ``outer, layers, state, loss = update(outer, layers, state, batch)``, the
+    loss before the update.  ``update`` is a pure function: jit it, and donate
+    the params and state for in-place updates,
+    ``jax.jit(step.update, donate_argnums=(0, 1, 2))``.
+
+  Raises:
+    ValueError: at construction, for an unknown ``clip``, a missing or bad
+      ``clip_norm`` or ``microbatches``; at ``init``, for ``layers`` whose
+      leaves disagree on the leading axis and for a ``tx`` that couples layers;
+      at ``init`` (with ``batch``) or at the first trace of ``update``, for a
+      ``block_fn`` whose output differs from its input in shape or dtype —
+      each naming the leaf path and shape.
+  """
+  if clip is not None and clip not in CLIP_MODES:
+    raise ValueError(f"`clip` must be None or one of {CLIP_MODES}, got {clip!r}")
+  if clip is not None and (clip_norm is None or not clip_norm > 0):
+    raise ValueError(f"`clip={clip!r}` needs `clip_norm` > 0, got {clip_norm!r}")
+  if clip is None and clip_norm is not None:
+    raise ValueError("`clip_norm` was given without `clip`: pass clip=\"layer\", \"previous\" "
+                     "or \"two_pass\"")
+  if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+    raise ValueError(f"`microbatches` must be an int >= 1, got {microbatches!r}")
+  k = microbatches
+
+  def embed(outer, batch):
+    out = embed_fn(outer, batch)
+    return out if with_context else (out, ())
+
+  def block(layer, h, context):
+    return block_fn(layer, h, context) if with_context else block_fn(layer, h)
+
+  if remat_policy is not None:
+    vjp_block = jax.checkpoint(block, policy=remat_policy)
+  else:
+    vjp_block = block
+
+  def head(outer, h, batch):
+    out = head_fn(outer, h, batch)
+    return out if has_aux else (out, ())
+
+  def check_shapes(outer, layers, batch):
+    """Python-time check that a block maps h to an h of the same shape and dtype."""
+    micro = jax.eval_shape(
+        lambda b: jax.tree.map(lambda x: x[0], _microbatch(b)) if k > 1 else b, batch)
+    h, context = jax.eval_shape(embed, outer, micro)
+    one = jax.eval_shape(lambda ls: _index(ls, 0), layers)
+    out = jax.eval_shape(block, one, h, context)
+    h_flat, h_def = jax.tree_util.tree_flatten_with_path(h)
+    out_flat, out_def = jax.tree_util.tree_flatten_with_path(out)
+    if h_def != out_def:
+      raise ValueError(f"`block_fn` must return a tree like its input h: got {out_def}, "
+                       f"expected {h_def}")
+    for (path, a), (_, b) in zip(h_flat, out_flat):
+      if a.shape != b.shape or a.dtype != b.dtype:
+        raise ValueError(
+            f"`block_fn` changes h{jax.tree_util.keystr(path)}: input "
+            f"{tuple(a.shape)} {a.dtype}, output {tuple(b.shape)} {b.dtype}; a scanned "
+            "block must return h with the shape and dtype of its input"
+        )
+
+  def _microbatch(batch):
+    def split(path, x):
+      if jnp.ndim(x) == 0 or x.shape[0] % k:
+        raise ValueError(
+            f"`microbatches={k}` needs every batch leaf's leading axis divisible by {k}: "
+            f"batch{jax.tree_util.keystr(path)} has shape {tuple(jnp.shape(x))}"
+        )
+      return x.reshape((k, x.shape[0] // k) + x.shape[1:])
+
+    return jax.tree_util.tree_map_with_path(split, batch)
+
+  def init(outer, layers, batch=None):
+    n_layers = _leading_axis(layers)
+    if check_separable:
+      _check_separable(tx, jax.eval_shape(lambda ls: _index(ls, 0), layers))
+    if batch is not None:
+      check_shapes(outer, layers, batch)
+    layer_states = jax.vmap(lambda p, i: layer_state(tx, p, i))(
+        layers, jnp.arange(n_layers, dtype=jnp.int32))
+    return LayerwiseState(outer=tx.init(outer), layers=layer_states,
+                          grad_norm=jnp.zeros([], _norm_dtype((outer, layers))))
+
+  def per_micro(f, *xs):
+    """``f`` on every micro-batch slice of ``xs`` (stacked results), or on ``xs`` when k = 1."""
+    if k == 1:
+      return f(*xs)
+    return jax.lax.map(lambda a: f(*a), xs)
+
+  def reverse_pass(layers, layer_states, hs, contexts, g_h, update, factor):
+    """The reverse scan over layers; with ``update``, tx runs on every layer's gradient."""
+    n_layers = jax.tree.leaves(hs)[0].shape[0]
+    ctx_floats, ctx_others, ctx_def = _split_float(contexts)
+    g_ctx0 = [None if f is None else jnp.zeros_like(f) for f in ctx_floats]
+    norm_dtype = _norm_dtype(layers)
+
+    def body(carry, i):
+      g_h, g_ctx, layers, layer_states, sumsq = carry
+      layer = _index(layers, i)
+      h_in = _index(hs, i)
+
+      def one(g_h_m, h_m, floats_m, others_m):
+        def f(layer, h, floats):
+          return vjp_block(layer, h, _merge_float(floats, others_m, ctx_def))
+
+        _, vjp = jax.vjp(f, layer, h_m, floats_m)
+        return vjp(g_h_m)
+
+      if k == 1:
+        g_layer, g_h, g_ctx_step = one(g_h, h_in, ctx_floats, ctx_others)
+      else:
+        def micro(acc, xs):
+          g_layer_m, g_hin_m, g_ctx_m = one(*xs)
+          return jax.tree.map(jnp.add, acc, g_layer_m), (g_hin_m, g_ctx_m)
+
+        zeros = jax.tree.map(jnp.zeros_like, layer)
+        g_layer, (g_h, g_ctx_step) = jax.lax.scan(
+            micro, zeros, (g_h, h_in, ctx_floats, ctx_others))
+      g_ctx = [None if a is None else a + b for a, b in zip(g_ctx, g_ctx_step)]
+      layer_sumsq = _sumsq(g_layer, norm_dtype)
+      sumsq = sumsq + layer_sumsq
+      if update:
+        if clip == "layer":
+          factor_l = _clip_factor(jnp.sqrt(layer_sumsq), clip_norm)
+        else:
+          factor_l = factor
+        if factor_l is not None:
+          g_layer = _scaled(g_layer, factor_l)
+        lstate = _index(layer_states, i)
+        upd, lstate = tx.update(g_layer, lstate, layer)
+        layers = _write(layers, optax.apply_updates(layer, upd), i)
+        layer_states = _write(layer_states, lstate, i)
+      return (g_h, g_ctx, layers, layer_states, sumsq), None
+
+    carry = (g_h, g_ctx0, layers, layer_states, jnp.zeros([], norm_dtype))
+    (g_h, g_ctx, layers, layer_states, sumsq), _ = jax.lax.scan(
+        body, carry, jnp.arange(n_layers, dtype=jnp.int32), reverse=True)
+    return g_h, g_ctx, layers, layer_states, sumsq
+
+  def update(outer, layers, state, batch):
+    _leading_axis(layers)
+    check_shapes(outer, layers, batch)
+    micro_batch = _microbatch(batch) if k > 1 else batch
+
+    # Forward: embed, then a scan over layers saving each block's input.
+    h0, contexts = per_micro(lambda b: embed(outer, b), micro_batch)
+
+    def forward(h, layer):
+      return per_micro(lambda h_m, c_m: block(layer, h_m, c_m), h, contexts), h
+
+    h_last, hs = jax.lax.scan(forward, h0, layers)
+
+    # Head: loss and its VJP per micro-batch, the outer gradient summed.
+    def head_grads(h_m, b_m):
+      loss, vjp, aux = jax.vjp(lambda o, h: head(o, h, b_m), outer, h_m, has_aux=True)
+      g_outer, g_h = vjp(jnp.ones_like(loss) / k)
+      return loss, aux, g_outer, g_h
+
+    if k == 1:
+      loss, aux, g_outer, g_h = head_grads(h_last, micro_batch)
+    else:
+      def micro_head(acc, xs):
+        loss, aux, g_outer, g_h = head_grads(*xs)
+        return jax.tree.map(jnp.add, acc, g_outer), (loss, aux, g_h)
+
+      g_outer, (losses, aux, g_h) = jax.lax.scan(
+          micro_head, jax.tree.map(jnp.zeros_like, outer), (h_last, micro_batch))
+      loss = jnp.mean(losses)
+
+    def embed_grads(g_outer, g_h0, g_ctx):
+      """Add embed's VJP of (∂L/∂h_0, ∂L/∂context) to the outer gradient."""
+      def micro_embed(acc, xs):
+        b_m, g_h_m, g_ctx_m = xs
+
+        def f(o):
+          h, ctx = embed(o, b_m)
+          floats, others, _ = _split_float(ctx)
+          return (h, floats), others
+
+        _, vjp, _ = jax.vjp(f, outer, has_aux=True)
+        (g,) = vjp((g_h_m, g_ctx_m))
+        return jax.tree.map(jnp.add, acc, g), None
+
+      if k == 1:
+        return micro_embed(g_outer, (micro_batch, g_h0, g_ctx))[0]
+      return jax.lax.scan(micro_embed, g_outer, (micro_batch, g_h0, g_ctx))[0]
+
+    norm_dtype = _norm_dtype(outer)
+    factor = None
+    if clip == "two_pass":
+      g_h0, g_ctx, _, _, layer_sumsq = reverse_pass(
+          layers, state.layers, hs, contexts, g_h, update=False, factor=None)
+      g_outer = embed_grads(g_outer, g_h0, g_ctx)
+      sumsq = _sumsq(g_outer, norm_dtype) + layer_sumsq.astype(norm_dtype)
+      factor = _clip_factor(jnp.sqrt(sumsq), clip_norm)
+    elif clip == "previous":
+      factor = _clip_factor(state.grad_norm, clip_norm)
+
+    g_h0, g_ctx, layers, layer_states, layer_sumsq = reverse_pass(
+        layers, state.layers, hs, contexts, g_h, update=True, factor=factor)
+    if clip != "two_pass":
+      g_outer = embed_grads(g_outer, g_h0, g_ctx)
+    outer_sumsq = _sumsq(g_outer, norm_dtype)
+    grad_norm = jnp.sqrt(outer_sumsq + layer_sumsq.astype(norm_dtype))
+    if clip == "layer":
+      g_outer = _scaled(g_outer, _clip_factor(jnp.sqrt(outer_sumsq), clip_norm))
+    elif factor is not None:
+      g_outer = _scaled(g_outer, factor)
+    upd, outer_state = tx.update(g_outer, state.outer, outer)
+    outer = optax.apply_updates(outer, upd)
+    new_state = LayerwiseState(outer=outer_state, layers=layer_states,
+                               grad_norm=grad_norm.astype(state.grad_norm.dtype))
+    return outer, layers, new_state, ((loss, aux) if has_aux else loss)
+
+  return LayerwiseStep(init=init, update=update)
+
+
+# ----------------------------------------------------------------------------
+# Flax NNX: a scanned model as (embed_fn, block_fn, head_fn, outer, layers).
+
+
+@dataclasses.dataclass(frozen=True)
+class NNXParts:
+  """A scanned NNX model split for :func:`make_step` (see :func:`split_nnx`).
+
+  Attributes:
+    embed_fn, block_fn, head_fn: the three functions of :func:`make_step`, on
+      pure ``nnx.State`` trees of the params.
+    outer: the params outside the stack (an ``nnx.State``).
+    layers: the stacked params of the scanned blocks (an ``nnx.State``, every
+      leaf with the leading layer axis).
+    merge: ``merge(outer, layers) -> model``, a new model with these params.
+  """
+
+  embed_fn: Callable[..., Any]
+  block_fn: Callable[..., Any]
+  head_fn: Callable[..., Any]
+  outer: Any
+  layers: Any
+  merge: Callable[[Any, Any], Any]
+
+
+def split_nnx(
+    model: Any,
+    embed: Callable[..., Any],
+    head: Callable[..., Any],
+    *,
+    stack: str = "layers",
+    block: Callable[..., Any] | None = None,
+) -> NNXParts:
+  """Split a scanned NNX model into what :func:`make_step` takes.
+
+  Args:
+    model: an ``nnx.Module`` whose attribute ``stack`` is one module with
+      every param stacked on a leading layer axis (as ``nnx.scan`` runs it,
+      e.g. ``examples.llama.Llama`` with ``scan_layers=True``).  It must hold
+      no state other than ``nnx.Param`` (no batch statistics, no RNG state).
+    embed: ``embed(model, batch) -> h`` (may return ``(h, context)`` for
+      ``make_step(..., with_context=True)``); it must not use the stack.
+    head: ``head(model, h, batch) -> loss``; it must not use the stack.
+    stack: the attribute holding the stacked blocks.
+    block: ``block(block_module, h, *context) -> h``; by default
+      ``block_module(h, *context)``.
+
+  Returns:
+    :class:`NNXParts`; ``parts.merge(outer, layers)`` puts trained params
+    back into a copy of the model.
+
+  Raises:
+    ValueError: when ``model`` has no attribute ``stack`` or holds state that
+      is not an ``nnx.Param``.
+  """
+  from flax import nnx  # flax is optional for the rest of the module
+
+  if not hasattr(model, stack):
+    raise ValueError(f"the model has no attribute {stack!r} holding the stacked blocks")
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise ValueError("split_nnx handles models whose state is all nnx.Param; found other "
+                     f"variables: {jax.tree.map(jnp.shape, rest)}")
+  params = params.to_pure_dict()
+  layers = params.pop(stack)
+  outer = params
+  block_def = nnx.graphdef(getattr(model, stack))
+  layer_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), layers)
+  call = block if block is not None else (lambda module, h, *context: module(h, *context))
+
+  def full_model(outer, layers):
+    state = nnx.State({**outer, stack: layers})
+    return nnx.merge(graphdef, state)
+
+  def absent_stack(outer):
+    # The stack is never read by embed/head; zeros of it are dead code under jit.
+    shapes = jax.tree.map(lambda s: jnp.zeros((1,) + s.shape, s.dtype), layer_shapes)
+    return full_model(outer, shapes)
+
+  def embed_fn(outer, batch):
+    return embed(absent_stack(outer), batch)
+
+  def head_fn(outer, h, batch):
+    return head(absent_stack(outer), h, batch)
+
+  def block_fn(layer, h, *context):
+    return call(nnx.merge(block_def, nnx.State(layer)), h, *context)
+
+  return NNXParts(embed_fn=embed_fn, block_fn=block_fn, head_fn=head_fn, outer=outer,
+                  layers=layers, merge=full_model)
