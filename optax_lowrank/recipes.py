@@ -23,11 +23,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_lowrank import eight_bit as eight_bit_lib
+from optax_lowrank import full_rank as full_rank_lib
 from optax_lowrank import projections as proj
 from optax_lowrank.low_rank import low_rank
 from optax_lowrank.woodbury import woodbury_precondition
 
-__all__ = ["galore", "flora", "natural_galore", "adam_in_subspace"]
+__all__ = ["galore", "flora", "natural_galore", "adam_in_subspace", "apollo", "apollo_mini", "fira"]
 
 
 def adam_in_subspace(
@@ -289,3 +291,182 @@ def _stacked_ndim(path: tuple[str, ...], coefficients: jax.Array) -> int:
   """
   del path
   return coefficients.ndim - 2
+
+
+# -- full-rank updates from low-rank statistics (optax_lowrank.full_rank) --------
+
+
+def _full_rank_recipe(
+    rule: full_rank_lib.FullRankRule,
+    projection: proj.Projection,
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float, b2: float, eps: float, weight_decay: float, eight_bit: bool, mask: Any,
+    **low_rank_kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+  """``low_rank(adam, full_rank=rule)``, then ``−η``, then decoupled weight decay.
+
+  Unlike :func:`_low_rank_recipe`, the learning rate comes after ``low_rank``:
+  the rule measures ``‖Δ‖/‖C‖`` and limits norm growth, and neither may see
+  ``−η_t`` (its sign, or a warm-up that would read as growth).  The state is
+  ``(low_rank state, learning-rate state, (decay state, learning-rate state))``.
+  """
+  inner = (eight_bit_lib.scale_by_adam_8bit(b1, b2, eps) if eight_bit
+           else _scale_by_adam(b1, b2, eps))
+  return optax.chain(
+      low_rank(inner, projection, full_rank=rule, **low_rank_kwargs),
+      optax.scale_by_learning_rate(learning_rate),
+      _decay_times_learning_rate(weight_decay, learning_rate, mask),
+  )
+
+
+def apollo(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int = 256,
+    refresh_every: int = 200,
+    scale: float = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    *,
+    limit: float | None = 1.01,
+    granularity: str = "channel",
+    eight_bit: bool = False,
+    kind: str = "gaussian",
+    side: proj.Side = "auto",
+    on_refresh: str = "keep",
+    where: Any = None,
+    seed: int = 0,
+    reshape: Any = None,
+    mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  """APOLLO (Zhu et al. 2025, "APOLLO: SGD-like Memory, AdamW-level Performance", arXiv 2412.05270).
+
+  Adam runs on the coefficients ``R = P G`` of a random sketch ``P ∈ R^{r×m}``
+  (``kind``: ``"gaussian"``, entries ``N(0, 1/r)``, or ``"rademacher"``),
+  rebuilt from ``seed`` and re-drawn every ``refresh_every`` steps, never
+  stored.  Its step ``R̃`` only measures a per-channel scaling
+  ``s_j = ‖R̃[:, j]‖/‖R[:, j]‖`` (a channel is a column of the larger
+  dimension, the one the sketch keeps), and the update is the *full-rank*
+  gradient rescaled, with the norm-growth limiter (``γ = limit``):
+
+      U = α·G·diag(s),   U ← U·γ‖U_{t−1}‖/‖U‖ if ‖U‖ > γ‖U_{t−1}‖,
+      W ← W − η_t·(U + λ_wd·W)
+
+  (``granularity="tensor"``: one ``s = ‖R̃‖/‖R‖`` per matrix).  Leaves that
+  are not projected get Adam at full size.  See
+  :func:`optax_lowrank.full_rank.scaled_gradient`.
+
+  Memory per projected ``m×n`` matrix: Adam's moments on ``r·max(m, n)``
+  coefficients (Flora's at the same rank) plus one float for the limiter;
+  ``eight_bit=True`` keeps the moments in :func:`~optax_lowrank.scale_by_adam_8bit`'s
+  8-bit blocks instead.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    rank: rank ``r`` of the sketch (the paper's APOLLO: 256; ``apollo_mini``
+      is rank 1).
+    refresh_every: steps between new sketches (the paper's ``T = 200``).
+    scale: ``α`` on the updates of projected leaves (the paper: 1 for APOLLO).
+    b1, b2, eps: Adam's, in optax's bias-corrected form.
+    weight_decay: decoupled weight decay on the full weights.
+    limit: ``γ`` of the norm-growth limiter (the paper's 1.01), ``None`` for none.
+    granularity: ``"channel"`` or ``"tensor"``.
+    eight_bit: Adam's moments in 8-bit blocks.
+    kind, side: the sketch (see :func:`optax_lowrank.gaussian`).
+    on_refresh, where, seed, reshape: as for :func:`optax_lowrank.low_rank`.
+    mask: which leaves weight decay applies to.
+  """
+  if kind not in ("gaussian", "rademacher"):
+    raise ValueError(f"`kind` must be 'gaussian' or 'rademacher', got {kind!r}")
+  spec = proj.gaussian(rank, side) if kind == "gaussian" else proj.rademacher(rank, side)
+  return _full_rank_recipe(
+      full_rank_lib.scaled_gradient(granularity, limit), spec, learning_rate, b1, b2, eps,
+      weight_decay, eight_bit, mask, refresh_every=refresh_every, on_refresh=on_refresh,
+      scale=scale, where=where, seed=seed, reshape=reshape,
+  )
+
+
+APOLLO_MINI_SCALE = 128 ** 0.5
+
+
+def apollo_mini(
+    learning_rate: optax.ScalarOrSchedule,
+    refresh_every: int = 200,
+    scale: float = APOLLO_MINI_SCALE,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    *,
+    limit: float | None = 1.01,
+    eight_bit: bool = False,
+    side: proj.Side = "auto",
+    on_refresh: str = "keep",
+    where: Any = None,
+    seed: int = 0,
+    reshape: Any = None,
+    mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  """APOLLO-Mini (Zhu et al. 2025, arXiv 2412.05270): :func:`apollo` at rank 1, tensor-wise.
+
+  One Gaussian row ``p ∈ R^{1×m}`` per matrix, Adam on ``p G`` (``max(m, n)``
+  coefficients), one scaling factor ``s = ‖R̃‖/‖R‖`` per matrix, and
+  ``U = α·s·G`` with the norm-growth limiter.  A rank-1 ratio underestimates
+  the full one, so the paper scales the update by ``α = √128`` (the
+  default).  State per projected matrix: ``2·max(m, n)`` floats of moments and
+  one of the limiter, below SGD with momentum's ``m·n``.
+
+  Args: as for :func:`apollo` (``rank`` is 1 and ``granularity`` ``"tensor"``).
+  """
+  return _full_rank_recipe(
+      full_rank_lib.scaled_gradient("tensor", limit), proj.gaussian(1, side), learning_rate,
+      b1, b2, eps, weight_decay, eight_bit, mask, refresh_every=refresh_every,
+      on_refresh=on_refresh, scale=scale, where=where, seed=seed, reshape=reshape,
+  )
+
+
+def fira(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int = 128,
+    refresh_every: int = 200,
+    scale: float = 0.25,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    *,
+    limit: float | None = 1.01,
+    granularity: str = "channel",
+    eight_bit: bool = False,
+    side: proj.Side = "auto",
+    on_refresh: str = "keep",
+    where: Any = None,
+    reshape: Any = None,
+    mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Fira (Chen et al. 2024, "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
+  Constraint?", arXiv 2410.01623): GaLore plus the scaled residual.
+
+  GaLore's SVD projector ``P`` (refreshed every ``refresh_every`` steps) and
+  Adam on ``R = Pᵀ G``, whose step ``ψ(R)`` is applied as in GaLore; the part
+  of the gradient outside the subspace, ``G − P R``, is applied too, scaled
+  column-wise by the ratio Adam gives in the subspace,
+  ``φ_j = ‖ψ(R)[:, j]‖/‖R[:, j]‖``, with the norm-growth limiter on it:
+
+      S = φ∘(G − P R),   S ← S·γ‖S_{t−1}‖/‖S‖ if ‖S‖ > γ‖S_{t−1}‖,
+      W ← W − η_t·(α·(P ψ(R) + S) + λ_wd·W)
+
+  (``α`` multiplies both terms: ``φ`` is measured on ``α·ψ(R)``).  State per
+  projected matrix: GaLore's (moments on ``r·max(m, n)`` coefficients and the
+  ``min(m, n)×r`` projector) plus one float.  See
+  :func:`optax_lowrank.full_rank.scaled_residual`.
+
+  Args: as for :func:`galore`, plus ``limit``, ``granularity`` and
+  ``eight_bit`` as for :func:`apollo`.
+  """
+  return _full_rank_recipe(
+      full_rank_lib.scaled_residual(granularity, limit), proj.svd(rank, side), learning_rate,
+      b1, b2, eps, weight_decay, eight_bit, mask, refresh_every=refresh_every,
+      on_refresh=on_refresh, scale=scale, where=where, reshape=reshape,
+  )
