@@ -9,6 +9,7 @@ from optax_lowrank import (
     adapters,
     distributed,
     eight_bit,
+    full_rank,
     layerwise,
     memory,
     nnx,
@@ -30,7 +31,15 @@ from optax_lowrank.projections import (
     tucker,
     two_sided,
 )
-from optax_lowrank.recipes import adam_in_subspace, flora, galore, natural_galore
+from optax_lowrank.recipes import (
+    adam_in_subspace,
+    apollo,
+    apollo_mini,
+    fira,
+    flora,
+    galore,
+    natural_galore,
+)
 from optax_lowrank.woodbury import woodbury_precondition, woodbury_solve
 
 __version__ = "0.1.0"
@@ -50,6 +59,10 @@ __all__ = [
     "LowRankState",
     "Projection",
     "adam_in_subspace",
+    "apollo",
+    "apollo_mini",
+    "fira",
+    "full_rank",
     "adamem",
     "adamem_state_bytes",
     "scale_by_adamem",
