@@ -1,35 +1,28 @@
 """DiLoCo-style training on a JAX device mesh, with worker-specific projections.
 
-DiLoCo (Douillard et al., 2024) trains ``K`` workers independently and
-synchronizes them rarely.  Round ``g`` of the outer loop, on every worker ``k``:
+DiLoCo (Douillard et al. 2023, arXiv:2311.08105) trains ``K`` workers
+independently and synchronizes them rarely.  Round ``g``, on every worker ``k``:
 
-    W_k ← θ                                     (start from the global weights)
+    W_k ← θ                                         (start from the global weights)
     L times:  W_k ← W_k + inner(∇ℓ(W_k; batch_k))   (local steps, own data shard)
-    Δ = mean_k (θ − W_k)                        (pseudo-gradient: one all-reduce)
-    θ ← θ + outer(Δ)                            (outer optimizer, e.g. Nesterov SGD)
+    Δ = mean_k (θ − W_k)                            (pseudo-gradient: one all-reduce)
+    θ ← θ + outer(Δ)                                (outer optimizer, e.g. Nesterov SGD)
 
-Here the inner optimizer runs through :func:`optax_lowrank.low_rank`, so worker
-``k`` only moves inside the range of its own projection ``S_k = I ⊗ P_kᵀ`` and
-keeps only small optimizer statistics.  The bases are re-made at the start of
-every round (``refresh_every = L``).  How the workers' projections relate
-decides how much of the weights one round can move (paper 000, §4.2,
-Tables 3–4):
+The inner optimizer runs through :func:`optax_lowrank.low_rank`, so worker
+``k`` moves only inside the range of its own projection ``P_k`` (new bases at
+the start of every round) and keeps only coefficient-sized statistics.  How
+the workers' projections relate decides how much of a weight one round can
+move (Torroba-Hennigen, Lang, Guo and Kim 2025, arXiv:2502.13811, §4.2):
 
 | ``scheme`` | worker ``k``'s basis | the round's change lies in |
 |---|---|---|
 | ``"identical"`` | from the shared key: ``P_k = P`` | one rank-``r`` subspace |
-| ``"independent"`` | from ``fold_in(key, k)``: ``E[P_i P_jᵀ] = 0`` | ``K·r`` dimensions, a.s. |
-| ``"disjoint"`` | block ``k`` of one shared random orthonormal matrix \
-(:func:`disjoint_factor`): ``P_i P_jᵀ = 0`` | exactly ``K·r`` dimensions |
+| ``"independent"`` | from ``fold_in(key, k)`` | ``K·r`` dimensions, almost surely |
+| ``"disjoint"`` | block ``k`` of one random orthonormal matrix: ``P_i P_jᵀ = 0`` | \
+exactly ``K·r`` dimensions |
 
-No basis is ever communicated: every worker rebuilds its own from the shared
-seed, the round and its index (``jax.lax.axis_index``), so a sync sends only
-the weights (one ``pmean`` of the pseudo-gradient per round).  With a projection
-made from the gradient (``olr.svd``) each worker's basis comes from its own
-data and ``scheme`` only changes random keys.
-
-Quick start (one process; on a CPU simulate devices with
-``XLA_FLAGS=--xla_force_host_platform_device_count=4`` set before JAX starts):
+No basis is ever sent: each worker rebuilds its own from the seed, the round
+and ``jax.lax.axis_index``; a round communicates one weight-sized ``pmean``.
 
 ```python
 mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("workers",))
@@ -39,93 +32,14 @@ diloco = olr.distributed.make_diloco(
 state = diloco.init(params)
 for batches in rounds:          # leaves of shape (local_steps, batch, ...)
   state, metrics = diloco.round(state, batches)
-params = state.params
 ```
 
-Worker ``k`` trains on rows ``[k·B/K, (k+1)·B/K)`` of each batch.
-
-Pieces (all pure): :func:`worker_key` and :func:`assign_worker` give a
-worker its keys; :func:`disjoint` / :func:`disjoint_factor` build the mutually
-orthogonal bases; :func:`worker_projection` turns a spec into a worker's spec;
-:func:`diloco_round` is one round for one worker, written to run under
-``jax.shard_map`` (or ``jax.pmap``) over the worker axis; :func:`make_diloco`
-wires them onto a mesh.
-
-Multiple hosts
---------------
-
-Run the same script on every host.  Before anything else touches devices,
-connect the processes; then build the mesh from the *global* device list and
-feed each round's batch as one global array assembled from the hosts' local
-rows.  (To try this on one machine, :func:`launch_local` starts the script as
-several processes with simulated devices, and the script calls
-:func:`initialize_local` instead of ``jax.distributed.initialize``; the recipe
-below runs that way, 2 processes × 2 devices, in ``tests/test_multiprocess.py``.)
-
-```python
-import jax
-import numpy as np
-from jax.sharding import PartitionSpec as P
-
-jax.distributed.initialize(            # on TPU pods / SLURM / Open MPI the
-    coordinator_address="10.0.0.1:8476",   # arguments are auto-detected:
-    num_processes=4, process_id=host_id)   # jax.distributed.initialize()
-
-# One worker per host, the host's own devices on a second axis: the worker
-# axis crosses the slow network once per round, "fsdp" stays inside a host.
-devices = np.array(jax.devices()).reshape(jax.process_count(), -1)
-mesh = jax.sharding.Mesh(devices, ("workers", "fsdp"))
-diloco = olr.distributed.make_diloco(loss_fn, inner, mesh, local_steps=500, ...)
-state = diloco.init(params)          # the same params (seed) on every host
-
-rows = jax.sharding.NamedSharding(mesh, P(None, "workers"))
-batches = jax.make_array_from_process_local_data(rows, local_batches)
-state, metrics = diloco.round(state, batches)   # local_batches: (L, B/hosts, ...)
-```
-
-:func:`make_diloco` maps only the worker axis by hand (``shard_map`` with
-``axis_names={axis_name}``); other mesh axes stay under the compiler's
-automatic partitioning, so parameters placed with a ``NamedSharding`` over
-``"fsdp"`` stay sharded inside each worker.  The map runs with
-``check_vma=False``: optax transformations that build fresh constants inside a
-``lax.cond`` (``on_refresh="reset"``, ``optax.MultiSteps``,
-``optax.apply_if_finite``) are not typed for ``shard_map``'s per-axis
-replication checks, and the outputs declared replicated (weights, outer state)
-are replicated by construction, computed from the ``pmean``.
-
-Sharded single-job training (FSDP)
-----------------------------------
-
-``olr.low_rank`` needs nothing special under ``jax.jit`` with parameters
-sharded by ``NamedSharding``: the projected coefficients ``C = G Q`` of a
-right-projected ``m × n`` leaf sharded along its rows come out sharded along
-the rows, and so do the inner statistics over them.  Shard the dimension that
-is *not* projected (with ``side="auto"`` the larger one) and the state shrinks
-with the device count.  :func:`state_shardings` reads the state's shardings
-off the compiled update, so the state can be created sharded:
-
-```python
-shardings = olr.distributed.state_shardings(tx, params)   # params: sharded arrays
-opt_state = jax.jit(tx.init, out_shardings=shardings)(params)
-```
-
-What a refresh gathers, for an ``m × n`` gradient sharded along its
-unprojected axis, ``k = rank + oversample`` (read from the compiled HLO on 8
-host devices in ``tests/test_distributed.py``):
-
-| projection | communication and memory at a refresh |
-|---|---|
-| ``svd``, ``two_sided(svd)``, ``tucker`` | all-gather of the full ``m × n`` gradient; \
-every device then runs the same dense SVD (``O(m n min(m, n))`` FLOPs, ``m·n`` floats \
-of temporary memory per device) |
-| ``randomized_svd`` | the products with ``G`` stay sharded; only the thin ``m × k`` \
-panels are gathered for their QRs |
-| ``gaussian``, ``rademacher``, ``semi_orthogonal``, ``disjoint`` | nothing: every \
-device makes the ``n × r`` factor from the key (replicated; an ``O(n r²)`` QR for the \
-orthonormal kinds) |
-
-The tests measure this for ``svd``, ``randomized_svd`` and ``semi_orthogonal``;
-``two_sided(svd)`` and ``tucker`` call the same dense SVD.
+Memory per worker: one copy of the weights, the gradient, the low-rank inner
+state and one weight-sized pseudo-gradient at the sync.  Also here:
+:func:`state_shardings` (the state of a sharded ``olr.low_rank``, for FSDP)
+and :func:`launch_local` / :func:`initialize_local` (several JAX processes on
+one machine).  Several hosts, FSDP and what a refresh communicates:
+``docs/how-to/distributed.md``.
 """
 
 from __future__ import annotations
@@ -321,7 +235,7 @@ def disjoint(
     axis_name: str = "workers",
     worker: int | None = None,
 ) -> DisjointSketch:
-  """Mutually orthogonal worker projections (paper 000, §4.2, "distributed random").
+  """Mutually orthogonal worker projections ("distributed random", arXiv:2502.13811 §4.2).
 
   Worker ``k`` gets block ``k`` of the columns of one random orthonormal
   ``n × (num_workers·rank)`` matrix drawn from the shared key
@@ -487,12 +401,10 @@ def _varying(tree: Any, axis_name: str) -> Any:
   """
 
   def one(x):
-    # The aval records the axes a value varies over (``aval.mat.varying`` in
-    # jax 0.10); a value already per-worker is left alone.
-    mat = getattr(jax.typeof(x), "mat", None)
-    if axis_name in getattr(mat, "varying", ()):
+    try:
+      return jax.lax.pcast(x, axis_name, to="varying")
+    except ValueError:  # pcast takes only values not yet varying: this one already is
       return x
-    return jax.lax.pcast(x, axis_name, to="varying")
 
   return jax.tree.map(one, tree)
 
@@ -581,17 +493,7 @@ def make_diloco(
       at ``round`` (before tracing) batches whose leading axes are not
       ``(local_steps, multiple of K)``.
   """
-  if not isinstance(mesh, Mesh):
-    raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-  if axis_name not in mesh.axis_names:
-    raise ValueError(
-        f"the mesh has axes {tuple(mesh.axis_names)} but no worker axis {axis_name!r}; "
-        "build it with that name or pass `axis_name=`"
-    )
-  _check_scheme(scheme)
-  if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
-    raise ValueError(f"`local_steps` must be an int >= 1, got {local_steps!r}")
-  num_workers = int(mesh.shape[axis_name])
+  num_workers = _num_workers(mesh, axis_name, scheme, local_steps)
   outer = default_outer() if outer is None else outer
   if projection is None:
     worker_tx, spec = inner, None
@@ -604,6 +506,12 @@ def make_diloco(
   per_worker = P(axis_name)
   rows = NamedSharding(mesh, P(None, axis_name))
 
+  # Only the worker axis is mapped by hand; other mesh axes stay under the compiler's
+  # automatic partitioning (weights sharded over "fsdp" stay sharded inside a worker).
+  # check_vma=False: optax transformations that build constants inside a lax.cond
+  # (on_refresh="reset", optax.MultiSteps, optax.apply_if_finite) are not typed for
+  # shard_map's replication checks; the outputs declared replicated (weights, outer
+  # state) are replicated by construction, computed from the pmean.
   def shard_map(f, in_specs, out_specs):
     return jax.shard_map(
         f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names={axis_name},
@@ -651,6 +559,21 @@ def make_diloco(
   init_fn.lower = init_jit.lower
   round_fn.lower = lower_round
   return DiLoCo(init_fn, round_fn, worker_tx, num_workers)
+
+
+def _num_workers(mesh: Mesh, axis_name: str, scheme: str, local_steps: int) -> int:
+  """The size of the worker axis, after checking :func:`make_diloco`'s arguments."""
+  if not isinstance(mesh, Mesh):
+    raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+  if axis_name not in mesh.axis_names:
+    raise ValueError(
+        f"the mesh has axes {tuple(mesh.axis_names)} but no worker axis {axis_name!r}; "
+        "build it with that name or pass `axis_name=`"
+    )
+  _check_scheme(scheme)
+  if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
+    raise ValueError(f"`local_steps` must be an int >= 1, got {local_steps!r}")
+  return int(mesh.shape[axis_name])
 
 
 def _check_batches(batches: Batch, local_steps: int, num_workers: int, axis_name: str) -> None:

@@ -43,8 +43,12 @@ What the launcher guarantees:
   block a process; nothing is left on disk) and returned per process as
   :class:`ProcessResult`; ``capture=False`` lets the processes write to the
   caller's terminal instead.
-* Only the loopback interface is used: the coordinator is bound to
-  ``127.0.0.1`` and :func:`initialize_local` pins gloo's TCP transport to it.
+* The coordinator is bound to ``127.0.0.1``.  Gloo's TCP transport (the CPU
+  collectives) listens on the address this machine's hostname resolves to:
+  JAX has no public option to choose it.  Where ``/etc/hosts`` maps the
+  hostname to a loopback address (as on most workstations and containers)
+  all traffic stays on loopback; :func:`initialize_local` fails with a clear
+  error if the hostname does not resolve.
 
 It is a tool for tests, examples and debugging on one machine.  On a real
 cluster start one process per host with the cluster's launcher (SLURM
@@ -301,34 +305,23 @@ def launch_local(
   return results
 
 
-def _pin_gloo_to(host: str) -> bool:
-  """Make the CPU backend's gloo collectives listen on ``host`` only.
+def _gloo_host() -> str:
+  """The address gloo's TCP transport will listen on: this machine's hostname, resolved.
 
-  JAX's default gloo transport binds the address the machine's hostname
-  resolves to.  This replaces the CPU backend factory, before the backend
-  starts, by one that passes ``hostname=host``; it relies on JAX internals
-  (``jax._src.xla_bridge``), so where they differ it changes nothing and
-  returns ``False``.
+  JAX builds its gloo collectives with no host or interface argument, so gloo
+  resolves the machine's hostname and binds that address; jax offers no public
+  option to choose it.  Resolving it here first turns a hostname that does not
+  resolve into a clear error before any process waits for the others.
   """
+  name = socket.gethostname()
   try:
-    from jax._src import distributed, xla_bridge
-    from jax._src.lib import _jax
-
-    registration = xla_bridge._backend_factories["cpu"]
-    make_cpu_client = xla_bridge.make_cpu_client
-    make_gloo = _jax.make_gloo_tcp_collectives
-  except (ImportError, AttributeError, KeyError):
-    return False
-  if "cpu" in xla_bridge._backends:
-    return False
-
-  def factory():
-    client = distributed.global_state.client
-    collectives = None if client is None else make_gloo(distributed_client=client, hostname=host)
-    return make_cpu_client(collectives=collectives)
-
-  registration.factory = factory
-  return True
+    return socket.gethostbyname(name)
+  except OSError as e:
+    raise RuntimeError(
+        f"initialize_local: this machine's hostname {name!r} does not resolve ({e}); JAX's "
+        "gloo collectives bind the address it resolves to.  Map it to 127.0.0.1 in /etc/hosts "
+        "or run on a machine whose hostname resolves"
+    ) from e
 
 
 def initialize_local(*, timeout: int = 120) -> bool:
@@ -357,8 +350,8 @@ def initialize_local(*, timeout: int = 120) -> bool:
     return False
   import jax
 
+  _gloo_host()
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  _pin_gloo_to(address.rsplit(":", 1)[0])
   jax.distributed.initialize(
       coordinator_address=address, num_processes=num_processes, process_id=process_id,
       coordinator_bind_address=address, initialization_timeout=timeout,

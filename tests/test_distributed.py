@@ -7,6 +7,7 @@ must not change); it prints its measurements as JSON and the tests below
 assert on them one by one.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 import optax_lowrank as olr
 from optax_lowrank import distributed as dist
@@ -169,6 +171,28 @@ def test_one_worker_with_outer_sgd_1_is_plain_training(projection, scheme):
     np.testing.assert_allclose(state.params[k], expected[k], atol=1e-12, rtol=0)
   assert int(state.rounds) == 3 and metrics.worker_loss.shape == (1,)
   assert float(metrics.pseudo_grad_norm) > 1e-3  # the round did move the weights
+
+
+@pytest.mark.parametrize("params_spec", ["replicated", "per_worker"])
+def test_diloco_round_runs_under_shard_map_with_replication_checks(params_spec):
+  # make_diloco maps with check_vma=False; a user's own shard_map may keep the checks,
+  # where the scan carry must start per-worker whether θ arrives replicated or not.
+  mesh = Mesh(np.array(jax.devices()[:1]), ("workers",))
+  inner, outer = optax.sgd(0.05), optax.sgd(1.0)
+  params, (batches,) = make_params(), make_batches(1, 3, 8)
+  state = dist.DiLoCoState(jnp.zeros([], jnp.int32), params, outer.init(params),
+                           inner.init(params))
+  spec = P() if params_spec == "replicated" else P("workers")
+  specs = dist.DiLoCoState(P(), spec, P(), P())
+  round_fn = functools.partial(dist.diloco_round, loss_fn=loss_fn, inner=inner, outer=outer)
+  mapped = jax.jit(jax.shard_map(
+      round_fn, mesh=mesh, in_specs=(specs, P()), check_vma=True,
+      out_specs=(specs._replace(params=P("workers"), inner_states=P("workers")),
+                 dist.RoundMetrics(P(), P("workers"), P()))))
+  new_state, _ = mapped(state, batches)
+  expected = _plain_training(inner, params, [batches])
+  for k in params:  # one worker, outer SGD(1): W after 3 steps, up to a rounding (float64)
+    np.testing.assert_allclose(new_state.params[k], expected[k], atol=1e-12, rtol=0)
 
 
 def test_mesh_without_the_worker_axis_is_rejected():
