@@ -51,6 +51,9 @@ RECIPES = {
     "adamem": {"learning_rate": 1e-2, "rank": 8, "weight_decay": 0.0},
     "adam_8bit": {"learning_rate": 1e-2},
     "adam_in_subspace": {"learning_rate": 1e-2, "projection": olr.svd(8)},
+    "apollo": {"learning_rate": 1e-2, "rank": 8},
+    "apollo_mini": {"learning_rate": 1e-2},
+    "fira": {"learning_rate": 1e-2, "rank": 8},
 }
 FACTORIES = {f"olr.{name}": getattr(olr, name) for name in RECIPES}
 TARGETS = {
