@@ -5,6 +5,8 @@ back (``low_rank``); or train the dual linear adapter ``Θ0 + SᵀΛ``
 (``adapters``).  See ``docs/`` and the README.
 """
 
+from typing import TYPE_CHECKING
+
 from optax_lowrank import (
     adapters,
     distributed,
@@ -12,7 +14,6 @@ from optax_lowrank import (
     full_rank,
     layerwise,
     memory,
-    nnx,
     quantization,
     testing,
 )
@@ -43,6 +44,28 @@ from optax_lowrank.recipes import (
 from optax_lowrank.woodbury import woodbury_precondition, woodbury_solve
 
 __version__ = "0.1.0"
+
+# Modules that import flax load on first use (``olr.nnx``), so the core needs only
+# jax and optax: ``pip install optax-lowrank[nnx]`` brings flax.
+_LAZY_MODULES = ("nnx",)
+
+if TYPE_CHECKING:
+  from optax_lowrank import nnx
+
+
+def __getattr__(name: str):
+  if name in _LAZY_MODULES:
+    import importlib
+
+    module = importlib.import_module(f"optax_lowrank.{name}")
+    globals()[name] = module
+    return module
+  raise AttributeError(f"module 'optax_lowrank' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_LAZY_MODULES))
+
 
 __all__ = [
     "Basis",
