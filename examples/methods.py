@@ -21,7 +21,8 @@ output head and the RMSNorm scales are trained at full size, as in the GaLore
 reference setup.
 
 Registered methods: ``adamw``, ``galore``, ``flora``, ``two_sided`` always;
-``natural_galore`` and ``adamem`` when ``optax_lowrank`` provides them. Others
+``natural_galore``, ``adamem``, ``apollo``, ``apollo_mini`` and ``fira`` when
+``optax_lowrank`` provides them. Others
 can be added with :func:`register`.
 
 Example:
@@ -371,6 +372,11 @@ LEARNING_RATES: dict[str, float] = {
     "two_sided": 3e-2,
     "natural_galore": 1e-2,
     "adamem": 2e-3,
+    # full-rank updates from low-rank statistics (issue 25): a short sweep, see
+    # docs/results.md ("APOLLO, APOLLO-Mini and Fira")
+    "apollo": 3e-3,
+    "apollo_mini": 3e-3,
+    "fira": 3e-2,
     # the dual of Flora-with-"keep": same random subspaces, so flora's rate
     "adapter": 1e-2,
 }
@@ -408,6 +414,48 @@ if hasattr(olr, "adamem"):
           "AdaMeM: projected momentum plus Adafactor on the residual (olr.adamem)",
       )
   )
+
+if hasattr(olr, "apollo"):
+
+  def _apollo(learning_rate: float, steps: int, config: MethodConfig):
+    # The paper's α = 1 (not GaLore's scale): the update is the gradient itself, rescaled.
+    return olr.apollo(
+        cosine_schedule(learning_rate, steps, config), rank=config.rank,
+        refresh_every=config.refresh_every, b1=config.b1, b2=config.b2,
+        weight_decay=config.weight_decay, where=is_projected, reshape=STACKED_RULE,
+        seed=config.seed, mask=decay_mask,
+    )
+
+  def _apollo_mini(learning_rate: float, steps: int, config: MethodConfig):
+    # rank 1 and the paper's α = √128 whatever the config's rank and scale
+    return olr.apollo_mini(
+        cosine_schedule(learning_rate, steps, config), refresh_every=config.refresh_every,
+        b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, where=is_projected,
+        reshape=STACKED_RULE, seed=config.seed, mask=decay_mask,
+    )
+
+  def _fira(learning_rate: float, steps: int, config: MethodConfig):
+    # GaLore's SVD subspace and scale (Fira's α = 0.25 too), plus the scaled residual
+    return olr.fira(
+        cosine_schedule(learning_rate, steps, config), rank=config.rank,
+        refresh_every=config.refresh_every, scale=config.scale, b1=config.b1, b2=config.b2,
+        weight_decay=config.weight_decay, where=is_projected, reshape=STACKED_RULE,
+        mask=decay_mask,
+    )
+
+  register(Method(
+      "apollo", _apollo, LEARNING_RATES["apollo"],
+      "APOLLO: the gradient scaled channel-wise by Adam's ratio in a random subspace "
+      "(olr.apollo)",
+  ))
+  register(Method(
+      "apollo_mini", _apollo_mini, LEARNING_RATES["apollo_mini"],
+      "APOLLO-Mini: rank-1 random subspace, one scaling factor per matrix (olr.apollo_mini)",
+  ))
+  register(Method(
+      "fira", _fira, LEARNING_RATES["fira"],
+      "Fira: GaLore plus the residual outside the subspace, scaled column-wise (olr.fira)",
+  ))
 
 
 # ----------------------------------------------------------------------------
