@@ -39,7 +39,10 @@ from optax_lowrank import quantization
 SIZES = ("60m", "130m", "350m", "1b", "7b", "13b", "tiny")  # tiny: for tests
 METHODS = ("adamw-bf16", "adamw-8bit", "galore", "galore-8bit", "adapter", "adapter-int8",
            "adapter-nf4-8bit")
-RANKED = frozenset(METHODS[2:])
+# Full-rank updates from low-rank statistics (issue 25), planned when asked for
+# (--methods apollo apollo-mini fira); APOLLO-Mini is rank 1 by definition.
+FULL_RANK = ("apollo", "apollo-mini", "fira")
+RANKED = frozenset(METHODS[2:]) | {"apollo", "fira"}
 LR = 1e-3
 SCALE = 0.25
 BLOCK_SIZE = 256
@@ -117,7 +120,7 @@ def method_setup(method: str, config: LlamaConfig, rank: int | None, abstract: b
   ``model``: an already built model for the dense methods (the GPU check
   builds it from shapes without the float init); by default it is built here.
   """
-  if method in ("adamw-bf16", "adamw-8bit", "galore", "galore-8bit"):
+  if method in ("adamw-bf16", "adamw-8bit", "galore", "galore-8bit", *FULL_RANK):
     if model is None:
       model = (nnx.eval_shape if abstract else (lambda f: f()))(
           lambda: Llama(config, rngs=nnx.Rngs(0)))
@@ -127,6 +130,10 @@ def method_setup(method: str, config: LlamaConfig, rank: int | None, abstract: b
       tx = olr.adam_8bit(LR, weight_decay=0.01)
     elif method == "galore":
       tx = olr.galore(LR, rank=rank, scale=SCALE, where=is_block_kernel, reshape=STACKED_RULE)
+    elif method in FULL_RANK:  # the recipes' own α (APOLLO 1, APOLLO-Mini √128, Fira 0.25)
+      common = dict(where=is_block_kernel, reshape=STACKED_RULE)
+      tx = (olr.apollo_mini(LR, **common) if method == "apollo-mini"
+            else getattr(olr, method)(LR, rank=rank, **common))
     else:
       tx = olr.low_rank(olr.adam_8bit(LR), olr.svd(rank), scale=SCALE, where=is_block_kernel,
                         reshape=STACKED_RULE)
@@ -200,7 +207,8 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--size", default="7b", choices=SIZES)
   parser.add_argument("--tokens", type=int, default=256, help="token batch (sequences × 256)")
-  parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+  parser.add_argument("--methods", nargs="+", default=list(METHODS),
+                      choices=(*METHODS, *FULL_RANK))
   parser.add_argument("--ranks", type=int, nargs="+", default=None,
                       help="default: the GaLore paper's rank for the size, and 128")
   parser.add_argument("--donation", choices=("both", "yes", "no"), default="both")
