@@ -194,7 +194,8 @@ def check_separable(tx: optax.GradientTransformation, layer: Any) -> None:
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), layer)
   pair = [shapes, shapes]
   state = jax.eval_shape(tx.init, pair)
-  closed = jax.make_jaxpr(lambda g, s, p: tx.update(g, s, p)[0])(pair, state, pair)
+  closed, out_shapes = jax.make_jaxpr(lambda g, s, p: tx.update(g, s, p)[0],
+                                     return_shape=True)(pair, state, pair)
   g_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(pair)[0]]
   n_half = len(g_paths) // 2
   labels = [frozenset({("g", i)}) for i in range(len(g_paths))]
@@ -202,8 +203,7 @@ def check_separable(tx: optax.GradientTransformation, layer: Any) -> None:
   labels += [frozenset()] * n_state
   labels += [frozenset({("p", i)}) for i in range(len(g_paths))]
   outs = _dependencies(closed.jaxpr, labels)
-  out_leaves = jax.tree_util.tree_flatten_with_path(jax.eval_shape(
-      lambda g, s, p: tx.update(g, s, p)[0], pair, state, pair))[0]
+  out_leaves = jax.tree_util.tree_flatten_with_path(out_shapes)[0]
   for (path, leaf), deps in zip(out_leaves, outs):
     mine = path[0].idx if hasattr(path[0], "idx") else 0
     for kind, i in sorted(deps):
