@@ -48,7 +48,7 @@ What the launcher guarantees:
   JAX has no public option to choose it.  Where ``/etc/hosts`` maps the
   hostname to a loopback address (as on most workstations and containers)
   all traffic stays on loopback; :func:`initialize_local` fails with a clear
-  error if the hostname does not resolve.
+  error if the hostname does not resolve, or resolves off loopback.
 
 It is a tool for tests, examples and debugging on one machine.  On a real
 cluster start one process per host with the cluster's launcher (SLURM
@@ -59,6 +59,7 @@ cluster start one process per host with the cluster's launcher (SLURM
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import signal
@@ -311,17 +312,26 @@ def _gloo_host() -> str:
   JAX builds its gloo collectives with no host or interface argument, so gloo
   resolves the machine's hostname and binds that address; jax offers no public
   option to choose it.  Resolving it here first turns a hostname that does not
-  resolve into a clear error before any process waits for the others.
+  resolve into a clear error before any process waits for the others, and
+  a hostname that resolves to anything but a loopback address into a refusal:
+  the launcher is for one machine and never sends traffic off loopback.
   """
   name = socket.gethostname()
   try:
-    return socket.gethostbyname(name)
+    address = socket.gethostbyname(name)
   except OSError as e:
     raise RuntimeError(
         f"initialize_local: this machine's hostname {name!r} does not resolve ({e}); JAX's "
         "gloo collectives bind the address it resolves to.  Map it to 127.0.0.1 in /etc/hosts "
         "or run on a machine whose hostname resolves"
     ) from e
+  if not ipaddress.ip_address(address).is_loopback:
+    raise RuntimeError(
+        f"initialize_local: this machine's hostname {name!r} resolves to {address}, not a "
+        "loopback address; JAX's gloo collectives would listen there, off loopback.  Map the "
+        "hostname to 127.0.0.1 in /etc/hosts to run several local processes"
+    )
+  return address
 
 
 def initialize_local(*, timeout: int = 120) -> bool:
