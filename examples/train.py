@@ -54,6 +54,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+import optax_lowrank as olr
 from examples import checkpoint as ckpt_lib
 from examples import data as data_lib
 from examples import methods as methods_lib
@@ -72,6 +73,7 @@ __all__ = [
     "init_state",
     "main",
     "make_eval_step",
+    "make_layerwise_train_step",
     "make_train_step",
     "tree_nbytes",
     "train_method",
@@ -122,6 +124,9 @@ class RunSettings:
     method_config: the methods' shared hyper-parameters.
     data: the corpus root, as a string (for the checkpoint check).
     max_bytes: the corpus byte budget, or ``None``.
+    layerwise: train with layer-wise updates (``olr.layerwise``: the
+      optimizer updates each block inside the backward pass; needs a scanned
+      model and a method without a ``param_transform``).
   """
 
   steps: int
@@ -134,6 +139,7 @@ class RunSettings:
   method_config: methods_lib.MethodConfig
   data: str
   max_bytes: int | None
+  layerwise: bool = False
 
   def lr_for(self, method: methods_lib.Method) -> float:
     """The peak learning rate ``method`` trains with."""
@@ -150,6 +156,8 @@ class RunSettings:
         "method_config": dataclasses.asdict(self.method_config),
         "data": self.data,
         "max_bytes": self.max_bytes,
+        # only when set: checkpoints of ordinary runs keep their meta
+        **({"layerwise": True} if self.layerwise else {}),
     }
 
 
@@ -248,6 +256,46 @@ def make_train_step(
     return TrainState(state.step + 1, trainable, frozen, opt_state), loss
 
   return step
+
+
+def _layerwise_parts(graphdef: nnx.GraphDef, params: Any) -> Any:
+  """The scanned model as ``olr.layerwise.split_nnx`` parts (the head as ``loss_fn``'s)."""
+  def head(model: Llama, h: jax.Array, batch: jax.Array) -> jax.Array:
+    logits = model.output(model.norm(h)).astype(jnp.float32)  # as Llama.__call__
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+
+  return olr.layerwise.split_nnx(nnx.merge(graphdef, params),
+                                 embed=lambda model, batch: model.embed(batch[:, :-1]), head=head)
+
+
+def make_layerwise_train_step(
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, params: Any
+) -> tuple[Callable[[TrainState, jax.Array], tuple[TrainState, jax.Array]], Callable[..., Any]]:
+  """The layer-wise step ``(state, batch) -> (state, loss)`` and its state's init.
+
+  ``state.trainable`` is the whole param dict, as in the ordinary step;
+  ``state.opt_state`` is an ``olr.layerwise.LayerwiseState``.  ``tx`` sees
+  ``outer`` (embedding, final norm, head) as one tree and every block as the
+  tree ``{"layers": block}``, so the methods' ``where`` rule (kernels under
+  ``layers``) and weight-decay mask apply to the blocks as in the ordinary
+  step, each block's kernels now 2-D matrices.
+  """
+  parts = _layerwise_parts(graphdef, params)
+  lw = olr.layerwise.make_step(
+      parts.embed_fn, lambda layer, h: parts.block_fn(layer["layers"], h), parts.head_fn, tx)
+
+  def split(params):
+    return {k: v for k, v in params.items() if k != "layers"}, {"layers": params["layers"]}
+
+  def init(params: Any) -> Any:
+    return lw.init(*split(params))
+
+  def step(state: TrainState, batch: jax.Array) -> tuple[TrainState, jax.Array]:
+    outer, layers, opt_state, loss = lw.update(*split(state.trainable), state.opt_state, batch)
+    trainable = {**outer, "layers": layers["layers"]}
+    return TrainState(state.step + 1, trainable, state.frozen, opt_state), loss
+
+  return step, init
 
 
 def make_eval_step(
@@ -417,7 +465,13 @@ def train_method(
   graphdef, params = init if init is not None else init_params(model_config, settings.seed)
   lr = settings.lr_for(method)
   tx = method.make_tx(lr, settings.steps, settings.method_config)
-  state = init_state(method, tx, params, settings.method_config)
+  if settings.layerwise:
+    layerwise_step, layerwise_init = make_layerwise_train_step(graphdef, tx, params)
+    params = jax.tree.map(jnp.copy, params)
+    state = TrainState(jnp.zeros([], jnp.int32), params, None, layerwise_init(params))
+  else:
+    layerwise_step = None
+    state = init_state(method, tx, params, settings.method_config)
   end = settings.steps if stop_after is None else min(settings.steps, stop_after)
 
   expected = expected_meta(method, model_config, settings)
@@ -446,9 +500,12 @@ def train_method(
         )
     ]
     eval_step = cached_eval_step(method, model_config, graphdef)
-    step_fn, memory, compile_s = cached_train_step(
-        method, model_config, settings, graphdef, tx, state, val[0]
-    )
+    if layerwise_step is not None:
+      step_fn, memory, compile_s = compile_step(layerwise_step, state, val[0])
+    else:
+      step_fn, memory, compile_s = cached_train_step(
+          method, model_config, settings, graphdef, tx, state, val[0]
+      )
     opt_bytes = tree_nbytes(state.opt_state)
 
     def save(step: int) -> None:
@@ -634,6 +691,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--scan-layers", action="store_true",
                  help="stack the blocks and run them with nnx.scan (each stacked kernel is "
                       "projected as n_layers matrices); the GaLore-sized presets always are")
+  p.add_argument("--layerwise", action="store_true",
+                 help="layer-wise updates (olr.layerwise): each block is updated inside the "
+                      "backward pass, its gradient consumed at once (implies --scan-layers; "
+                      "gradient-path methods only, 'all' selects those)")
   p.add_argument("--seq-len", type=_positive_int, default=None,
                  help="input length (default: the preset's max_seq_len)")
   p.add_argument("--eval-every", type=_positive_int, default=20, help="default: 20")
@@ -683,6 +744,8 @@ def _prepare(args: argparse.Namespace) -> _Job:
   registered = methods_lib.names()
   if args.methods.strip() == "all":
     names = registered
+    if args.layerwise:  # the adapter methods train Λ, not the blocks' weights
+      names = [n for n in registered if methods_lib.get(n).param_transform is None]
   else:
     names = list(dict.fromkeys(n.strip() for n in args.methods.split(",") if n.strip()))
     unknown = [n for n in names if n not in methods_lib.REGISTRY]
@@ -691,13 +754,22 @@ def _prepare(args: argparse.Namespace) -> _Job:
           f"unknown method {', '.join(map(repr, unknown)) or '(none given)'}; "
           f"valid: {', '.join(registered)}, all"
       )
+  if args.layerwise:
+    adapters = [n for n in names if methods_lib.get(n).param_transform is not None]
+    if adapters:
+      raise UsageError(
+          f"--layerwise: {', '.join(adapters)} train(s) an adapter's coefficients, not the "
+          "blocks' weights, and has no layer-wise step; valid: "
+          + ", ".join(n for n in registered if methods_lib.get(n).param_transform is None)
+      )
   if args.size not in PRESETS:
     raise UsageError(f"unknown size {args.size!r}; valid: {', '.join(PRESETS)}")
   # Byte-level data: a 256-token vocabulary whatever the preset says (the
   # GaLore-sized presets carry the paper's 32000 for memory plans).
   model_config = LlamaConfig.preset(
       args.size, dtype=jnp.float32, param_dtype=jnp.float32, vocab_size=256,
-      scan_layers=args.scan_layers or PRESETS[args.size].get("scan_layers", False),
+      scan_layers=(args.scan_layers or args.layerwise
+                   or PRESETS[args.size].get("scan_layers", False)),
   )
   seq_len = model_config.max_seq_len if args.seq_len is None else args.seq_len
   if seq_len > model_config.max_seq_len:
@@ -732,6 +804,7 @@ def _prepare(args: argparse.Namespace) -> _Job:
       method_config=method_config,
       data=str(Path(corpus.root).resolve()),
       max_bytes=args.max_bytes,
+      layerwise=args.layerwise,
   )
   methods = [methods_lib.get(n) for n in names]
   ckpt_root = Path(args.ckpt_dir)

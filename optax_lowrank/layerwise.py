@@ -630,7 +630,7 @@ def split_nnx(
   if jax.tree.leaves(rest):
     raise ValueError("split_nnx handles models whose state is all nnx.Param; found other "
                      f"variables: {jax.tree.map(jnp.shape, rest)}")
-  params = params.to_pure_dict()
+  params = nnx.to_pure_dict(params)
   layers = params.pop(stack)
   outer = params
   block_def = nnx.graphdef(getattr(model, stack))
@@ -638,8 +638,7 @@ def split_nnx(
   call = block if block is not None else (lambda module, h, *context: module(h, *context))
 
   def full_model(outer, layers):
-    state = nnx.State({**outer, stack: layers})
-    return nnx.merge(graphdef, state)
+    return nnx.merge(graphdef, {**outer, stack: layers})
 
   def absent_stack(outer):
     # The stack is never read by embed/head; zeros of it are dead code under jit.
@@ -653,7 +652,7 @@ def split_nnx(
     return head(absent_stack(outer), h, batch)
 
   def block_fn(layer, h, *context):
-    return call(nnx.merge(block_def, nnx.State(layer)), h, *context)
+    return call(nnx.merge(block_def, layer), h, *context)
 
   return NNXParts(embed_fn=embed_fn, block_fn=block_fn, head_fn=head_fn, outer=outer,
                   layers=layers, merge=full_model)
