@@ -2,107 +2,31 @@
 
 For one leaf with flattened gradient ``g ∈ R^k`` keep the last ``s`` gradients
 as the columns of ``G ∈ R^{k×s}`` and precondition with the damped empirical
-Fisher ``F = λ I_k + G Gᵀ`` (Natural GaLore, Das 2024, paper 002 §2.1-2.2):
+Fisher ``F = λ I_k + G Gᵀ`` (Natural GaLore: Das 2024, arXiv:2410.16029, §2.2):
 
     F⁻¹ g = (g − G (λ I_s + GᵀG)⁻¹ Gᵀ g) / λ            (Woodbury identity)
 
-so only the small ``s×s`` system ``S = λ I_s + GᵀG`` is factorised (Cholesky,
-``jax.scipy.linalg.cho_factor`` / ``cho_solve``).  Every update first *appends*
-the current gradient to the history (overwriting the oldest slot of a
-fixed-shape ring buffer) and then returns ``F⁻¹ g``.  Slots of a history that
-is not yet full are zero columns, which leave ``F`` unchanged.
+so only the small ``s × s`` system ``λ I_s + GᵀG`` is factorised (Cholesky).
+Every update first *appends* the current gradient to a fixed-shape ring buffer
+(overwriting the oldest slot) and then returns ``F⁻¹ g``; slots of a history
+not yet full are zero columns, which leave ``F`` unchanged.
 
-Layout and cost, per leaf (``k = leaf.size``, ``s = history``):
+State per leaf (``k = leaf.size``): ``history`` ``(s, k)`` (row ``i`` is one
+stored gradient) and ``gram`` ``(s, s)`` (``GᵀG``, updated one row per step),
+in the leaf's dtype promoted to at least float32: ``s·k + s²`` values.  Time
+``O(k·s)`` per step plus ``O(s³)`` for the factorisation; for large leaves the
+step is bound by reading the history twice (four times with ``refine``).
 
-* ``history``: ``(s, k)``, row ``i`` is one stored gradient, i.e. the buffer
-  holds ``Gᵀ``.  Row-major ``(s, k)`` makes appending a gradient one contiguous
-  write of ``k`` values (a column of a ``(k, s)`` buffer is a strided write that
-  touches every cache line of the buffer), both products ``Gᵀv`` and ``G z``
-  stream the buffer once with the long axis ``k`` innermost (vectorised), and on
-  TPU the minor axis is ``k`` rather than ``s``, which would be padded to 128
-  lanes.
-* ``gram``: ``(s, s)``, ``GᵀG`` maintained incrementally.  When slot ``j`` is
-  overwritten only row/column ``j`` change, and that row is ``G_newᵀ g``, one
-  pass over the buffer, ``O(k·s)`` instead of the ``O(k·s²)`` of recomputing
-  ``GᵀG``.  Each entry is always the dot product of the two rows currently in the
-  buffer (it is recomputed whenever either row is replaced), so no error
-  accumulates over steps.
-* memory: ``s·k + s²`` values in the leaf's dtype promoted to at least float32
-  (a bfloat16 leaf keeps a float32 history).
-* time: ``O(k·s)`` per step: the Gram row and three products with the buffer
-  in the solve (two of them for the refinement step); the exact-duplicate test
-  reads the buffer only when the Gram matrix shows a row within 10% of ``g``,
-  plus ``O(s³)`` for the small Cholesky factorisations.  Leaves are handled
-  one by one (the same code :func:`woodbury_solve` runs), so a leaf's passes
-  over its history can run back to back while it is in cache.  The history
-  must be read at least twice per step (the Gram row decides the coefficients
-  of the solve), so for large leaves the step is bound by memory bandwidth:
-  ``2·s·k`` floats read without refinement, ``4·s·k`` with it.
+In float32 the textbook formula fails long before ``F`` is singular (``λ``
+below the rounding unit of ``GᵀG``); :func:`woodbury_solve` uses the
+push-through form ``F⁻¹ g = G S⁻¹ e_j``, folds repeated gradients, equilibrates,
+floors the damping at rounding level, refines once against the true operator
+and checks a descent certificate, so the result is always finite and a descent
+direction.  How and why: ``docs/api/woodbury.md``.
 
-Numerics (float32).  The textbook formula above fails in float32 long before
-``S`` is singular in exact arithmetic: with gradients of norm ``~10³`` and
-``λ = 10⁻³``, ``λ`` is below the rounding unit of ``GᵀG``, the computed ``S`` is
-singular or indefinite (NaN Cholesky for a repeated gradient), and even when the
-factorisation succeeds ``(g − G z)/λ`` cancels catastrophically (relative
-errors from 1% up to ``10⁹`` in our experiments, growing as ``λ/‖g‖²``
-shrinks).  :func:`woodbury_solve` therefore:
-
-1. Uses the push-through form.  Because ``g`` has just been appended it is a
-   column of the history, ``g = G e_j``, and ``F⁻¹ G = G S⁻¹`` gives
-   ``F⁻¹ g = G S⁻¹ e_j``: no subtraction and no division by ``λ``.  Exact in
-   exact arithmetic; the general ``(g − G z)/λ`` form is kept only for a ``g``
-   that is not in the history.
-2. Folds exact duplicates.  The rows equal (``==``) to ``g`` are one column
-   repeated ``m`` times; ``G Gᵀ`` is unchanged if they are replaced by a single
-   column ``√m·g`` and zero columns.  A gradient repeated ``s`` times (``GᵀG`` of
-   rank one) thus becomes a ``1×1`` problem, solved to float32 accuracy at any
-   scale.  Without this no backward-stable method can do better than a relative
-   error of about ``eps·s·‖g‖²/λ`` there (a rounding-level change of one copy
-   moves the exact answer that much); with it the answer is ``g/(λ + m‖g‖²)``.
-3. Equilibrates.  ``S = Δ A Δ`` with ``Δ = diag(√(λ + ‖g_i‖²))``, so ``A`` has a
-   unit diagonal and off-diagonal entries in ``[-1, 1]`` whatever the scales of
-   the stored gradients (``10⁻⁶`` next to ``10³``): the rescaling is exact in
-   exact arithmetic, and Cholesky's accuracy then depends on the condition of
-   ``A`` instead of ``S`` (van der Sluis: Jacobi scaling is within a factor
-   ``s`` of the best diagonal scaling).
-4. Floors the damping at rounding level.  The relative damping of column ``i``
-   is ``μ_i = λ/(λ + ‖g_i‖²)``; the factorised matrix uses ``max(μ_i, τ)`` with
-   ``τ = s·eps``, below which ``λ`` is invisible next to ``‖g_i‖²`` anyway.
-   The floors ``τ = √eps``, ``1`` and ``s`` are factorised alongside (one
-   batched call) and used, in that order, only if the previous factor is not
-   finite (a Gram matrix that rounding made indefinite).  The off-diagonal
-   entries of ``A`` are clipped to ``[-1, 1]`` (a no-op in exact arithmetic, by
-   Cauchy-Schwarz), so with ``τ = s`` the matrix is strictly diagonally
-   dominant and always factorises.  This guarantees a finite factor for any
-   finite input; it is not the accuracy mechanism.
-5. Refines once against the true operator.  The floored factor is only a
-   preconditioner: one step of iterative refinement computes the residual with
-   the stored vectors themselves (``Gᵀ(G w)``, not the rounded Gram) and the true
-   ``λ``.  This is the corrected semi-normal equations trick (Björck): it
-   removes the bias of the floor in every direction float32 can resolve and
-   recovers most of the accuracy lost by forming ``GᵀG`` (errors near the
-   sensitivity of the data itself, e.g. ``~10⁻⁵`` instead of ``~10⁻²`` for
-   nearly parallel gradients).
-6. Checks a certificate.  ``gᵀF⁻¹g ≥ ‖g‖²/(λ + ‖G‖_F²)`` holds exactly (the
-   largest eigenvalue of ``F`` is at most ``λ + ‖G‖_F²``).  The refined result
-   is used if it satisfies half of this bound (and keeps at least half of the
-   unrefined ``gᵀy``), else the unrefined one if it does; a result violating
-   it is dominated by rounding noise and is replaced by ``g/(λ + ‖G‖_F²)``, a
-   safe, fully damped gradient step.  Two length-``k`` dot products; in our
-   experiments the replacement only happened for gradients equal to within a
-   few float32 units and ``λ`` below ``eps·‖g‖²``.  So the output is always a
-   descent direction (``gᵀy > 0`` for ``g ≠ 0``).
-
-With ``λ`` far below ``eps·‖g‖²`` and nearly (not exactly) parallel gradients
-the exact natural gradient amplifies their tiny differences by ``1/σ_min`` and
-is not determined by float32 data; the result stays finite and bounded but may
-differ from a float64 computation.
-
-Low-rank use: inside a low-rank combinator the leaves are coefficient arrays in
-a basis.  After a basis change the stored gradients are in stale coordinates;
-:func:`reset_history` zeroes them (and the Gram matrix).  ``history`` and
-``gram`` are params-structured trees whose leaves have shapes ``(s, k)`` and
-``(s, s)``, so state policies that reset params-shaped statistics find them.
+Inside ``olr.low_rank`` the leaves are coefficients in a basis; a refresh
+clears ``history`` and ``gram`` (the gradients are in stale coordinates), under
+every ``on_refresh`` policy.
 """
 
 from __future__ import annotations
@@ -123,7 +47,6 @@ from optax_lowrank.bases import over_batch
 
 __all__ = [
     "WoodburyState",
-    "reset_history",
     "woodbury_precondition",
     "woodbury_solve",
 ]
@@ -497,65 +420,3 @@ def woodbury_precondition(
     return jax.tree.unflatten(treedef, out), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
-
-
-def reset_history(state: Any, mask: Any = None) -> Any:
-  """Empty the gradient histories, e.g. after a low-rank basis change.
-
-  The hook for combinators: when the coordinates of a leaf change (a basis
-  refresh), its stored gradients no longer describe the new coordinates;
-  zeroing them makes the next update start from an empty history, exactly like
-  a freshly initialised state (zero rows are empty slots).  ``count`` is kept,
-  so the ring position simply continues.
-
-  Args:
-    state: a :class:`WoodburyState`, or any pytree containing them (e.g. the
-      state of an ``optax.chain`` or ``inject_hyperparams``); every
-      :class:`WoodburyState` found is reset.
-    mask: which leaves to reset.  ``None`` (all), a bool or boolean scalar
-      (all or none; may be traced, e.g. ``count % refresh_every == 0``), or a
-      tree with the params' structure (or a prefix of it) of bools or boolean
-      scalars (per leaf, may be traced).
-
-  Returns:
-    The state with the selected ``history`` and ``gram`` leaves zeroed.
-
-  Raises:
-    ValueError: ``state`` contains no :class:`WoodburyState`.
-  """
-
-  def is_state(x):
-    return isinstance(x, WoodburyState)
-
-  def clear(flag, buf):
-    if flag is None or flag is True:
-      return jnp.zeros_like(buf)
-    if flag is False:
-      return buf
-    return jnp.where(jnp.asarray(flag, bool), jnp.zeros_like(buf), buf)
-
-  def reset_one(ws: WoodburyState) -> WoodburyState:
-    if mask is None or isinstance(mask, bool) or (
-        isinstance(mask, (jax.Array, np.ndarray, np.bool_)) and np.ndim(mask) == 0
-    ):
-      history = jax.tree.map(lambda b: clear(mask, b), ws.history)
-      gram = jax.tree.map(lambda b: clear(mask, b), ws.gram)
-    else:
-      history = jax.tree.map(lambda f, b: jax.tree.map(lambda x: clear(f, x), b),
-                             mask, ws.history)
-      gram = jax.tree.map(lambda f, b: jax.tree.map(lambda x: clear(f, x), b),
-                          mask, ws.gram)
-    return ws._replace(history=history, gram=gram)
-
-  found = []
-
-  def visit(x):
-    if is_state(x):
-      found.append(True)
-      return reset_one(x)
-    return x
-
-  out = jax.tree.map(visit, state, is_leaf=is_state)
-  if not found:
-    raise ValueError("`state` contains no WoodburyState to reset")
-  return out

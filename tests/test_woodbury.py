@@ -1,5 +1,6 @@
 """woodbury_precondition / woodbury_solve: exactness, per-leaf independence,
-float32 robustness, jit, optax composition, the reset hook and input errors.
+float32 robustness, jit, optax composition, clearing at a low-rank refresh and
+input errors.
 
 Exactness tests run in float64 (enabled for the session by conftest; repeated
 here so the module stands alone).  Robustness tests build float32 arrays
@@ -19,9 +20,8 @@ import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+import optax_lowrank as olr  # noqa: E402
 from optax_lowrank.woodbury import (  # noqa: E402
-  WoodburyState,
-  reset_history,
   woodbury_precondition,
   woodbury_solve,
 )
@@ -338,15 +338,14 @@ def test_jit_traces_once_over_many_steps():
   traces = []
   tx = woodbury_precondition(4, 0.1)
 
-  def step(g, state, flag):
+  def step(g, state):
     traces.append(None)  # runs only while tracing
-    state = reset_history(state, flag)
     return tx.update(g, state)
 
   step = jax.jit(step)
   state = tx.init(TREE)
-  for t, g in enumerate(tree_grads(13, seed=15)):  # three wraps, and traced resets
-    _, state = step(g, state, jnp.asarray(t % 5 == 4))
+  for g in tree_grads(13, seed=15):  # three wraps of the ring
+    _, state = step(g, state)
   assert len(traces) == 1
   assert int(state.count) == 13
 
@@ -390,51 +389,32 @@ def test_inject_hyperparams_without_static_history_is_a_clear_error():
 
 
 # --------------------------------------------------------------------------
-# reset hook
+# inside low_rank: a refresh clears the history
 
 
-def test_reset_history_all_and_per_leaf():
-  grads = tree_grads(6, seed=18)
-  _, states = run_stream(4, 0.2, grads)
-  state = states[-1]
-  update = jitted_update(4)
-
-  cleared = reset_history(state)
-  assert int(cleared.count) == 6
-  for leaf in jax.tree.leaves((cleared.history, cleared.gram)):
-    np.testing.assert_array_equal(leaf, 0.0)
-  # after a reset the next update is that of a fresh state
-  u, _ = update(grads[0], cleared, jnp.asarray(0.2))
-  fresh, _ = update(grads[0], woodbury_precondition(4, 0.2).init(TREE), jnp.asarray(0.2))
-  for x, y in zip(jax.tree.leaves(u), jax.tree.leaves(fresh), strict=True):
-    np.testing.assert_allclose(x, y, rtol=1e-6)
-
-  only_w = reset_history(state, {"w": True, "scalar": False, "deep": False, "w32": False})
-  np.testing.assert_array_equal(only_w.history["w"], 0.0)
-  np.testing.assert_array_equal(only_w.gram["w"], 0.0)
-  np.testing.assert_array_equal(only_w.history["w32"], state.history["w32"])
-  np.testing.assert_array_equal(only_w.gram["deep"][0], state.gram["deep"][0])
-
-  untouched = reset_history(state, False)
-  np.testing.assert_array_equal(untouched.history["w"], state.history["w"])
-
-  mask = {"w": jnp.asarray(False), "scalar": jnp.asarray(False), "deep": jnp.asarray(True),
-          "w32": jnp.asarray(False)}  # "deep" is a prefix: its whole subtree
-  traced = jax.jit(reset_history)(state, mask)
-  np.testing.assert_array_equal(traced.history["w"], state.history["w"])
-  np.testing.assert_array_equal(traced.history["deep"][0], 0.0)
-  np.testing.assert_array_equal(traced.gram["deep"][0], 0.0)
-
-
-def test_reset_history_finds_nested_states():
-  _, state = chain_update(tree_grads(1, seed=19)[0], CHAIN.init(TREE))
-  assert float(jnp.sum(jnp.abs(state[0].history["w"]))) > 0
-  cleared = reset_history(state)
-  assert isinstance(cleared[0], WoodburyState)
-  for leaf in jax.tree.leaves((cleared[0].history, cleared[0].gram)):
-    np.testing.assert_array_equal(leaf, 0.0)
-  with pytest.raises(ValueError, match="WoodburyState"):
-    reset_history(optax.sgd(0.1).init(jnp.zeros(3)))
+@pytest.mark.parametrize("on_refresh", ["keep", "reset", "transport"])
+def test_a_low_rank_refresh_clears_the_history_and_restarts_it(on_refresh):
+  # The stored gradients are coefficients in the old basis: after a refresh the
+  # history holds only the newest gradient, as a fresh state would.
+  inner = woodbury_precondition(4, 0.2)
+  tx = olr.low_rank(inner, olr.svd(2, side="right"), refresh_every=3, on_refresh=on_refresh)
+  params = {"w": jnp.zeros((5, 6))}
+  rng = np.random.default_rng(19)
+  grads = [{"w": jnp.asarray(rng.standard_normal((5, 6)))} for _ in range(4)]
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for g in grads[:3]:
+    _, state = update(g, state, params)
+  assert int(jnp.sum(jnp.any(state.inner_state.history["w"] != 0, axis=1))) == 3
+  _, state = update(grads[3], state, params)  # step 3: a refresh
+  coefficients = olr.project(state.bases["w"], grads[3]["w"])
+  _, fresh = inner.update({"w": coefficients}, inner.init({"w": coefficients}))
+  history, gram = state.inner_state.history["w"], state.inner_state.gram["w"]
+  slot = 3 % 4  # the ring position continues
+  np.testing.assert_allclose(history[slot], fresh.history["w"][0], rtol=1e-12, atol=0)
+  np.testing.assert_array_equal(np.delete(np.asarray(history), slot, axis=0), 0.0)
+  np.testing.assert_allclose(gram[slot, slot], fresh.gram["w"][0, 0], rtol=1e-12, atol=0)
+  np.testing.assert_array_equal(np.asarray(gram).sum() - gram[slot, slot], 0.0)
 
 
 # --------------------------------------------------------------------------
