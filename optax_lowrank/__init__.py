@@ -15,6 +15,7 @@ from optax_lowrank import (
     layerwise,
     memory,
     quantization,
+    refresh_schedule,
     testing,
 )
 from optax_lowrank.adafactor_momentum import adamem, adamem_state_bytes, scale_by_adamem
@@ -28,6 +29,7 @@ from optax_lowrank.projections import (
     rademacher,
     randomized_svd,
     semi_orthogonal,
+    subspace_iteration,
     svd,
     tucker,
     two_sided,
@@ -99,6 +101,8 @@ __all__ = [
     "project_back",
     "rademacher",
     "randomized_svd",
+    "refresh_schedule",
+    "subspace_iteration",
     "semi_orthogonal",
     "svd",
     "tucker",

@@ -38,6 +38,7 @@ from optax_lowrank import leaves as leaves_lib
 from optax_lowrank import projections as proj
 from optax_lowrank import quantization
 from optax_lowrank import refresh as refresh_lib
+from optax_lowrank import refresh_schedule as schedule_lib
 from optax_lowrank.bases import project_back
 from optax_lowrank.leaves import is_plan, map_plans
 
@@ -241,6 +242,8 @@ def merge(
     lam: Any,
     grads: Any = None,
     projection: proj.Projection | None = None,
+    *,
+    due: Any = None,
 ) -> tuple[Adapter, Any]:
   """Refresh: ``Θ0 ← Θ0 + SᵀΛ``, make the next basis, ``Λ ← 0``.
 
@@ -249,6 +252,11 @@ def merge(
     grads: the full gradient at the merged weights; required for gradient-made
       bases (SVD family, Tucker), ignored otherwise.
     projection: optional guard, as in :func:`materialize`.
+    due: which matrices to merge, for a staggered or lazy refresh schedule:
+      ``olr.refresh_schedule.due(...)`` (bools, ``batch_shape`` per projected
+      leaf), as ``low_rank(..., refresh_schedule=...)`` refreshes them; the
+      other matrices keep their basis and their ``Λ``.  ``None``: all.
+      Tracking specs (``olr.subspace_iteration``) start from the current basis.
 
   Returns:
     ``(new_adapter, zeros(new_adapter))``.  The inner optimizer state of ``Λ``
@@ -257,12 +265,28 @@ def merge(
   _check_spec(adapter, projection)
   grads = leaves_lib.unwrap_variables(grads)
   _require_grads(adapter.plans, grads, "merge")
-  merged = materialize(adapter, lam)
   refresh_index = adapter.refresh_index + 1
-  stored = leaves_lib.make_bases(adapter.plans, adapter.key, refresh_index, grads, stored=True)
+  spec = adapter.projection
+  if due is None and not (spec is not None and spec.tracks):
+    merged = materialize(adapter, lam)
+    stored = leaves_lib.make_bases(adapter.plans, adapter.key, refresh_index, grads, stored=True)
+    kept = None
+  else:  # fold in and restart only the due matrices' Λ (see olr.refresh_schedule)
+    def split(p, x, d):
+      if not p.projected or d is None:
+        return x, jnp.zeros_like(x)
+      d = d.reshape(d.shape + (1,) * (x.ndim - d.ndim))
+      return jnp.where(d, x, 0), jnp.where(d, 0, x)
+
+    due_tree = due if due is not None else map_plans(lambda p: None, adapter.plans)
+    pairs = map_plans(split, adapter.plans, lam, due_tree)
+    merged = materialize(adapter, map_plans(lambda p, x: x[0], adapter.plans, pairs))
+    kept = map_plans(lambda p, x: x[1], adapter.plans, pairs)
+    stored, _ = schedule_lib.make_bases(adapter.plans, adapter.key, refresh_index, grads,
+                                        previous=adapter.stored_bases, due_tree=due)
   new = Adapter(_requantize_like(adapter, merged, refresh_index), stored, adapter.key,
                 refresh_index, adapter.plans)
-  return new, zeros(new)
+  return new, zeros(new) if kept is None else kept
 
 
 def _requantize_like(adapter: Adapter, merged: Any, refresh_index: jax.Array) -> Any:
@@ -279,15 +303,18 @@ def refresh_state(
     inner_state: optax.OptState,
     old: Adapter,
     new: Adapter,
+    *,
+    due: Any = None,
 ) -> optax.OptState:
   """Apply a refresh policy (``"keep"``, ``"reset"``, ``"transport"``) after :func:`merge`.
 
   The same function ``olr.low_rank`` applies at its refreshes, so both paths
-  treat the inner statistics identically.
+  treat the inner statistics identically.  ``due``: as given to :func:`merge`
+  (only the due matrices' statistics change).
   """
   refresh_lib.check_policy(on_refresh)
   return refresh_lib.apply_policy(on_refresh, inner, inner_state, old.plans, bases(old),
-                                  bases(new))
+                                  bases(new), due)
 
 
 def inner_params(adapter: Adapter, lam: Any, track_coefficients: bool = True) -> Any:

@@ -31,6 +31,7 @@ from optax_lowrank import full_rank as full_rank_lib
 from optax_lowrank import leaves as leaves_lib
 from optax_lowrank import projections as proj
 from optax_lowrank import refresh as refresh_lib
+from optax_lowrank import refresh_schedule as schedule_lib
 from optax_lowrank.bases import project, project_back
 from optax_lowrank.leaves import map_plans
 
@@ -59,6 +60,8 @@ class LowRankState(NamedTuple):
       last limited update of every projected matrix (``batch_shape``, in the
       basis dtype, per leaf; ``None`` at others; see
       :mod:`optax_lowrank.full_rank`); otherwise ``None``.
+    schedule: with a staggered or lazy ``refresh_schedule``, the per-matrix
+      :class:`~optax_lowrank.refresh_schedule.ScheduleState`; otherwise ``None``.
   """
 
   count: jax.Array
@@ -67,6 +70,7 @@ class LowRankState(NamedTuple):
   inner_state: optax.OptState
   coefficients: Any = None
   limiter: Any = None
+  schedule: Any = None
 
 
 def low_rank(
@@ -82,6 +86,7 @@ def low_rank(
     track_coefficients: bool = False,
     unprojected: optax.GradientTransformation | None = None,
     full_rank: full_rank_lib.FullRankRule | None = None,
+    refresh_schedule: str | schedule_lib.Schedule = "fixed",
 ) -> optax.GradientTransformationExtraArgs:
   """Run ``inner`` on projected gradients and map its updates back.
 
@@ -134,6 +139,15 @@ def low_rank(
       tensor-wise by ``‖Δ‖/‖S g‖``) or ``scaled_residual()`` (Fira: ``α·Sᵀ Δ``
       plus the rescaled residual), with its norm-growth limiter.  Put the
       learning rate after ``low_rank`` then (see the module).
+    refresh_schedule: ``"fixed"`` (every matrix on ``count % refresh_every ==
+      0``), ``"staggered"`` (each matrix, each matrix of a stack too, on its own
+      offset, so a step does about ``1/refresh_every`` of the decompositions) or
+      ``"lazy"`` / ``olr.refresh_schedule.lazy(max_every, ...)`` (staggered,
+      with a per-matrix interval that doubles while its subspace is stable
+      and halves when it moves); see :mod:`optax_lowrank.refresh_schedule`.
+      Staggered and lazy schedules need a stored basis (SVD family,
+      ``subspace_iteration``, ``semi_orthogonal``, Tucker) and an int
+      ``refresh_every``.
 
   Returns:
     A ``GradientTransformationExtraArgs``; its state is :class:`LowRankState`.
@@ -167,6 +181,13 @@ def low_rank(
   if full_rank is not None and track_coefficients:
     raise ValueError("`track_coefficients` keeps the adapter view Λ of updates Sᵀ Δ; with a "
                      "`full_rank` rule the updates leave the subspace, so there is none")
+  schedule = schedule_lib.as_schedule(refresh_schedule)
+  if schedule.kind != "fixed" and (isinstance(refresh_every, jax.Array) or not projection.stored):
+    raise ValueError(
+        f"`refresh_schedule={schedule.kind!r}` needs a stored basis and an int `refresh_every`; "
+        f"got {projection} (a sketch rebuilt from the key has no decomposition to spread) "
+        f"and refresh_every={refresh_every!r}")
+  tracks = projection.tracks
   inner = optax.with_extra_args_support(inner)
   if unprojected is not None:
     groups = {"projected": inner, "unprojected": optax.with_extra_args_support(unprojected)}
@@ -190,6 +211,7 @@ def low_rank(
         inner_state=inner_for(plans).init(leaves_lib.coefficient_zeros(plans, params)),
         coefficients=_projected_zeros(plans) if track_coefficients else None,
         limiter=full_rank_lib.init(full_rank, plans),
+        schedule=schedule_lib.init(schedule, plans, refresh_every),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -200,27 +222,39 @@ def low_rank(
     inner_tx = inner_for(plans)
     count = state.count
     refresh_index = count // refresh_every
-    is_refresh = count % refresh_every == 0
+    if schedule.kind == "fixed":
+      due, key_index = None, refresh_index
+      is_refresh = count % refresh_every == 0
+    else:  # each matrix on its own steps; keys count the steps with a refresh
+      due = schedule_lib.due(schedule, plans, refresh_every, count, state.schedule)
+      key_index = state.schedule.refreshes
+      is_refresh = schedule_lib.any_due(due)
 
     def refresh(operand):
-      stored, inner_state, coefficients = operand
+      stored, inner_state, coefficients, sched = operand
       if track_coefficients:  # merge: Λ is folded into the weights and restarts at 0
-        coefficients = jax.tree.map(jnp.zeros_like, coefficients)
-      new_stored = leaves_lib.make_bases(plans, state.key, refresh_index, updates, stored=True)
+        coefficients = schedule_lib.zero_due(plans, coefficients, due)
+      if due is None and not tracks:
+        new_stored = leaves_lib.make_bases(plans, state.key, refresh_index, updates, stored=True)
+        overlap = None
+      else:  # only due matrices are decomposed; tracking specs start from the old basis
+        new_stored, overlap = schedule_lib.make_bases(plans, state.key, key_index, updates,
+                                                      previous=stored, due_tree=due)
       # Even "keep" clears gradient histories (see optax_lowrank.refresh).
       old = leaves_lib.current_bases(plans, stored, state.key, refresh_index - 1)
       new = leaves_lib.current_bases(plans, new_stored, state.key, refresh_index)
       inner_state = jax.lax.cond(
           count > 0,
-          lambda s: refresh_lib.apply_policy(on_refresh, inner_tx, s, plans, old, new),
+          lambda s: refresh_lib.apply_policy(on_refresh, inner_tx, s, plans, old, new, due),
           lambda s: s,
           inner_state,
       )
-      return new_stored, inner_state, coefficients
+      sched = schedule_lib.advance(schedule, plans, refresh_every, sched, count, due, overlap)
+      return new_stored, inner_state, coefficients, sched
 
-    stored, inner_state, coefficients = jax.lax.cond(
+    stored, inner_state, coefficients, sched = jax.lax.cond(
         is_refresh, refresh, lambda operand: operand,
-        (state.bases, state.inner_state, state.coefficients),
+        (state.bases, state.inner_state, state.coefficients, state.schedule),
     )
     bases = leaves_lib.current_bases(plans, stored, state.key, refresh_index)
     coeffs = map_plans(
@@ -254,6 +288,7 @@ def low_rank(
         inner_state=inner_state,
         coefficients=coefficients,
         limiter=limiter,
+        schedule=sched,
     )
     return leaves_lib.rewrap_like(updates_in, new_updates), new_state
 

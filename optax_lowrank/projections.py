@@ -12,6 +12,9 @@ spec                    basis                                     scaling       
                         gradient at each refresh (GaLore)
 ``randomized_svd(r)``   the same subspace, randomized range       orthonormal         yes
                         finder with power iterations
+``subspace_iteration``  the previous basis moved towards the      orthonormal         yes
+``(r)``                 gradient's top-``r`` subspace by warm-
+                        started subspace iteration (no SVD)
 ``gaussian(r)``         i.i.d. ``N(0, 1/r)`` entries (Flora)      ``E[SᵀS] = I``      no (key)
 ``rademacher(r)``       i.i.d. ``±1/√r`` entries                  ``E[SᵀS] = I``      no (key)
 ``semi_orthogonal(r)``  QR of a Gaussian matrix                   orthonormal rows    yes
@@ -60,6 +63,7 @@ __all__ = [
     "Projection",
     "svd",
     "randomized_svd",
+    "subspace_iteration",
     "gaussian",
     "rademacher",
     "semi_orthogonal",
@@ -153,6 +157,52 @@ def randomized_range(
   return q @ vh[:r].T
 
 
+def randomized_range_flops(m: int, n: int, r: int, oversample: int, power_iters: int) -> int:
+  """FLOPs of :func:`randomized_range` on an ``m × n`` matrix (the exact SVD when it falls back)."""
+  k = min(r + oversample, m, n)
+  if k >= min(m, n):
+    return svd_flops(m, n)
+  gemms = (2 * power_iters + 2) * 2 * m * n * k
+  return (gemms + (power_iters + 1) * _qr_flops(m, k) + 2 * n * k * k + svd_flops(k, k)
+          + 2 * m * k * r)
+
+
+def tracked_range(g: Array, u: Array, iters: int, align: bool) -> Array:
+  """``u`` (``m × r``, orthonormal) moved towards the top-``r`` column space of ``g`` (``m × n``).
+
+  ``iters`` steps of subspace (orthogonal) iteration warm-started from ``u``,
+  ``U ← qr(G (Gᵀ U))`` (Golub & Van Loan 2013, §8.2.4; Stewart 1976): each step
+  shrinks the tangent of every principal angle to the top-``r`` subspace by
+  ``(σ_{r+1}/σ_r)²``, so a basis that was already close — the previous
+  refresh's, when the gradient's subspace drifts slowly — needs one or two steps
+  where a decomposition from scratch needs the whole spectrum.  With ``align``
+  the result is rotated within its span by the orthogonal Procrustes solution
+  ``R = A Bᵀ`` of ``Uⁿᵉʷᵀ Uᵒˡᵈ = A Σ Bᵀ``, the rotation that brings it closest
+  to ``Uᵒˡᵈ`` (``‖Uⁿᵉʷ R − Uᵒˡᵈ‖_F`` minimal): the coordinates of the
+  coefficient space then change as little as the subspace allows, which is what
+  ``on_refresh="keep"`` wants (an SVD's order and signs are arbitrary).  A zero
+  gradient leaves ``u`` as it is.
+
+  Cost per step: two products with ``G`` (``4·m·n·r`` FLOPs) and a QR of
+  ``m × r``; the alignment adds ``4·m·r²`` and an ``r × r`` SVD.
+  """
+  q = u
+  for _ in range(iters):
+    q, _ = jnp.linalg.qr(g @ (g.T @ q))
+  if align:
+    a, _, bt = jnp.linalg.svd(q.T @ u)
+    q = q @ (a @ bt)
+  return jnp.where(jnp.any(g != 0), q, u)
+
+
+def tracked_range_flops(m: int, n: int, r: int, iters: int, align: bool) -> int:
+  """FLOPs of :func:`tracked_range` on an ``m × n`` matrix."""
+  flops = iters * (4 * m * n * r + _qr_flops(m, r))
+  if align:
+    flops += 4 * m * r * r + svd_flops(r, r)
+  return flops
+
+
 # ----------------------------------------------------------------------------
 # Specs.
 
@@ -185,7 +235,22 @@ class Projection:
   def make(self, view_shape, key, grad, dtype) -> tuple[Array | None, ...]:  # pragma: no cover
     raise NotImplementedError
 
-  def basis(self, shape, view_shape, perm, key, grad, dtype, batch_shape=()) -> Basis:
+  @property
+  def tracks(self) -> bool:
+    """Whether a refresh starts from the previous basis (see :func:`subspace_iteration`)."""
+    return False
+
+  def track(self, view_shape, key, grad, previous, dtype) -> tuple[Array | None, ...]:
+    """The next factors of one matrix from its previous ones (``make`` unless the spec tracks)."""
+    del previous
+    return self.make(view_shape, key, grad, dtype)
+
+  def refresh_flops(self, view_shape: tuple[int, ...]) -> int:
+    """Estimated floating-point operations of one matrix's refresh (0: no decomposition)."""
+    return 0
+
+  def basis(self, shape, view_shape, perm, key, grad, dtype, batch_shape=(), previous=None,
+            due=None) -> Basis:
     """Build the :class:`Basis` of one leaf (float32 or wider ``dtype``).
 
     ``grad`` (when the spec needs it) is the leaf's gradient in the view, in
@@ -200,23 +265,93 @@ class Projection:
     stack's (at LLaMA-7B shapes a batched SVD's f32 workspace is tens of GB);
     the LAPACK work is the same either way.  Random sketches without a
     decomposition are drawn as one batch.
+
+    ``previous`` (the leaf's current :class:`Basis`, or ``None``) is what a
+    tracking spec starts from; ``due`` (bool, ``batch_shape``) limits the
+    refresh to some matrices: the others keep their ``previous`` factors, and
+    each due matrix's work runs under its own ``lax.cond`` (inside the
+    ``lax.map`` of a stack), so only due matrices are decomposed.
+    """
+    return self.refreshed(shape, view_shape, perm, key, grad, dtype, batch_shape, previous,
+                          due)[0]
+
+  def refreshed(self, shape, view_shape, perm, key, grad, dtype, batch_shape=(), previous=None,
+                due=None) -> tuple[Basis, Array | None]:
+    """:meth:`basis` and, when ``previous`` is given, each matrix's subspace overlap.
+
+    The overlap of a matrix is ``Σ_i ‖U_iᵒˡᵈᵀ U_iⁿᵉʷ‖²_F / Σ_i r_i`` over its
+    factored axes (float32, ``batch_shape``): the mean squared cosine of the
+    principal angles between the old and the new subspaces, 1 when the
+    subspace did not move (and for matrices that are not due), 0 when it is
+    orthogonal to the old one.  ``None`` without ``previous``.
     """
     view_shape, batch_shape = tuple(view_shape), tuple(batch_shape)
+
     # ``make`` sees the gradient in ``dtype``; the cast happens per matrix, so
     # a bf16 stack is never copied to float32 whole.
-    make = lambda k, g: self.make(view_shape, k, None if g is None else g.astype(dtype), dtype)
+    def one(k, g, prev, d):
+      g = None if g is None else g.astype(dtype)
+      if prev is None:
+        return self.make(view_shape, k, g, dtype), None
+
+      def fresh():
+        new = self.track(view_shape, k, g, prev, dtype)
+        return new, subspace_overlap(prev, new)
+
+      if d is None:
+        return fresh()
+      keep = lambda: (prev, jnp.ones([], jnp.float32))
+      return jax.lax.cond(d, fresh, keep)
+
+    prev = None if previous is None else previous.factors
     if not batch_shape:
-      return Basis(make(key, grad), tuple(shape), view_shape, perm)
+      factors, overlap = one(key, grad, prev, due)
+      return Basis(factors, tuple(shape), view_shape, perm), overlap
     count = math.prod(batch_shape)
     keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(count, dtype=jnp.uint32))
-    if grad is None:
-      factors = jax.vmap(lambda k: make(k, None))(keys)
+    flat = lambda x: None if x is None else x.reshape((count,) + x.shape[len(batch_shape):])
+    if grad is None and prev is None:
+      factors, overlap = jax.vmap(lambda k: one(k, None, None, None))(keys)
     else:
-      factors = jax.lax.map(lambda kg: make(*kg), (keys, grad.reshape((count,) + view_shape)))
+      prev_flat = None if prev is None else tuple(flat(f) for f in prev)
+      due_flat = None if due is None else jnp.broadcast_to(due, batch_shape).reshape(count)
+      factors, overlap = jax.lax.map(lambda a: one(*a), (keys, flat(grad), prev_flat, due_flat))
     factors = tuple(
         None if f is None else f.reshape(batch_shape + f.shape[1:]) for f in factors
     )
-    return Basis(factors, tuple(shape), view_shape, perm, batch_shape)
+    if overlap is not None:
+      overlap = overlap.reshape(batch_shape)
+    return Basis(factors, tuple(shape), view_shape, perm, batch_shape), overlap
+
+
+def subspace_overlap(old: tuple[Array | None, ...], new: tuple[Array | None, ...]) -> Array:
+  """``Σ_i ‖U_iᵒˡᵈᵀ U_iⁿᵉʷ‖²_F / Σ_i r_i`` of one matrix's factors (float32 scalar).
+
+  The mean squared cosine of the principal angles between the two subspaces
+  (orthonormal factors): 1 when they coincide, 0 when orthogonal.
+  """
+  num, den = jnp.zeros([], jnp.float32), 0
+  for fo, fn in zip(old, new):
+    if fo is None:
+      continue
+    num = num + jnp.sum(jnp.square(fo.T @ fn)).astype(jnp.float32)
+    den += fo.shape[-1]
+  return num / max(den, 1)
+
+
+def svd_flops(m: int, n: int) -> int:
+  """FLOPs of a thin SVD with both factors, ``6·M·N² + 20·N³`` (``M ≥ N``).
+
+  The R-SVD count of Golub & Van Loan, *Matrix Computations* (4th ed., 2013),
+  Fig. 8.6.1; used to express refresh work in "SVD equivalents".
+  """
+  big, small = max(m, n), min(m, n)
+  return 6 * big * small**2 + 20 * small**3
+
+
+def _qr_flops(n: int, k: int) -> int:
+  """Householder QR of an ``n × k`` matrix with ``Q`` formed: ``4·n·k² − 4k³/3``."""
+  return 4 * n * k * k - (4 * k**3) // 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,6 +398,9 @@ class SVD(_OneSided):
     u, v = _top_singular(grad.astype(dtype), r, r)
     return u if side == "left" else v
 
+  def refresh_flops(self, view_shape):
+    return svd_flops(*view_shape)
+
 
 @dataclasses.dataclass(frozen=True)
 class RandomizedSVD(_OneSided):
@@ -288,6 +426,74 @@ class RandomizedSVD(_OneSided):
       g = g.T
     return randomized_range(g, r, key, self.oversample, self.power_iters)
 
+  def refresh_flops(self, view_shape):
+    m, n = view_shape
+    if self.resolved_side(view_shape) == "right":
+      m, n = n, m
+    return randomized_range_flops(m, n, min(self.rank, m, n), self.oversample, self.power_iters)
+
+
+@dataclasses.dataclass(frozen=True)
+class SubspaceIteration(_OneSided):
+  """The previous basis moved towards the gradient's top-``rank`` subspace (no SVD).
+
+  See :func:`subspace_iteration`.
+  """
+
+  iters: int = 1
+  init: str = "randomized"
+  oversample: int = 16
+  power_iters: int = 2
+  align: bool = True
+
+  stored = True
+  needs_grad = True
+
+  def __post_init__(self):
+    super().__post_init__()
+    if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 1:
+      raise ValueError(f"`iters` must be an int >= 1, got {self.iters!r}")
+    if self.init not in ("randomized", "svd"):
+      raise ValueError(f"`init` must be 'randomized' or 'svd', got {self.init!r}")
+    for name in ("oversample", "power_iters"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{name}` must be an int >= 0, got {value!r}")
+
+  @property
+  def tracks(self) -> bool:
+    return True
+
+  def _oriented(self, view_shape, grad, dtype, side):
+    g = grad.astype(dtype)
+    return g.T if side == "right" else g
+
+  def _first(self, g, key, r):
+    if self.init == "svd":
+      u, _, _ = jnp.linalg.svd(g, full_matrices=False)
+      return u[:, :r]
+    return randomized_range(g, r, key, self.oversample, self.power_iters)
+
+  def _factor(self, view_shape, key, grad, dtype, r, n, side):
+    del n
+    return self._first(self._oriented(view_shape, grad, dtype, side), key, r)
+
+  def track(self, view_shape, key, grad, previous, dtype):
+    side = self.resolved_side(view_shape)
+    u = previous[0 if side == "left" else 1].astype(dtype)
+    g = self._oriented(view_shape, grad, dtype, side)
+    # The state's placeholder basis is all zeros: the first refresh starts from scratch.
+    f = jax.lax.cond(jnp.any(u != 0),
+                     lambda: tracked_range(g, u, self.iters, self.align),
+                     lambda: self._first(g, key, u.shape[-1]))
+    return (f, None) if side == "left" else (None, f)
+
+  def refresh_flops(self, view_shape):
+    m, n = view_shape
+    if self.resolved_side(view_shape) == "right":
+      m, n = n, m
+    return tracked_range_flops(m, n, min(self.rank, m, n), self.iters, self.align)
+
 
 @dataclasses.dataclass(frozen=True)
 class RandomSketch(_OneSided):
@@ -307,6 +513,12 @@ class RandomSketch(_OneSided):
   def _factor(self, view_shape, key, grad, dtype, r, n, side):
     del grad, side
     return random_factor(self.kind, key, n, r, dtype)
+
+  def refresh_flops(self, view_shape):
+    if self.kind != "semi_orthogonal":
+      return 0
+    n = [d for d, r in zip(view_shape, self.axis_ranks(view_shape)) if r is not None][0]
+    return _qr_flops(n, min(self.rank, *view_shape))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,6 +546,9 @@ class TwoSided(Projection):
   def axis_ranks(self, view_shape):
     k = min(view_shape)
     return (min(self.left_rank, k), min(self.right_rank, k))
+
+  def refresh_flops(self, view_shape):
+    return svd_flops(*view_shape) if self.kind == "svd" else 0
 
   def make(self, view_shape, key, grad, dtype):
     rl, rr = self.axis_ranks(view_shape)
@@ -379,6 +594,10 @@ class Tucker(Projection):
       )
     size = math.prod(view_shape)
     return tuple(min(ri, n, size // n) for ri, n in zip(r, view_shape))
+
+  def refresh_flops(self, view_shape):
+    size = math.prod(view_shape)
+    return sum(svd_flops(n, size // n) for n in view_shape)
 
   def make(self, view_shape, key, grad, dtype):
     del key
@@ -453,6 +672,44 @@ def randomized_svd(
   ``power_iters`` when the basis itself, not the projected gradient, matters.
   """
   return RandomizedSVD(rank, side, oversample, power_iters)
+
+
+def subspace_iteration(
+    rank: int,
+    side: Side = "auto",
+    iters: int = 1,
+    *,
+    init: str = "randomized",
+    oversample: int = 16,
+    power_iters: int = 2,
+    align: bool = True,
+) -> Projection:
+  """GaLore's subspace, tracked from refresh to refresh without an SVD.
+
+  The first basis of every matrix is made from scratch (``init="randomized"``:
+  :func:`randomized_range` with ``oversample`` and ``power_iters``; ``"svd"``:
+  the exact top-``rank`` singular vectors).  Every later refresh starts from
+  the matrix's current basis ``U`` and takes ``iters`` steps of subspace
+  iteration on the new gradient, ``U ← qr(G Gᵀ U)`` on the projected side
+  (:func:`tracked_range`), then (``align=True``) rotates the result within its
+  span to be as close to the old ``U`` as possible, so the inner optimizer's
+  coordinates move no more than the subspace does.  This is the online-PCA /
+  subspace-tracking view of the refresh that SubTrack++ (Rajabi et al. 2025,
+  arXiv 2502.01586) takes with a Grassmannian step; here it is the classical
+  warm-started orthogonal iteration.
+
+  Cost of a refresh of an ``m × n`` matrix projected on its ``m``-side, rank
+  ``r``: ``iters·(4·m·n·r + 4·m·r²) + 4·m·r² + O(r³)`` FLOPs, against
+  ``6·n·m² + 20·m³`` for the SVD (Golub & Van Loan's count): at
+  ``512 × 1376``, ``r = 128`` one step is 16 % of an SVD, at ``1024 × 2816``
+  9 % (``refresh_flops``; ``docs/how-to/refresh.md`` has the measured times).
+  Accuracy: on a fixed gradient the principal angles to the exact top-``r``
+  subspace shrink by ``(σ_{r+1}/σ_r)²`` per step, so repeated refreshes
+  converge to it; on a drifting gradient the basis lags the exact one by about
+  the drift of one refresh period (measured in ``benchmarks/refresh_accuracy.py``
+  ``--tracking``).  Orthonormal, stored, float32 (float64 for float64 leaves).
+  """
+  return SubspaceIteration(rank, side, iters, init, oversample, power_iters, align)
 
 
 def gaussian(rank: int, side: Side = "auto") -> Projection:

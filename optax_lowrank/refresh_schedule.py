@@ -1,0 +1,343 @@
+"""When each matrix refreshes: fixed, staggered or lazy per-matrix refresh schedules.
+
+``olr.low_rank(..., refresh_every=T)`` re-makes every basis on the same steps
+(``count % T == 0``, the ``"fixed"`` schedule of GaLore).  On a model with
+many matrices that step is one long spike: every decomposition of the model
+runs in it.  The schedules here spread or thin out that work, matrix by
+matrix (each matrix of a stacked leaf on its own), under one compilation:
+
+* ``"staggered"``: matrix ``j`` refreshes on the steps with
+  ``(count + o_j) % T == 0``.  The offsets ``o_j ∈ [0, T)`` are assigned once,
+  from static shapes, by balancing the estimated refresh FLOPs of every offset
+  (largest matrices first, each to the least loaded offset), so each step does
+  about ``1/T`` of today's refresh work and the total work is unchanged.
+* ``"lazy"`` (:func:`lazy`): staggered, and each matrix has its own interval
+  ``T_j ∈ {T, 2T, 4T, …, max_every}`` (int32 in the state), due when
+  ``(count + o_j) % T_j == 0``.  At a matrix's refresh the overlap of its old and
+  new subspaces, ``ρ = ‖U_oldᵀ U_new‖²_F / r`` (the mean squared cosine of the
+  principal angles, computed anyway by the refresh), doubles ``T_j`` when
+  ``ρ ≥ grow_above`` (the subspace is stable) and halves it when
+  ``ρ < shrink_below`` (it moves).  Because ``T_j`` is a power-of-two multiple
+  of ``T`` the matrices due on a step are a subset of those the staggered
+  schedule refreshes then: the worst step is never worse than staggered's.
+
+Q-GaLore (Zhang et al. 2024, arXiv 2407.08296) is the peer rule: at every
+refresh it still runs the SVD, compares the first singular vector with the
+previous one (cosine), and when the mean of the last five cosines reaches 0.4
+doubles the layer's interval, which never shrinks.  ``lazy`` differs in using
+the whole subspace's overlap (the first singular vector of a flat spectrum
+can swap with the second while the subspace stays), in shrinking again, and in
+bounding the interval.
+
+Every matrix gets its first basis at step 0 whatever its offset.  The refresh
+index that keys random parts of a basis (a randomized SVD's sketch) counts
+the steps on which some matrix refreshed; the adapter path's ``merge`` counts
+its calls the same way, so with :func:`due` both paths merge the same
+matrices on the same steps with the same keys (see ``olr.adapters.merge``'s
+``due``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_lowrank import projections as proj
+from optax_lowrank.leaves import LeafPlan, is_plan, map_plans
+
+__all__ = [
+    "Schedule",
+    "ScheduleState",
+    "SCHEDULES",
+    "advance",
+    "as_schedule",
+    "due",
+    "init",
+    "lazy",
+    "make_bases",
+    "offsets",
+    "zero_due",
+    "overlaps",
+    "staggered",
+]
+
+SCHEDULES = ("fixed", "staggered", "lazy")
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """A refresh schedule (frozen, hashable).
+
+  Attributes:
+    kind: ``"fixed"``, ``"staggered"`` or ``"lazy"``.
+    max_every: lazy only: the longest interval in steps, rounded down to
+      ``refresh_every · 2^k``; ``None`` means ``8 · refresh_every``.
+    grow_above: lazy only: an overlap ``≥`` this doubles the interval.
+    shrink_below: lazy only: an overlap ``<`` this halves it (never below
+      ``refresh_every``).
+  """
+
+  kind: str = "fixed"
+  max_every: int | None = None
+  grow_above: float = 0.9
+  shrink_below: float = 0.5
+
+  def __post_init__(self):
+    if self.kind not in SCHEDULES:
+      raise ValueError(f"`refresh_schedule` must be one of {SCHEDULES}, got {self.kind!r}")
+    if self.max_every is not None and (
+        isinstance(self.max_every, bool) or not isinstance(self.max_every, int)
+        or self.max_every < 1):
+      raise ValueError(f"`max_every` must be an int >= 1 or None, got {self.max_every!r}")
+    if not 0.0 <= self.shrink_below <= self.grow_above <= 1.0:
+      raise ValueError(
+          "lazy refresh needs 0 <= shrink_below <= grow_above <= 1, got "
+          f"shrink_below={self.shrink_below!r}, grow_above={self.grow_above!r}")
+
+  def longest(self, refresh_every: int) -> int:
+    """The longest interval: ``refresh_every · 2^k ≤ max_every`` (lazy), else ``refresh_every``."""
+    if self.kind != "lazy":
+      return refresh_every
+    cap = 8 * refresh_every if self.max_every is None else self.max_every
+    every = refresh_every
+    while every * 2 <= cap:
+      every *= 2
+    return every
+
+
+def staggered() -> Schedule:
+  """Each matrix refreshes every ``refresh_every`` steps, on its own offset (see the module)."""
+  return Schedule("staggered")
+
+
+def lazy(max_every: int | None = None, grow_above: float = 0.9,
+         shrink_below: float = 0.5) -> Schedule:
+  """Staggered, with a per-matrix interval that adapts to how much its subspace moves.
+
+  Args:
+    max_every: the longest interval (steps); rounded down to
+      ``refresh_every · 2^k``; default ``8 · refresh_every``.  The shortest is
+      ``refresh_every``.
+    grow_above: overlap ``ρ = ‖U_oldᵀ U_new‖²_F / r`` at or above which a
+      matrix's interval doubles.
+    shrink_below: overlap below which it halves.
+  """
+  return Schedule("lazy", max_every, grow_above, shrink_below)
+
+
+def as_schedule(schedule: str | Schedule) -> Schedule:
+  """A :class:`Schedule` from its name or itself (``ValueError`` for anything else)."""
+  if isinstance(schedule, Schedule):
+    return schedule
+  if isinstance(schedule, str):
+    return Schedule(schedule)
+  raise ValueError(
+      f"`refresh_schedule` must be one of {SCHEDULES} or olr.refresh_schedule.lazy(...), "
+      f"got {schedule!r}")
+
+
+class ScheduleState(NamedTuple):
+  """Per-matrix refresh bookkeeping of a staggered or lazy schedule.
+
+  Attributes:
+    refreshes: int32 ``()``: steps so far on which some matrix refreshed (the
+      refresh index of the keys of random basis parts).
+    interval: a tree like the params: int32 ``batch_shape`` at projected
+      leaves (each matrix's interval in steps), ``None`` elsewhere.
+    overlap: like ``interval``, float32: the overlap ``‖U_oldᵀ U_new‖²_F / r``
+      measured at each matrix's latest refresh (0 before its second basis).
+  """
+
+  refreshes: jax.Array
+  interval: Any
+  overlap: Any
+
+
+def _matrices(p: LeafPlan) -> int:
+  return int(np.prod(p.batch_shape, dtype=np.int64)) if p.batch_shape else 1
+
+
+def offsets(plans: Any, refresh_every: int) -> Any:
+  """Static offsets ``o_j ∈ [0, refresh_every)`` of every matrix (int32 NumPy, ``batch_shape``).
+
+  Longest-processing-time assignment: matrices in decreasing order of
+  ``spec.refresh_flops`` (ties by leaf and matrix order), each to the offset with the
+  least work so far (ties to the smallest offset).  A function of the static
+  plans only, so both paths compute the same offsets.
+  """
+  plan_leaves, plan_def = jax.tree.flatten(plans, is_leaf=is_plan)
+  jobs = []
+  for leaf, p in enumerate(plan_leaves):
+    if p.projected:
+      cost = max(p.spec.refresh_flops(p.view_shape), 1)
+      jobs.extend((-cost, leaf, b) for b in range(_matrices(p)))
+  jobs.sort()
+  heap = [(0, o) for o in range(refresh_every)]
+  out = {leaf: np.zeros(_matrices(p), np.int32) for leaf, p in enumerate(plan_leaves)
+         if p.projected}
+  for neg_cost, leaf, b in jobs:
+    load, o = heapq.heappop(heap)
+    out[leaf][b] = o
+    heapq.heappush(heap, (load - neg_cost, o))
+  return jax.tree.unflatten(plan_def, [
+      out[leaf].reshape(p.batch_shape) if p.projected else None
+      for leaf, p in enumerate(plan_leaves)])
+
+
+def init(schedule: Schedule, plans: Any, refresh_every: int) -> ScheduleState | None:
+  """The schedule's state at step 0 (``None`` for ``"fixed"``)."""
+  if schedule.kind == "fixed":
+    return None
+  interval = map_plans(
+      lambda p: jnp.full(p.batch_shape, refresh_every, jnp.int32) if p.projected else None,
+      plans)
+  overlap = map_plans(
+      lambda p: jnp.zeros(p.batch_shape, jnp.float32) if p.projected else None, plans)
+  return ScheduleState(jnp.zeros([], jnp.int32), interval, overlap)
+
+
+def due(schedule: Schedule, plans: Any, refresh_every: int, count: jax.Array,
+        state: ScheduleState | None) -> Any:
+  """Which matrices refresh on step ``count``: bools, ``batch_shape`` at projected leaves.
+
+  Every matrix is due at step 0.  ``"fixed"``: all on ``count % refresh_every == 0``;
+  ``"staggered"``: ``(count + o_j) % refresh_every == 0``; ``"lazy"``:
+  ``(count + o_j) % interval_j == 0``.
+  """
+  count = jnp.asarray(count, jnp.int32)
+  if schedule.kind == "fixed":
+    return map_plans(
+        lambda p: jnp.broadcast_to(count % refresh_every == 0, p.batch_shape)
+        if p.projected else None, plans)
+  offs = offsets(plans, refresh_every)
+  intervals = state.interval if schedule.kind == "lazy" else map_plans(lambda p: None, plans)
+
+  def one(p, o, every):
+    if not p.projected:
+      return None
+    every = refresh_every if every is None else every
+    return (count == 0) | ((count + jnp.asarray(o)) % every == 0)
+
+  return map_plans(one, plans, offs, intervals)
+
+
+def any_due(due_tree: Any) -> jax.Array:
+  """Whether any matrix of the tree is due (a bool scalar)."""
+  flags = [jnp.any(d) for d in jax.tree.leaves(due_tree)]
+  return jnp.any(jnp.stack(flags)) if flags else jnp.zeros([], bool)
+
+
+def zero_due(plans: Any, coefficients: Any, due_tree: Any) -> Any:
+  """``Λ`` restarted at 0 for the due matrices (all of them when ``due_tree`` is ``None``)."""
+  if due_tree is None:
+    return jax.tree.map(jnp.zeros_like, coefficients)
+
+  def one(p, c, d):
+    if c is None or d is None:
+      return c
+    return jnp.where(d.reshape(d.shape + (1,) * (c.ndim - d.ndim)), jnp.zeros_like(c), c)
+
+  return map_plans(one, plans, coefficients, due_tree)
+
+
+def make_bases(plans: Any, base_key: jax.Array, refresh_index: jax.Array, grads: Any,
+               previous: Any = None, due_tree: Any = None) -> tuple[Any, Any]:
+  """New stored bases of the due matrices and their overlaps with the previous ones.
+
+  Args:
+    plans: the plan tree.
+    base_key, refresh_index: the keys of random basis parts (as
+      ``leaves.make_bases``).
+    grads: the gradient tree (needed by gradient-made specs).
+    previous: the current stored bases (tracking specs start from them;
+      matrices that are not due keep them); ``None`` for first bases.
+    due_tree: from :func:`due`, or ``None`` (every matrix).
+
+  Returns:
+    ``(stored, overlap)``: the stored bases (``None`` at leaves without one)
+    and float32 ``batch_shape`` overlaps (1 for matrices not due; ``None``
+    without ``previous``).
+  """
+  if grads is None:
+    grads = map_plans(lambda p: None, plans)
+  if previous is None:
+    previous = map_plans(lambda p: None, plans)
+  if due_tree is None:
+    due_tree = map_plans(lambda p: None, plans)
+
+  def one(p: LeafPlan, g, prev, d):
+    if not p.stored:
+      return None
+    key = proj.leaf_key(base_key, refresh_index, p.index)
+    if p.spec.needs_grad and g is None:
+      raise ValueError(
+          f"leaf '{p.path}' of shape {p.shape}: the projection {p.spec} is made "
+          "from the gradient, so `grads` must be given")
+    view = p.grad_view(g) if p.spec.needs_grad else None
+    return p.spec.refreshed(p.shape, p.view_shape, p.perm, key, view, p.basis_dtype,
+                            p.batch_shape, previous=prev, due=d)
+
+  pairs = map_plans(one, plans, grads, previous, due_tree)
+  stored = map_plans(lambda p, x: None if x is None else x[0], plans, pairs)
+  overlap = map_plans(lambda p, x: None if x is None else x[1], plans, pairs)
+  return stored, overlap
+
+
+def overlaps(plans: Any, old_bases: Any, new_bases: Any) -> Any:
+  """``‖U_oldᵀ U_new‖²_F / r`` of every matrix (float32, ``batch_shape``) from two basis trees.
+
+  For the adapter path: the overlaps ``make_bases`` reports on the gradient path.
+  """
+
+  def one(p, old, new):
+    if not p.stored:
+      return None
+    fn = proj.subspace_overlap
+    for _ in p.batch_shape:
+      fn = jax.vmap(fn)
+    return fn(old.factors, new.factors)
+
+  return map_plans(one, plans, old_bases, new_bases)
+
+
+def advance(schedule: Schedule, plans: Any, refresh_every: int, state: ScheduleState | None,
+            count: jax.Array, due_tree: Any, overlap: Any) -> ScheduleState | None:
+  """The schedule's state after the refresh of step ``count`` (the due matrices).
+
+  ``refreshes`` grows by one when any matrix was due.  Lazy: each due matrix
+  (after step 0) doubles its interval when its overlap is ``≥ grow_above``
+  (up to :meth:`Schedule.longest`), halves it when ``< shrink_below`` (down to
+  ``refresh_every``).  Overlaps of due matrices are recorded.
+  """
+  if state is None:
+    return None
+  count = jnp.asarray(count, jnp.int32)
+  if overlap is None:  # first bases (step 0): nothing to compare with
+    overlap = map_plans(lambda p: jnp.zeros(p.batch_shape, jnp.float32) if p.projected else None,
+                        plans)
+  longest = schedule.longest(refresh_every)
+
+  def interval(p, every, d, o):
+    if not p.projected or schedule.kind != "lazy":
+      return every
+    grow = jnp.minimum(every * 2, longest)
+    shrink = jnp.maximum(every // 2, refresh_every)
+    new = jnp.where(o >= schedule.grow_above, grow, jnp.where(o < schedule.shrink_below,
+                                                                shrink, every))
+    return jnp.where(d & (count > 0), new, every).astype(jnp.int32)
+
+  def recorded(p, old, d, o):
+    if not p.projected:
+      return old
+    return jnp.where(d & (count > 0), o, old).astype(jnp.float32)
+
+  return ScheduleState(
+      refreshes=state.refreshes + any_due(due_tree).astype(jnp.int32),
+      interval=map_plans(interval, plans, state.interval, due_tree, overlap),
+      overlap=map_plans(recorded, plans, state.overlap, due_tree, overlap),
+  )
