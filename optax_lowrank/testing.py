@@ -117,8 +117,9 @@ def run_dual(
   # adapter-view decay, and for inner optimizers that read their params.
   track = True
   g_inner = optax.chain(inner, decay_tx) if grad_view == "adapter" and decay else inner
-  g_tx = low_rank(g_inner, projection, refresh_every, on_refresh, scale, where, seed,
-                  reshape=reshape, track_coefficients=track)
+  g_tx = low_rank(g_inner, projection, refresh_every=refresh_every, on_refresh=on_refresh,
+                  scale=scale, where=where, seed=seed, reshape=reshape,
+                  track_coefficients=track)
   if grad_view == "gradient" and decay:
     g_tx = optax.chain(g_tx, decay_tx)
 
@@ -131,10 +132,10 @@ def run_dual(
 
   # --- adapter path ---------------------------------------------------------
   first = _batch(batches, 0)
-  adapter = adapters.init(params, projection, seed, where, grads=grad_fn(params, *first),
-                          reshape=reshape)
+  adapter = adapters.init(params, projection, seed=seed, where=where,
+                          grads=grad_fn(params, *first), reshape=reshape)
   a_inner = optax.chain(inner, decay_tx) if adapter_view == "adapter" and decay else inner
-  a_tx = adapters.optimizer(a_inner, adapter, scale)
+  a_tx = adapters.optimizer(a_inner, adapter, scale=scale)
   lam = adapters.zeros(adapter)
 
   @jax.jit
