@@ -135,7 +135,7 @@ def test_lazy_intervals_double_while_stable_and_halve_when_moving():
   update = jax.jit(tx.update)
   intervals = []
   state = tx.init(params)
-  for t in range(24):
+  for _ in range(24):
     _, state = update({"w": g}, state)
     intervals.append(int(state.schedule.interval["w"]))
   # Offset 0 (one matrix): refreshes at 0, 2 (→4), 4 (→8), 8, 16, ...; capped at 8.
