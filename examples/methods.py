@@ -372,9 +372,13 @@ LEARNING_RATES: dict[str, float] = {
     "two_sided": 3e-2,
     "natural_galore": 1e-2,
     "adamem": 2e-3,
-    # full-rank updates from low-rank statistics (issue 25): a short sweep, see
-    # docs/results.md ("APOLLO, APOLLO-Mini and Fira")
-    "apollo": 3e-3,
+    # full-rank updates from low-rank statistics (issue 25), from the same kind of
+    # sweep at 200 steps (2026-12-01, final validation loss):
+    #   apollo       1e-3: 2.439   3e-3: 2.263   1e-2: 2.239   3e-2: 2.305
+    #   apollo_mini  1e-3: 2.420   3e-3: 2.313   1e-2: 2.410
+    #   fira         1e-2: 2.115   3e-2: 2.023   1e-1: 2.373
+    # (same day, same budget: adamw 1e-3 2.359, galore 3e-2 1.993, flora 1e-2 2.140)
+    "apollo": 1e-2,
     "apollo_mini": 3e-3,
     "fira": 3e-2,
     # the dual of Flora-with-"keep": same random subspaces, so flora's rate
