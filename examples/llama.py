@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+import optax_lowrank as olr
+
 __all__ = [
   "PRESETS",
   "Attention",
@@ -86,14 +88,14 @@ PAPER_RANKS: dict[str, int] = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, 
 in the paper: 7B's rank)."""
 
 
-def STACKED_RULE(path: tuple[str, ...], leaf: Any):  # noqa: N802 - a constant-like rule
-  """Reshape rule of a scanned model's stacked kernels: layer axis = batch axis.
+STACKED_RULE = olr.stacked(layer_axis=0)
+"""Reshape rule of the scanned model: the library's public :func:`optax_lowrank.stacked`.
 
-  ``(n_layers, in, out)`` kernels are ``n_layers`` separate ``in × out``
-  matrices; every other leaf keeps the default treatment.
-  """
-  del path
-  return ((0,), (1,), (2,)) if leaf.ndim == 3 else None
+``(n_layers, in, out)`` kernels are ``n_layers`` separate ``in × out``
+matrices, and the ``(n_layers, dim)`` norm scales beside them stacks of
+vectors (never projected); the embedding and head keep the default treatment.
+Kept under this name for the code that imports it.
+"""
 
 
 @dataclasses.dataclass(frozen=True)

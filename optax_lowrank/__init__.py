@@ -21,6 +21,7 @@ from optax_lowrank import (
 from optax_lowrank.adafactor_momentum import adamem, adamem_state_bytes, scale_by_adamem
 from optax_lowrank.bases import Basis, project, project_back
 from optax_lowrank.eight_bit import adam_8bit, scale_by_adam_8bit
+from optax_lowrank.leaves import stacked
 from optax_lowrank.low_rank import LowRankState, low_rank
 from optax_lowrank.projections import (
     Projection,
@@ -104,6 +105,7 @@ __all__ = [
     "refresh_schedule",
     "subspace_iteration",
     "semi_orthogonal",
+    "stacked",
     "svd",
     "tucker",
     "two_sided",

@@ -145,9 +145,9 @@ def init(
     ValueError: naming the leaf, if ``grads`` is needed and missing, or if
       ``where``/``reshape`` do not fit the params.
   """
+  plans = leaves_lib.plan(params, projection, where, reshape)  # axis names read before unwrap
   params = leaves_lib.unwrap_variables(params)
   grads = leaves_lib.unwrap_variables(grads)
-  plans = leaves_lib.plan(params, projection, where, reshape)
   key = jax.random.PRNGKey(seed)
   refresh_index = jnp.zeros([], jnp.int32)
   _require_grads(plans, grads, "init")

@@ -192,8 +192,19 @@ def low_rank(
   if unprojected is not None:
     groups = {"projected": inner, "unprojected": optax.with_extra_args_support(unprojected)}
 
-  def make_plans(tree):
-    return leaves_lib.plan(tree, projection, where, reshape)
+  # Axis names (the layer axis of scanned models) are read from the Variables /
+  # linen boxes of the tree; nnx.Optimizer hands `init` Variables but `update`
+  # plain arrays, so the names seen at init are remembered by tree layout (static
+  # metadata only, the same for every step).
+  names_by_layout = {}
+
+  def make_plans(tree, params=None):
+    key = leaves_lib.layout_key(tree)
+    names = (leaves_lib.flat_axis_names(tree) or leaves_lib.flat_axis_names(params)
+             or names_by_layout.get(key))
+    if names:
+      names_by_layout[key] = names
+    return leaves_lib.plan(tree, projection, where, reshape, axis_names=names)
 
   def inner_for(plans):
     if unprojected is None:
@@ -202,13 +213,13 @@ def low_rank(
     return optax.multi_transform(groups, labels)
 
   def init_fn(params):
-    params = leaves_lib.unwrap_variables(params)
     plans = make_plans(params)
+    params = leaves_lib.unwrap_variables(params)
     return LowRankState(
         count=jnp.zeros([], jnp.int32),
         key=jax.random.PRNGKey(seed),
         bases=leaves_lib.zero_bases(plans),
-        inner_state=inner_for(plans).init(leaves_lib.coefficient_zeros(plans, params)),
+        inner_state=inner_for(plans).init(leaves_lib.inner_zeros(plans, params)),
         coefficients=_projected_zeros(plans) if track_coefficients else None,
         limiter=full_rank_lib.init(full_rank, plans),
         schedule=schedule_lib.init(schedule, plans, refresh_every),
@@ -217,8 +228,9 @@ def low_rank(
   def update_fn(updates, state, params=None, **extra_args):
     updates_in = updates
     updates = leaves_lib.unwrap_variables(updates)
-    params = leaves_lib.unwrap_variables(params)
-    plans = make_plans(updates)
+    params_in, params = params, leaves_lib.unwrap_variables(params)
+    leaves_lib.check_updates(updates, state.bases, params)
+    plans = make_plans(updates_in, params_in)
     inner_tx = inner_for(plans)
     count = state.count
     refresh_index = count // refresh_every
@@ -260,6 +272,7 @@ def low_rank(
     coeffs = map_plans(
         lambda p, g, b: project(b, g) if p.projected else g, plans, updates, bases
     )
+    coeffs = leaves_lib.mask_frozen(plans, coeffs)  # non-float leaves: not the inner's
     inner_params = None if params is None else inner_params_of(plans, params, coefficients)
     inner_updates, inner_state = inner_tx.update(coeffs, inner_state, inner_params,
                                                  **extra_args)
@@ -276,6 +289,7 @@ def low_rank(
     else:  # a full-rank rule measures the step against the coefficients it came from
       new_updates, limiter = full_rank_lib.back_to_full(
           full_rank, plans, updates, coeffs, inner_updates, bases, limiter)
+    new_updates = leaves_lib.zero_frozen(plans, updates, new_updates, params)
     if track_coefficients:
       coefficients = map_plans(
           lambda p, c, u: c + u.astype(c.dtype) if p.projected else None,
@@ -311,4 +325,5 @@ def inner_params_of(plans: Any, params: Any, coefficients: Any | None) -> Any:
   """
   if coefficients is None:
     coefficients = _projected_zeros(plans)
-  return map_plans(lambda p, w, c: c if p.projected else w, plans, params, coefficients)
+  return map_plans(lambda p, w, c: c if p.projected else (optax.MaskedNode() if p.frozen else w),
+                   plans, params, coefficients)

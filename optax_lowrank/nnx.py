@@ -26,7 +26,13 @@ Workflow::
     olr.nnx.to_low_rank(model, adapter)          # swaps the projected nnx.Linear layers
     opt = nnx.Optimizer(model, olr.nnx.optimizer(optax.adam(1e-3), scale), wrt=nnx.Param)
     ...
-    adapter = olr.nnx.merge(model, adapter)     # every refresh_every steps
+    adapter = olr.nnx.refresh_adapter(model, adapter)   # every refresh_every steps
+
+With a basis made from the gradient (``olr.svd``), the refresh needs the full
+weight gradient, which training through the factors never forms:
+``olr.nnx.refresh_adapter(model, adapter, grads=olr.nnx.full_weight_grad(loss_fn,
+model, batch))``.  ``olr.nnx.merge`` is the former name of ``refresh_adapter``
+(it clashes with ``flax.nnx.merge``).
 """
 
 from __future__ import annotations
@@ -41,10 +47,12 @@ import optax
 from flax import nnx
 
 from optax_lowrank import adapters as adapters_lib
+from optax_lowrank import leaves as leaves_lib
 from optax_lowrank import quantization
 from optax_lowrank.leaves import is_plan, map_plans
 
-__all__ = ["Frozen", "LowRankLinear", "to_low_rank", "merge", "optimizer", "lam_mask"]
+__all__ = ["Frozen", "LowRankLinear", "dense_weight", "full_weight_grad", "lam_mask", "merge",
+           "optimizer", "refresh_adapter", "to_dense", "to_low_rank"]
 
 
 class Frozen(nnx.Variable):
@@ -378,19 +386,93 @@ def _layers(model: nnx.Module) -> dict[str, LowRankLinear]:
   return {m.path: m for _, m in nnx.iter_modules(model) if isinstance(m, LowRankLinear)}
 
 
-def merge(model: nnx.Module, adapter: adapters_lib.Adapter, grads: Any = None
-          ) -> adapters_lib.Adapter:
+def dense_weight(layer: LowRankLinear) -> jax.Array:
+  """The layer's full weight ``W0 + U Λ Vᵀ`` (``(in, out)``, or ``(layers, in, out)``).
+
+  A quantized ``W0`` is dequantized; the result has ``W0``'s float dtype.
+  """
+  base = layer.base.get_value()
+  lam = layer.lam.get_value()
+  if isinstance(base, quantization.QuantizedArray):
+    dequantize = quantization.dequantize
+    for _ in range(lam.ndim - 2):  # a stacked base is layer-major (see to_low_rank)
+      dequantize = jax.vmap(dequantize)
+    base = dequantize(base)
+  ct = jnp.promote_types(base.dtype, lam.dtype)
+  d = lam.astype(ct)
+  if layer.left is not None:
+    d = jnp.matmul(layer.left.get_value().astype(ct), d)
+  if layer.right is not None:
+    d = jnp.matmul(d, jnp.swapaxes(layer.right.get_value().astype(ct), -1, -2))
+  return (base.astype(ct) + d).astype(base.dtype)
+
+
+def to_dense(model: nnx.Module) -> nnx.Module:
+  """A copy of a converted model with every :class:`LowRankLinear` an ``nnx.Linear`` again.
+
+  Each kernel is the layer's :func:`dense_weight` (stacked kernels stay
+  stacked), its bias the layer's; ``model`` itself is not changed.  Its
+  ``nnx.state(copy, nnx.Param)`` has the structure of the params the adapter
+  was built on, so the copy serves evaluation, export, and the full weight
+  gradient an SVD refresh needs (:func:`full_weight_grad`).
+  """
+  dense = nnx.clone(model)
+  for path, module in list(nnx.iter_modules(dense)):
+    if not isinstance(module, LowRankLinear):
+      continue
+    w = dense_weight(module)
+    bias = None if module.bias is None else module.bias.get_value()
+    linear = nnx.Linear(w.shape[-2], w.shape[-1], use_bias=bias is not None,
+                        dtype=None, param_dtype=w.dtype,
+                        kernel_init=nnx.initializers.zeros_init(),
+                        bias_init=nnx.initializers.zeros_init(), rngs=nnx.Rngs(0))
+    linear.kernel.set_value(w)
+    if bias is not None:
+      linear.bias.set_value(bias)
+    _set_child(dense, path, linear)
+  return dense
+
+
+def full_weight_grad(loss_fn: Any, model: nnx.Module, *args: Any, **kwargs: Any) -> Any:
+  """``∂loss/∂W`` at the effective weights ``W = W0 + SᵀΛ`` of a converted model.
+
+  ``nnx.grad(loss_fn)(model)`` of a converted model holds ``∂loss/∂Λ`` (the
+  point of the adapter path: the full-size gradient is never formed).  A
+  refresh with a basis made from the gradient (``olr.svd``,
+  ``olr.randomized_svd``, two-sided SVD, Tucker) needs the full one, once per
+  refresh: this computes it on :func:`to_dense` of the model, as
+  ``nnx.grad(loss_fn)(dense, *args, **kwargs)``, in the structure of the
+  params the adapter was built on, ready for
+  ``olr.nnx.refresh_adapter(model, adapter, grads=...)``.  It costs one
+  ordinary backward pass with full-size kernel gradients.
+  """
+  return nnx.grad(loss_fn)(to_dense(model), *args, **kwargs)
+
+
+def refresh_adapter(model: nnx.Module, adapter: adapters_lib.Adapter, grads: Any = None
+                    ) -> adapters_lib.Adapter:
   """Refresh every :class:`LowRankLinear`: ``W0 ← W0 + SᵀΛ``, next basis, ``Λ ← 0``.
+
+  ``olr.adapters.merge`` for a converted model (also available as
+  :func:`merge`, its former name, which ``from flax.nnx import merge``
+  shadows or is shadowed by).
 
   Args:
     model: a model converted by :func:`to_low_rank` with this adapter.
     adapter: the adapter of the current refresh.
     grads: full gradients at the current weights (a tree like the params the
-      adapter was built on); needed only for bases made from the gradient.
+      adapter was built on: :func:`full_weight_grad`); needed only for bases
+      made from the gradient.
 
   Returns:
     The next adapter; the model's layers are updated in place.
+
+  Raises:
+    ValueError: ``grads`` that are not a tree like the adapter's params (for
+      example the gradient of the converted model, which holds ``Λ``).
   """
+  if grads is not None:
+    _check_full_grads(adapter, grads)
   layers = _layers(model)
   lam = map_plans(
       lambda p: layers[p.path].lam.get_value() if p.path in layers
@@ -419,6 +501,25 @@ def merge(model: nnx.Module, adapter: adapters_lib.Adapter, grads: Any = None
 
   map_plans(write, new.plans, new.base, fresh, lam0)
   return new
+
+
+merge = refresh_adapter
+"""Alias of :func:`refresh_adapter` (its first name, kept for existing code)."""
+
+
+def _check_full_grads(adapter: adapters_lib.Adapter, grads: Any) -> None:
+  plan_leaves, plan_def = jax.tree.flatten(adapter.plans, is_leaf=is_plan)
+  grads = leaves_lib.unwrap_variables(grads)
+  grads_def = jax.tree.structure(grads)
+  hint = ("`grads` must be the gradient of the full weights, a tree like the params the "
+          "adapter was built on; the gradient of a converted model holds Λ instead of the "
+          "kernels: use olr.nnx.full_weight_grad(loss_fn, model, ...)")
+  if grads_def != plan_def:
+    raise ValueError(f"{hint}; got structure\n  {grads_def}\nexpected\n  {plan_def}")
+  for p, g in zip(plan_leaves, jax.tree.leaves(grads)):
+    if tuple(jnp.shape(g)) != p.shape:
+      raise ValueError(f"{hint}; leaf '{p.path}' has shape {tuple(jnp.shape(g))}, "
+                       f"expected {p.shape}")
 
 
 def lam_mask(tree: Any) -> Any:

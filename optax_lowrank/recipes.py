@@ -32,6 +32,26 @@ from optax_lowrank.woodbury import woodbury_precondition
 __all__ = ["galore", "flora", "natural_galore", "adam_in_subspace", "apollo", "apollo_mini", "fira"]
 
 
+def _static_int(name: str, value: Any, recipe: str) -> Any:
+  """A shape-fixing argument (``rank``, ``history``) as given, or a clear error for an array.
+
+  ``optax.inject_hyperparams`` turns every numeric argument into an array and
+  rebuilds the transformation from the arrays at each ``update`` (traced under
+  ``jax.jit``), so an argument that fixes the state's shapes cannot be one of
+  them: it must be listed in ``static_args``.  Concrete arrays are rejected
+  too, at ``init``, rather than accepted there only to fail at the first
+  jitted step.
+  """
+  if isinstance(value, jax.Array):
+    raise TypeError(
+        f"`{name}` of olr.{recipe} fixes the shapes of the optimizer state, so it must be a "
+        f"Python int, got {value!r}. Under optax.inject_hyperparams, which makes every "
+        f"numeric argument an array, list it as static: "
+        f"optax.inject_hyperparams(olr.{recipe}, static_args=({name!r},))(...)"
+    )
+  return value
+
+
 def adam_in_subspace(
     learning_rate: optax.ScalarOrSchedule,
     projection: proj.Projection,
@@ -186,6 +206,7 @@ def galore(
   (effective ``eps·√(1−β2^t)`` here), and decays the already-updated weight
   (a difference of order ``η²·λ_wd``).
   """
+  rank = _static_int("rank", rank, "galore")
   return adam_in_subspace(
       learning_rate, proj.svd(rank, side), refresh_every, scale, b1, b2, eps, weight_decay,
       on_refresh, where, 0, reshape, mask,
@@ -217,6 +238,7 @@ def flora(
   coefficients and one key.  At a refresh the moments are transported into the
   new sketch (``on_refresh="transport"``), as Flora does with its momentum.
   """
+  rank = _static_int("rank", rank, "flora")
   if kind not in ("gaussian", "rademacher"):
     raise ValueError(f"`kind` must be 'gaussian' or 'rademacher', got {kind!r}")
   spec = proj.gaussian(rank, side) if kind == "gaussian" else proj.rademacher(rank, side)
@@ -272,7 +294,8 @@ def natural_galore(
   turns every other numeric default into an array; a value given explicitly
   there must be listed in ``static_args``.
   """
-  history = 10 if history is None else history
+  rank = _static_int("rank", rank, "natural_galore")
+  history = 10 if history is None else _static_int("history", history, "natural_galore")
   return _low_rank_recipe(
       [woodbury_precondition(history, damping, refine=refine, batch_ndim=_stacked_ndim),
        _scale_by_adam(b1, b2, eps)],

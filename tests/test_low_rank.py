@@ -128,7 +128,8 @@ def test_random_sketches_store_no_projector(spec):
        side=st.sampled_from(["auto", "left", "right"]))
 def test_state_bytes_are_adam_on_coefficients_plus_one_projector(m, n, rank, side):
   params = {"w": jnp.zeros((m, n), jnp.float32)}
-  tx = olr.low_rank(optax.scale_by_adam(), olr.svd(rank, side))
+  # where=True: projected even where the clamped rank saves nothing (not the default)
+  tx = olr.low_rank(optax.scale_by_adam(), olr.svd(rank, side), where=True)
   state = jax.eval_shape(tx.init, params)
   r = min(rank, m, n)
   right = side == "right" or (side == "auto" and m >= n)

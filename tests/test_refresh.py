@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -20,7 +21,7 @@ SPECS = {
 
 def _basis(spec, shape, key):
   """A basis of ``spec`` for a leaf of ``shape`` (SVD ones from a random gradient)."""
-  plan = leaves_lib.plan({"w": jax.ShapeDtypeStruct(shape, jnp.float64)}, spec)["w"]
+  plan = leaves_lib.plan({"w": jax.ShapeDtypeStruct(shape, jnp.float64)}, spec, where=True)["w"]
   grad = jax.random.normal(jax.random.fold_in(key, 1), shape, jnp.float64)
   return plan.make_basis(key, jnp.int32(0), grad)
 
@@ -62,15 +63,16 @@ def _nu_ratio(spec, shape, seed, refresh_every=5, steps=300, b2=0.999):
   ``ν`` from one refresh to the next, the most favourable case for compounding.
   """
   g = {"w": jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float64)}
+  # where=True: projected even at full rank, where the default would not project
   tx = olr.low_rank(optax.scale_by_adam(b2=b2), spec, refresh_every=refresh_every,
-                    on_refresh="transport", seed=seed)
+                    on_refresh="transport", seed=seed, where=True)
 
   @jax.jit
   def run(state):
     return jax.lax.scan(lambda s, _: (tx.update(g, s, g)[1], None), state, length=steps)[0]
 
   state = run(tx.init(g))
-  plans = leaves_lib.plan(g, spec)
+  plans = leaves_lib.plan(g, spec, where=True)
   basis = leaves_lib.current_bases(plans, state.bases, state.key,
                                    (steps - 1) // refresh_every)["w"]
   c = olr.project(basis, g["w"])
@@ -98,7 +100,8 @@ def test_flora_converges_on_the_matrix_quadratic_with_its_defaults():
   """The issue's case: Flora at full rank on optax's 2×2 target (it stalled at loss 4.48)."""
   target = jnp.array([[3.0, -2.0], [1.0, 4.0]], jnp.float32)
   loss = lambda p: jnp.sum((p - target) ** 2)
-  tx = olr.flora(1e-2, rank=8, refresh_every=20)  # 20: many refreshes in a short run
+  # 20: many refreshes in a short run; where=True: full rank is projected all the same
+  tx = olr.flora(1e-2, rank=8, refresh_every=20, where=True)
 
   @jax.jit
   def run(params, state):
@@ -112,3 +115,44 @@ def test_flora_converges_on_the_matrix_quadratic_with_its_defaults():
   params, state = run(params, tx.init(params))
   assert float(loss(params)) < 1e-3
   assert bool(jnp.all(jnp.isfinite(state[0].inner_state[0].nu)))
+
+
+@pytest.mark.parametrize("kind", sorted(SPECS))
+def test_transport_of_a_stack_never_grows_a_second_moment(kind):
+  """The issue's case: a ``(2, 8, 6)`` stack, rank 5, five random gradients, forty zeros.
+
+  With zero gradients Adam's ``ν`` only decays, so its largest entry of every
+  matrix must never grow, through the refreshes included.  When the
+  transport normalized the columns of the stacked ``(L, r, r)`` matrices
+  instead of their rows, ``ν`` grew 1.76× (Gaussian) and 1.14× (Rademacher).
+  """
+  spec = SPECS[kind](5)
+  tx = olr.low_rank(optax.scale_by_adam(), spec, refresh_every=3, on_refresh="transport",
+                    reshape=((0,), (1,), (2,)))
+  params = {"w": jnp.zeros((2, 8, 6), jnp.float64)}
+  grads = jnp.concatenate([jax.random.normal(jax.random.PRNGKey(0), (5, 2, 8, 6), jnp.float64),
+                           jnp.zeros((40, 2, 8, 6), jnp.float64)])
+
+  @jax.jit
+  def run(state):
+    def one(s, g):
+      s = tx.update({"w": g}, s, params)[1]
+      return s, jnp.max(s.inner_state.nu["w"], axis=(1, 2))
+    return jax.lax.scan(one, state, grads)[1]
+
+  peaks = np.asarray(run(tx.init(params)))
+  for t in range(5, 45):
+    assert np.all(peaks[t] <= peaks[t - 1] * (1 + 1e-12)), (kind, t, peaks[t] / peaks[t - 1])
+  # and every matrix's transport matrices have rows of length <= 1
+  plans = leaves_lib.plan(params, spec, reshape=((0,), (1,), (2,)))
+  old = _stacked_basis(plans["w"], 0)
+  new = _stacked_basis(plans["w"], 1)
+  for t in refresh.bounded_transport_matrices(old, new):
+    if t is not None:
+      assert t.shape[0] == 2
+      assert np.all(np.sum(np.square(t), axis=-1) <= 1 + 1e-12)
+
+
+def _stacked_basis(plan, seed):
+  key = jax.random.PRNGKey(seed)
+  return plan.make_basis(key, jnp.int32(0), jax.random.normal(key, plan.shape, jnp.float64))
