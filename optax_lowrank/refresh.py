@@ -24,11 +24,14 @@ gradients) holds, at each projected position, a statistic of that leaf.
   (``U^newᵀ U^old`` for orthonormal bases), each row of it shrunk to unit
   Euclidean length where it is longer (``T̃_i = D_i^{-1/2} T_i`` with
   ``D_i = diag(max(1, ‖row‖²))``).  Statistics shaped like the coefficients
-  are mapped linearly, ``c ×_i T̃_i``; those whose field name marks them as
-  second moments (``nu``, ``exp_avg_sq``, ``sum_of_squares``, ``acc``...) with
-  the element-wise squared map ``c ×_i (T̃_i ∘ T̃_i)``, which keeps them
-  non-negative.  Statistics of another shape (Adafactor's factored row/column
-  moments) cannot be mapped and are reset.
+  are mapped linearly, ``c ×_i T̃_i``; second moments with the element-wise
+  squared map ``c ×_i (T̃_i ∘ T̃_i)``, which keeps them non-negative.  What a
+  statistic is comes from the state class that holds it (optax's
+  ``ScaleByAdamState.nu`` is a second moment, ``ScaleByAdanState.v`` a first
+  one; :func:`register_statistics` declares a class of one's own); only in a
+  class nobody declared is it guessed from the field name (``nu``, ``v``,
+  ``exp_avg_sq``... as second moments).  Statistics of another shape
+  (Adafactor's factored row/column moments) cannot be mapped and are reset.
 
   Why the rows are shrunk: for orthonormal bases the rows of ``T`` already
   have length ≤ 1 (``T̃ = T``), so ``T∘T`` has row sums ≤ 1 and a second
@@ -44,10 +47,11 @@ gradients) holds, at each projected position, a statistic of that leaf.
   ``|μ_j| ≤ √ν_j`` held before, ``|μ_i| ≤ √(r·ν_i)`` (Cauchy–Schwarz) holds
   after: Adam's first steps after a refresh stay bounded too.
 
-Whatever the policy, gradient *histories* (fields named ``history`` or
-``gram``, as in ``olr.woodbury_precondition``) are cleared at a refresh: they
-are a curvature model built from gradients in the old coordinates, and a
-cleared history degrades gracefully (its empty slots count as zero columns).
+Whatever the policy, gradient *histories* (declared with ``history=``, as
+``olr.woodbury_precondition`` declares its ``history`` and ``gram``) are
+cleared at a refresh: they are a curvature model built from gradients in the
+old coordinates, and a cleared history degrades gracefully (its empty slots
+count as zero columns).
 """
 
 from __future__ import annotations
@@ -59,16 +63,118 @@ import jax.numpy as jnp
 import optax
 
 from optax_lowrank import bases as bases_lib
-from optax_lowrank.leaves import LeafPlan, field_names, inner_zeros, is_plan
+from optax_lowrank.leaves import LeafPlan, field_names, is_plan
 
 POLICIES = ("keep", "reset", "transport")
 
+# Guesses by field name, only for state classes nobody declared (register_statistics).
 CLEARED_NAMES = frozenset({"history", "gram"})
 
 SECOND_MOMENT_NAMES = frozenset(
     {"nu", "v", "nu_hat", "nu_max", "exp_avg_sq", "sum_of_squares", "acc", "v_row", "v_col",
      "grad_sqr", "grad_sum_sq", "second_moment", "e_g", "e_x", "n"}
 )
+
+
+# What each per-leaf field of a state class holds: "first" (mapped linearly),
+# "second" (non-negative, mapped with T∘T) or "history" (cleared at a refresh).
+_KINDS: dict[type, dict[str, str]] = {}
+
+
+def register_statistics(
+    state_type: type, *, second: tuple[str, ...] = (), history: tuple[str, ...] = ()
+) -> None:
+  """Declare what the fields of an optimizer-state class hold, for ``"transport"``.
+
+  After this, a params-shaped statistic under field ``f`` of a ``state_type``
+  instance is transported as a second moment if ``f in second``, cleared at
+  every refresh if ``f in history``, and as a first moment (linearly)
+  otherwise; no field name of the class is guessed any more.  optax's own
+  state classes are declared by this module; declare a class of your own
+  before its first refresh:
+
+  ```python
+  olr.refresh.register_statistics(MyState, second=("h",))   # MyState(m, h)
+  ```
+
+  Args:
+    state_type: a NamedTuple class used as (part of) an inner optimizer's state.
+    second: fields holding non-negative second-moment-like statistics.
+    history: fields holding stored gradients (cleared, whatever the policy).
+  """
+  fields = getattr(state_type, "_fields", None)
+  if not isinstance(state_type, type) or fields is None:
+    raise TypeError(f"`state_type` must be a NamedTuple class, got {state_type!r}")
+  kinds = {}
+  for kind, names in (("second", second), ("history", history)):
+    for name in names:
+      if name not in fields:
+        raise ValueError(f"{state_type.__name__} has no field {name!r} (fields: {fields})")
+      kinds[name] = kind
+  _KINDS[state_type] = {f: kinds.get(f, "first") for f in fields}
+
+
+def _register_optax() -> None:
+  contrib = optax.contrib
+  for state_type, second in [
+      (optax.ScaleByAdamState, ("nu",)),
+      (optax.ScaleByAmsgradState, ("nu", "nu_max")),
+      (optax.ScaleByBeliefState, ("nu",)),
+      (optax.ScaleByRStdDevState, ("nu",)),
+      (optax.ScaleByRmsState, ("nu",)),
+      (optax.ScaleByRssState, ("sum_of_squares",)),
+      (optax.ScaleByAdaDeltaState, ("e_g", "e_x")),
+      (optax.ScaleByAdanState, ("n",)),  # m and v are first moments (v of differences)
+      (optax.ScaleByNovogradState, ("nu",)),
+      (optax.ScaleBySM3State, ("nu",)),
+      (optax.ScaleByLionState, ()),
+      (optax.FactoredState, ("v_row", "v_col", "v")),
+      (optax.TraceState, ()),
+      (optax.EmaState, ()),
+      (optax.MultiStepsState, ()),
+      (getattr(contrib, "DAdaptAdamWState", None), ("exp_avg_sq",)),
+      (getattr(contrib, "ProdigyState", None), ("exp_avg_sq",)),
+      (getattr(contrib, "MomoAdamState", None), ("exp_avg_sq",)),
+      (getattr(contrib, "MadgradState", None), ("grad_sum_sq",)),
+      (getattr(contrib, "ScaleByAdemamixState", None), ("nu",)),
+      (getattr(contrib, "ScaleBySimplifiedAdEMAMixState", None), ("n",)),
+      (getattr(contrib, "SophiaState", None), ("nu",)),
+  ]:
+    if state_type is not None:  # a class an older optax does not have
+      register_statistics(state_type, second=second)
+
+
+_register_optax()
+
+
+def _declared_kinds(state: Any) -> dict[tuple, str]:
+  """``{key path: kind}`` for every field of a declared state class inside ``state``."""
+  out: dict[tuple, str] = {}
+
+  def walk(node, path):
+    children, _ = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda c: c is not node)
+    kinds = _KINDS.get(type(node))
+    for key, child in children:
+      child_path = (*path, *key)
+      if kinds is not None and isinstance(key[0], jax.tree_util.GetAttrKey):
+        out[child_path] = kinds.get(key[0].name, "first")
+      if jax.tree_util.treedef_is_leaf(jax.tree.structure(child)):
+        continue
+      walk(child, child_path)
+
+  walk(state, ())
+  return out
+
+
+def _kind(path: tuple, declared: dict[tuple, str]) -> str:
+  """The declared kind of the nearest declared field above ``path``, else a guess by name."""
+  for i in range(len(path), 0, -1):
+    if path[:i] in declared:
+      return declared[path[:i]]
+  names = field_names(path)
+  if names & CLEARED_NAMES:
+    return "history"
+  return "second" if names & SECOND_MOMENT_NAMES else "first"
 
 
 def check_policy(on_refresh: str) -> str:
@@ -104,7 +210,11 @@ def apply_policy(
   if not any(p.projected for p in plan_leaves):
     return inner_state
   dues = [None] * len(plan_leaves) if due is None else _aligned(plans, due)
-  fresh = inner.init(inner_zeros(plans))  # MaskedNode at non-float leaves, as at init
+  coeff_struct = jax.tree.map(
+      lambda p: jax.ShapeDtypeStruct(p.coefficient_shape, p.coefficient_dtype),
+      plans, is_leaf=is_plan,
+  )
+  fresh = inner.init(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), coeff_struct))
   bare_leaf = plan_def.num_leaves == 1 and plan_def.num_nodes == 1
 
   if on_refresh == "transport":
@@ -117,6 +227,7 @@ def apply_policy(
         )
     ]
 
+  declared = _declared_kinds(inner_state)
   # optax.masked / multi_transform put MaskedNode where a leaf is not theirs.
   is_masked = lambda n: isinstance(n, optax.MaskedNode)
 
@@ -129,11 +240,11 @@ def apply_policy(
   def per_subtree(path, old_sub, fresh_sub):
     if not is_params_like(old_sub):
       return old_sub
-    names = field_names(path)
-    cleared = bool(names & CLEARED_NAMES)
+    kind = _kind(tuple(path), declared)
+    cleared = kind == "history"
     if on_refresh == "keep" and not cleared:
       return old_sub
-    second = bool(names & SECOND_MOMENT_NAMES)
+    second = kind == "second"
     olds = jax.tree.leaves(old_sub, is_leaf=is_masked)
     freshes = jax.tree.leaves(fresh_sub, is_leaf=is_masked)
     out = []
@@ -167,7 +278,7 @@ def bounded_transport_matrices(old: bases_lib.Basis, new: bases_lib.Basis) -> tu
   """
   return tuple(
       None if t is None
-      else t / jnp.sqrt(jnp.maximum(1.0, jnp.sum(jnp.square(t), axis=-1, keepdims=True)))
+      else t / jnp.sqrt(jnp.maximum(1.0, jnp.sum(jnp.square(t), axis=1, keepdims=True)))
       for t in bases_lib.transport_matrices(old, new)
   )
 

@@ -43,6 +43,7 @@ import optax
 from jax.scipy.linalg import cho_factor, cho_solve
 
 from optax_lowrank import leaves as leaves_lib
+from optax_lowrank import refresh as refresh_lib
 from optax_lowrank.bases import over_batch
 
 __all__ = [
@@ -70,6 +71,10 @@ class WoodburyState(NamedTuple):
   count: jax.Array
   history: Any
   gram: Any
+
+
+# A refresh of olr.low_rank clears both: they hold gradients in the old coordinates.
+refresh_lib.register_statistics(WoodburyState, history=("history", "gram"))
 
 
 def _state_dtype(dtype) -> jnp.dtype:
