@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_lowrank import bases as bases_lib
-from optax_lowrank.leaves import LeafPlan, field_names, is_plan
+from optax_lowrank.leaves import LeafPlan, field_names, inner_zeros, is_plan
 
 POLICIES = ("keep", "reset", "transport")
 
@@ -210,11 +210,7 @@ def apply_policy(
   if not any(p.projected for p in plan_leaves):
     return inner_state
   dues = [None] * len(plan_leaves) if due is None else _aligned(plans, due)
-  coeff_struct = jax.tree.map(
-      lambda p: jax.ShapeDtypeStruct(p.coefficient_shape, p.coefficient_dtype),
-      plans, is_leaf=is_plan,
-  )
-  fresh = inner.init(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), coeff_struct))
+  fresh = inner.init(inner_zeros(plans))  # MaskedNode at non-float leaves, as at init
   bare_leaf = plan_def.num_leaves == 1 and plan_def.num_nodes == 1
 
   if on_refresh == "transport":
@@ -278,7 +274,7 @@ def bounded_transport_matrices(old: bases_lib.Basis, new: bases_lib.Basis) -> tu
   """
   return tuple(
       None if t is None
-      else t / jnp.sqrt(jnp.maximum(1.0, jnp.sum(jnp.square(t), axis=1, keepdims=True)))
+      else t / jnp.sqrt(jnp.maximum(1.0, jnp.sum(jnp.square(t), axis=-1, keepdims=True)))
       for t in bases_lib.transport_matrices(old, new)
   )
 
