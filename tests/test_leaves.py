@@ -73,12 +73,11 @@ def test_dimension_numbers_give_the_same_updates_as_the_triple():
   w = jax.random.normal(jax.random.PRNGKey(0), (3, 12, 10), jnp.float64)
   g = jax.random.normal(jax.random.PRNGKey(1), (3, 12, 10), jnp.float64)
   outs = []
-  for rule in (((0,), (1,), (2,)), Muon(1, 2), lambda p: {"w": Muon(1, 2)}):
+  for rule in (((0,), (1,), (2,)), Muon(1, 2)):
     tx = olr.galore(1e-2, rank=4, reshape=rule)
     state = tx.init({"w": w})
-    outs.append(tx.update({"w": g}, state, {"w": w})[0]["w"])
+    outs.append(jax.jit(tx.update)({"w": g}, state, {"w": w})[0]["w"])
   np.testing.assert_array_equal(outs[0], outs[1])
-  np.testing.assert_array_equal(outs[0], outs[2])
 
 
 def test_a_leaf_where_projection_saves_nothing_gets_inner_at_full_size_unscaled():
@@ -89,7 +88,7 @@ def test_a_leaf_where_projection_saves_nothing_gets_inner_at_full_size_unscaled(
   g = {"small": jax.random.normal(jax.random.PRNGKey(0), (4, 64)),
        "big": jax.random.normal(jax.random.PRNGKey(1), (32, 64))}
   tx = olr.low_rank(optax.sgd(1.0), olr.svd(8), scale=0.25)
-  u, _ = tx.update(g, tx.init(params), params)
+  u, _ = jax.jit(tx.update)(g, tx.init(params), params)
   np.testing.assert_array_equal(u["small"], -g["small"])  # SGD at full size, no α
   # an explicit selection still projects (and clamps)
   explicit = leaves.plan(params, olr.svd(8), where=True)
@@ -220,23 +219,24 @@ def test_an_int_leaf_is_never_trained_and_never_reaches_adam():
   loss = lambda p: jnp.sum(p["w"] ** 2) * (1 + p["step"]) + jnp.sum(p["ids"]) * 0
   grads = jax.grad(loss, allow_int=True)(params)
   assert grads["step"].dtype == jax.dtypes.float0
-  for where in (None, lambda path, leaf: path == ("w",), {"w": True, "step": False, "ids": False}):
-    for tx in (olr.galore(1e-2, rank=2, where=where),
-               olr.low_rank(optax.adam(1e-2), olr.gaussian(2), where=where, on_refresh="reset",
-                            refresh_every=1)):
-      state = tx.init(params)
-      step = jax.jit(tx.update)
-      for _ in range(2):  # through a refresh
-        u, state = step(grads, state, params)
-      assert u["step"].dtype == jnp.int32 and not jnp.any(u["ids"])  # zeros like the param
-      assert float(jnp.max(jnp.abs(u["w"]))) > 0
-      new = optax.apply_updates(params, u)
-      assert new["step"].dtype == jnp.int32
-      np.testing.assert_array_equal(new["ids"], params["ids"])
+  cases = [olr.galore(1e-2, rank=2),
+           olr.low_rank(optax.adam(1e-2), olr.gaussian(2), where=lambda path, leaf: path == ("w",),
+                        on_refresh="reset", refresh_every=1),
+           olr.galore(1e-2, rank=2, where={"w": True, "step": False, "ids": False})]
+  for tx in cases:
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for _ in range(2):  # through a refresh
+      u, state = step(grads, state, params)
+    assert u["step"].dtype == jnp.int32 and not jnp.any(u["ids"])  # zeros like the param
+    assert float(jnp.max(jnp.abs(u["w"]))) > 0
+    new = optax.apply_updates(params, u)
+    assert new["step"].dtype == jnp.int32
+    np.testing.assert_array_equal(new["ids"], params["ids"])
   # int gradients (not float0) get a zero update of their dtype
   tx = olr.galore(1e-2, rank=2)
   ints = {**grads, "step": jnp.ones((), jnp.int32), "ids": jnp.ones(4, jnp.int32)}
-  u, _ = tx.update(ints, tx.init(params), params)
+  u, _ = jax.jit(tx.update)(ints, tx.init(params), params)
   assert u["ids"].dtype == jnp.int32 and not jnp.any(u["ids"])
   # selecting it explicitly is an error naming it
   with pytest.raises(TypeError, match="leaf 'ids' of shape"):
