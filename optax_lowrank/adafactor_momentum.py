@@ -1,154 +1,37 @@
-"""AdaMeM: Adafactor with momentum kept only in a low-rank subspace (paper 004).
+"""AdaMeM: Adafactor with momentum kept only in a low-rank subspace.
 
-Vyas, Morwani & Kakade, "AdaMeM: Memory Efficient Momentum for Adafactor".
-For a projected leaf seen as a matrix ``G ∈ R^{m×n}`` with ``m ≤ n`` (the paper's
-setting; the other orientation is the transpose) and an orthonormal projector
-``P ∈ R^{m×r}`` (top-``r`` left singular vectors of a gradient, re-made every
-``T`` steps, Alg. 2), one step is (Alg. 1, with ``t`` counted from 1)::
+Vyas, Morwani and Kakade 2024, "AdaMeM: Memory Efficient Momentum for
+Adafactor" (WANT workshop at ICML 2024, openreview.net/forum?id=fZqMVTz7K5).
+For a projected leaf seen as ``G ∈ R^{m×n}`` with ``m ≤ n`` (otherwise the
+transpose) and an orthonormal ``P ∈ R^{m×r}`` (top-``r`` left singular vectors
+of a gradient, re-made every ``T`` steps), one step (Alg. 1, ``t`` from 1)::
 
-    R_t = Pᵀ G_t                                  (r×n)  Alg. 1 l.6, Alg. 2
-    S_t = G_t − P R_t = (I − P Pᵀ) G_t            (m×n)  Alg. 1 l.7
-    M_t = β1 M_{t−1} + (1 − β1) R_t               (r×n)  Alg. 1 l.8
-    N_1 = P · clip(AF(M̂_t))                       (m×n)  Alg. 1 l.9, Alg. 3
-    N_2 = clip(OS(S_t))                           (m×n)  Alg. 1 l.10, Alg. 4
-    u_t = N_1 + δ · N_2                                  Alg. 1 l.11
+    R_t = Pᵀ G_t                                  (r×n)  projected gradient
+    S_t = G_t − P R_t = (I − P Pᵀ) G_t            (m×n)  residual
+    M_t = β1 M_{t−1} + (1 − β1) R_t               (r×n)  low-rank momentum
+    N_1 = P · clip(AF(M̂_t))                       (m×n)  M̂_t = M_t / (1 − β1^t)
+    N_2 = clip(OS(S_t))                           (m×n)
+    u_t = N_1 + δ · N_2
 
-``AF`` is Adafactor's factored preconditioner applied to the bias-corrected
-momentum ``M̂_t = M_t / (1 − β1^t)``.  By default its second moments are those
-of the projected *gradient* ``R_t`` (``statistics="gradient"``; see below)::
+``AF`` is Adafactor's factored preconditioner (Shazeer and Stern 2018,
+arXiv:1804.04235) with row sums ``a_t`` ``(r,)`` and column sums ``b_t``
+``(n,)`` of ``R_t ∘ R_t`` (``statistics="gradient"``, the default; or of
+``M̂_t ∘ M̂_t``), ``AF(M̂) = M̂ / (√(a bᵀ / 1ᵀa / (1 − β2^t)) + ε)``.  ``OS`` is
+one-sided Adafactor on the residual: one vector ``c_t`` ``(n,)`` of its column
+sums of squares, ``OS(S) = S / (√(c_t / m / (1 − β2^t)) + ε)``.  ``clip`` is
+Adafactor's update clipping ``x / max(1, RMS(x)/d)``, applied to each part.
+``N_1`` lies in ``span(P)`` and ``N_2`` in its complement, so
+``⟨N_1, N_2⟩ = 0`` (Claim 3.1; :func:`adamem_parts` returns both parts).
+Leaves that are not projected get plain Adafactor without momentum.
 
-    a_t = β2 a_{t−1} + (1 − β2) (R_t ∘ R_t) 1_n         (r,)  row sums
-    b_t = β2 b_{t−1} + (1 − β2) 1_rᵀ (R_t ∘ R_t)        (n,)  column sums
-    V̂ = a_t b_tᵀ / (1_rᵀ a_t) / (1 − β2^t)
-    AF(M̂_t) = M̂_t / (√V̂ + ε)
-
-(``statistics="momentum"`` accumulates ``M̂_t ∘ M̂_t`` instead.)  ``OS`` is the
-one-sided Adafactor preconditioner: a single vector of second moments along
-the *non-projected* axis, averaged over the projected one, so it scales the
-columns of the residual only::
-
-    c_t = β2 c_{t−1} + (1 − β2) 1_mᵀ (S_t ∘ S_t)        (n,)
-    OS(S_t) = S_t / (√(1_m c_tᵀ / m / (1 − β2^t)) + ε)
-
-``clip`` is Adafactor's update clipping (Shazeer & Stern, §6),
-``x / max(1, RMS(x)/d)`` with threshold ``d`` (default 1), applied to each part
-separately in the space its preconditioner works in: to the ``r×n``
-coefficients ``AF(M̂_t)`` before the product with ``P`` (as the Adafactor
-variant of GaLore does), and to the ``m×n`` residual ``OS(S_t)``.
-
-Claim 3.1 (orthogonality).  ``N_1`` lies in the column space of ``P``
-(``N_1 = P X``) and ``N_2 = (I − P Pᵀ) G_t D`` with ``D`` diagonal, so
-``⟨N_1, N_2⟩_F = tr(Xᵀ Pᵀ (I − P Pᵀ) G_t D) = 0``: preconditioning never mixes
-the momentum subspace with its complement.  Clipping multiplies each part by
-a positive scalar, so it keeps the split.  :func:`adamem_parts` returns the two
-parts of one step so this can be checked directly.
-
-Decisions where the paper is silent, ambiguous or inconsistent:
-
-* **Whose statistics Alg. 3 accumulates.**  Alg. 1 l.9 passes the momentum to
-  Alg. 3, which (read literally) builds its factored second moment from the
-  squared momentum ``M̂²``.  The proof of Claim 3.1 and §3 ("similar to the
-  Adafactor variant of GaLore") instead precondition the projected gradient,
-  whose statistics are those of ``(PᵀG)²``.  We default to the latter, applied
-  to the momentum as Adam does.  The difference shows under gradient noise.
-  On a ``64×96`` leaf fed ``G_t = A + σ·N_t`` (``A`` of rank 4, ``N_t``
-  standard normal noise; rank 4, ``δ = 0``, no clipping, float32, mean over
-  steps 100–199), the RMS of the low-rank coefficients ``AF(M̂_t)`` is
-  1.04 / 1.08 / 1.00 at σ = 1 / 3 / 10 with momentum statistics (every
-  coordinate steps about 1 whatever the noise) and 0.96 / 0.64 / 0.24 with
-  gradient statistics, which shrink with the signal-to-noise ratio as Adam's
-  steps do (full-rank Adam, same β's: RMS 0.58 / 0.35 / 0.24); the cosine of
-  the update to ``A`` is 0.87 / 0.61 / 0.07 against 0.89 / 0.71 / 0.08.  On the
-  example Llama, issue 17 measured 1.930 / 1.955 nats/byte (400 steps, seeds
-  0/1) with momentum statistics and 1.815 / 1.811 with gradient statistics at
-  the same learning rate.  ``statistics="momentum"``
-  keeps the literal reading.
-* **Update clipping.**  Alg. 3 is Adafactor, which clips every update to RMS
-  ``≤ d``; Alg. 1 does not mention it.  We clip (``clip_threshold=1.0``;
-  ``None`` turns it off), each part separately so that Claim 3.1 still holds:
-  the factored preconditioner on SVD coefficients is badly conditioned at the
-  first steps (issue 17 measured unclipped entries of 7–16 on the example
-  Llama's kernels at step 1, where Adam's are ≤ 1).
-* **Side of the one-sided statistic.**  Alg. 4 as printed accumulates row sums
-  ``(S_t²) 1_n`` (a scaling of the rows, the projected axis) but normalises by
-  ``1_mᵀ/m``; Claim 3.1's proof (``B = (I − PPᵀ) G D_3`` with
-  ``D_3 ∈ R^{n×n}``) and the memory count (``r + n + n``) both require the
-  statistic to live on the non-projected axis.  We follow the proof and the
-  memory count; scaling the rows would break the orthogonality (the test file
-  shows it).
-* **A residual at round-off level is zero.**  The step never forms ``S_t``
-  (two GEMMs, see :func:`_adamem_update`): it takes the residual's column norms
-  as ``‖G_j‖² − ‖R_j‖²``, which cancels when ``G_j`` lies (almost) inside
-  ``span(P)``.  A float32 SVD gives a ``P`` orthonormal to ~1e-6 only, so
-  what is left there is noise, which ``OS`` would scale up to unit size.  A
-  column whose residual holds less than ``√ε`` of the gradient column's squared
-  norm (``ε`` of the projector's dtype: a residual under 1.9% of the column's
-  norm in float32, 0.012% in float64) is treated as exactly zero, in the
-  statistic and in the update, so that a gradient anywhere from 0% to 100%
-  inside the span gives a bounded step.  Above the threshold an error of
-  ``k·ε·‖G_j‖²`` in the difference is at most ``k·√ε`` of it (a few percent
-  for ``k ~ 100``).  Without this guard, a ``64×96`` leaf at rank 16 fed
-  float32 gradients from a fixed 16-dimensional subspace got updates with RMS
-  up to 21.7 and entries up to 129; with it, at most 0.50 and 1.84.  The
-  threshold assumes float32 products, as on the CPU.  On GPUs (TF32) and TPUs
-  (bfloat16 passes) JAX's default float32 matmul precision is lower: the step
-  stays bounded (a kept column's computed ``‖G_j‖² − ‖R_j‖²`` still exceeds
-  ``√ε·‖G_j‖²``, and clipping caps each part), but for a gradient almost inside the span the
-  residual part is then mostly product round-off.  Wrap the step in
-  ``jax.default_matmul_precision("float32")`` where that matters (not
-  measured on an accelerator).
-* **Bias correction and ε** ("not described for simplicity", Alg. 1): the
-  momentum is bias-corrected by ``1 − β1^t`` *before* it enters Alg. 3, every
-  second-moment statistic by ``1 − β2^t``, and ``ε`` (default ``1e-8``, the
-  paper's §5 value) is added to the square root, as in Adam.  With this choice
-  step 1 gives ``N_1 = P · R_1 / √(factored R_1²)``, invariant to the
-  gradient's scale.
-* **Refresh.**  Alg. 1–2 keep ``M`` and every statistic untouched when ``P`` is
-  replaced (no reset, no transport), as GaLore does; so do we.  The first
-  projector is made at step 0 (the package's convention), then every
-  ``refresh_every`` steps, inside ``jax.lax.cond``.
-* **No Adafactor relative step.**  The paper's "relative step size δ" is the
-  weight of the residual direction (Alg. 1, ``δ = 1``; §5 sweeps
-  ``δ ∈ {0.5, 1}``), not Adafactor's parameter-scale step.
-* **Full-rank leaves.**  When the rank (clamped to the leaf) equals the
-  projected dimension, ``I − PPᵀ = 0`` exactly; the residual is then set to
-  zero statically.
-* **Leaves that are not projected** (vectors, scalars, anything ``where``
-  leaves out) get plain Adafactor *without* momentum, with the same update
-  clipping: a factored second moment over the last two axes for leaves with
-  ≥ 2 axes, a full one for the rest, same ``β2``, ``ε`` and bias correction.
-  This is what the paper uses for the layers it does not make low-rank
-  ("training the first and last layers with Adafactor for AdaMeM", §5) and it
-  keeps the state ``O(m + n)`` for big excluded matrices such as embeddings;
-  an Adam treatment would cost ``2·m·n``.
-
-Step size.  Every part is normalised to RMS ≈ 1 (and clipped there), as
-Adam's per-coordinate steps are at best, and the two parts add: at the same
-learning rate AdaMeM moves a projected kernel several times further than
-AdamW (Adam's steps shrink to ~0.2–0.6 under gradient noise; a unit-RMS
-residual does not), and much further than GaLore, whose update GaLore scales
-by ``α``.  Tune its learning rate separately.
-
-Memory (state bytes of one leaf; ``b_u``, ``b_µ``, ``b_s`` the item sizes of
-the projector, momentum and statistics; the projector and statistics are
-float32, float64 for float64 leaves; the momentum is ``mu_dtype``, the same by
-default).  For a projected leaf whose matrix view is ``m×n``, let ``p`` be the
-projected dimension (``min(m, n)`` for ``side="auto"``), ``q`` the other one and
-``r = min(rank, m, n)``:
-
-==================  ===================  ============================
-field               shape                bytes
-==================  ===================  ============================
-projector ``P``     ``(p, r)``           ``p·r·b_u``
-``mu``              ``(r, q)``/(q, r)    ``q·r·b_µ``
-``nu_row, nu_col``  ``(r,), (q,)``       ``(r + q)·b_s``
-``nu_res``          ``(q,)``             ``q·b_s``
-==================  ===================  ============================
-
-i.e. ``(p + q)·r + r + 2q`` floats ≈ ``(m + n)·r`` (the paper's count).  A leaf
-that is not projected holds ``(size/s_{−1} + size/s_{−2})·b_s`` bytes if it has
-≥ 2 axes (``s_{−1}, s_{−2}`` its last two dimensions), ``size·b_s`` otherwise.
-The step counter adds 4 bytes.  :func:`adamem_state_bytes` evaluates all of it.
+Memory of a projected leaf whose matrix view is ``m×n`` (projected dimension
+``p``, the other ``q``, ``r = min(rank, m, n)``): ``P`` ``(p, r)``, ``mu``
+``r·q``, ``nu_row``/``nu_col`` ``r + q``, ``nu_res`` ``q``: ``(p + q)·r + r + 2q``
+floats, about ``(m + n)·r``, against Adam's ``2·m·n``.
+:func:`adamem_state_bytes` counts it exactly.  Where the paper is silent (whose
+statistics Alg. 3 uses, clipping, the side of the residual statistic, residuals
+at round-off level, bias correction, refresh) and what was measured:
+``docs/api/adamem.md``.
 """
 
 import math
@@ -434,7 +317,16 @@ def _adamem_update(basis, grad, mu, nu_row, nu_col, nu_res, count, *, b1, b2, ep
 
 def _adafactor_leaf(g: Array, nu_row: Array, nu_col: Array | None, count, b2, eps,
                     clip_threshold):
-  """Adafactor without momentum, with update clipping, on a leaf that is not projected."""
+  """Adafactor without momentum, with update clipping, on a leaf that is not projected.
+
+  Not ``optax.scale_by_factored_rms`` + ``optax.clip_by_block_rms``: optax's
+  factored RMS decays with ``1 − (t+1)^−0.8`` without bias correction, adds its
+  ε to ``g²`` and factors only dimensions ≥ 128, while AdaMeM's unprojected
+  leaves use the same fixed ``β2``, bias correction and ε-outside-the-root as its
+  projected ones (so that the two kinds of leaf take comparable steps).  The
+  clipping is optax's formula; it is kept here because the projected parts
+  compute it from a sum of squares without forming the update (``_clip_factor``).
+  """
   dtype = nu_row.dtype
   c2 = 1 - jnp.asarray(b2, dtype) ** (jnp.asarray(count, jnp.int32) + 1).astype(dtype)
   x = g.astype(dtype)
@@ -558,7 +450,7 @@ def scale_by_adamem(
     reshape: leaves_lib.ReshapeRule | Callable[..., Any] | None = None,
     mu_dtype: Any | None = None,
 ) -> optax.GradientTransformation:
-  """AdaMeM's preconditioned direction (paper 004, Alg. 1), learning rate excluded.
+  """AdaMeM's preconditioned direction (Vyas et al. 2024, Alg. 1), learning rate excluded.
 
   Per projected leaf (``G ∈ R^{m×n}``, ``m ≤ n`` shown; see the module
   docstring for every equation)::
@@ -719,7 +611,7 @@ def adamem(
     mask: Any | Callable[[optax.Params], Any] | None = None,
     mu_dtype: Any | None = None,
 ) -> optax.GradientTransformation:
-  """AdaMeM with decoupled weight decay and a learning rate (paper 004, Alg. 1).
+  """AdaMeM with decoupled weight decay and a learning rate (Vyas et al. 2024, Alg. 1).
 
   ``W ← W − η · (N_1 + δ·N_2 + λ_wd · W)``: :func:`scale_by_adamem`, then
   ``optax.add_decayed_weights(weight_decay, mask)`` on the full weights, then
