@@ -701,13 +701,14 @@ def subspace_iteration(
   Cost of a refresh of an ``m × n`` matrix projected on its ``m``-side, rank
   ``r``: ``iters·(4·m·n·r + 4·m·r²) + 4·m·r² + O(r³)`` FLOPs, against
   ``6·n·m² + 20·m³`` for the SVD (Golub & Van Loan's count): at
-  ``512 × 1376``, ``r = 128`` one step is 16 % of an SVD, at ``1024 × 2816``
-  9 % (``refresh_flops``; ``docs/how-to/refresh.md`` has the measured times).
+  ``512 × 1376``, ``r = 128`` one step is 9.9 % of an SVD, at ``1024 × 2816``
+  4.2 % (``refresh_flops``; ``docs/how-to/refresh.md`` has the measured times).
   Accuracy: on a fixed gradient the principal angles to the exact top-``r``
   subspace shrink by ``(σ_{r+1}/σ_r)²`` per step, so repeated refreshes
-  converge to it; on a drifting gradient the basis lags the exact one by about
-  the drift of one refresh period (measured in ``benchmarks/refresh_accuracy.py``
-  ``--tracking``).  Orthonormal, stored, float32 (float64 for float64 leaves).
+  converge to it; a drifting subspace is followed one step per refresh, so it
+  lags the exact one when the drift of a period is large against the spectral
+  gap (then raise ``iters``).  Orthonormal, stored, float32 (float64 for
+  float64 leaves).
   """
   return SubspaceIteration(rank, side, iters, init, oversample, power_iters, align)
 

@@ -16,12 +16,14 @@ ONE_SIDED = {
     "gaussian": olr.gaussian,
     "rademacher": olr.rademacher,
     "semi_orthogonal": olr.semi_orthogonal,
+    "subspace_iteration": olr.subspace_iteration,
 }
 
 
 def _basis(spec, shape, grad=None, refresh=0, seed=0, dtype=jnp.float64):
   params = {"w": jax.ShapeDtypeStruct(shape, dtype)}
-  (p,) = jax.tree.leaves(leaves.plan(params, spec), is_leaf=leaves.is_plan)
+  # Selected explicitly, so that a clamped rank that saves nothing is still projected.
+  (p,) = jax.tree.leaves(leaves.plan(params, spec, where=True), is_leaf=leaves.is_plan)
   if grad is None:
     grad = jnp.asarray(np.random.default_rng(0).normal(size=shape), dtype)
   return p, p.make_basis(jax.random.PRNGKey(seed), jnp.asarray(refresh), grad)
@@ -56,7 +58,8 @@ def test_auto_side_follows_reference_galore():
   assert _basis(olr.svd(2), (6, 10))[0].coefficient_shape == (2, 10)
 
 
-@pytest.mark.parametrize("name", ["svd", "randomized_svd", "semi_orthogonal"])
+@pytest.mark.parametrize("name", ["svd", "randomized_svd", "semi_orthogonal",
+                                  "subspace_iteration"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_orthonormal_specs_have_orthonormal_factors(name, side):
   _, b = _basis(ONE_SIDED[name](5, side=side), (20, 16))
@@ -115,12 +118,20 @@ def test_randomized_svd_recovers_low_rank_plus_noise_subspace():
 
 
 @pytest.mark.parametrize("spec", [olr.svd(3), olr.randomized_svd(3), olr.two_sided(2, 2, "svd"),
-                                  olr.tucker(2), olr.semi_orthogonal(3)])
+                                  olr.tucker(2), olr.semi_orthogonal(3),
+                                  olr.subspace_iteration(3)])
 def test_zero_gradient_at_refresh_gives_finite_basis(spec):
   _, b = _basis(spec, (9, 7), jnp.zeros((9, 7)))
   for f in b.factors:
     if f is not None:
       assert np.isfinite(np.asarray(f)).all()
+
+
+def test_tracking_keeps_its_basis_on_a_zero_gradient():
+  p, b = _basis(olr.subspace_iteration(3), (9, 7))
+  new = p.spec.track(p.view_shape, jax.random.PRNGKey(0), jnp.zeros((9, 7)), b.factors,
+                     p.basis_dtype)
+  np.testing.assert_array_equal(new[1], b.factors[1])
 
 
 def test_two_sided_and_tucker_and_dense_shapes():
@@ -141,6 +152,8 @@ def test_stored_flags():
   assert not olr.gaussian(2).stored and not olr.rademacher(2).stored
   assert olr.two_sided(2, 2, "svd").stored and not olr.two_sided(2, 2).stored
   assert olr.tucker(2).stored and not olr.dense(3).stored
+  assert olr.subspace_iteration(2).stored and olr.subspace_iteration(2).tracks
+  assert not olr.svd(2).tracks
 
 
 def test_specs_are_hashable_and_comparable():
@@ -163,6 +176,9 @@ def test_specs_are_hashable_and_comparable():
         (lambda: olr.dense(0), "rank"),
         (lambda: olr.randomized_svd(4, oversample=-1), "oversample"),
         (lambda: olr.randomized_svd(4, power_iters=-1), "power_iters"),
+        (lambda: olr.subspace_iteration(4, iters=0), "iters"),
+        (lambda: olr.subspace_iteration(4, oversample=-1), "oversample"),
+        (lambda: olr.subspace_iteration(0), "rank"),
     ],
 )
 def test_bad_specs_fail_at_construction(make, match):
