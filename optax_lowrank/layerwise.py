@@ -177,15 +177,22 @@ def _equation_dependencies(eqn: Any, ins: list[frozenset]) -> list[frozenset]:
 
 
 def check_separable(tx: optax.GradientTransformation, layer: Any) -> None:
-  """Raise if ``tx`` couples layers (its update of one depends on another's gradient).
+  """Raise if ``tx`` couples layers (its update of one moves with another's gradient).
 
-  Traces ``tx.update`` (no computation: abstract shapes) on a tree of two
-  copies of ``layer``'s shapes and follows the data flow of the jaxpr, through
-  ``cond``, ``scan``, ``while`` and nested calls (other higher-order primitives
-  count as depending on all their inputs, which can only refuse a separable
-  ``tx``, never accept a coupled one).  Coupling through the optimizer state
-  across steps (a statistic of all layers carried to the next step) is not
-  seen: the state is taken as given.
+  Traces (no computation: abstract shapes) the JVP of ``tx.update`` on a tree
+  of two copies of ``layer``'s shapes, with tangents on the gradients and the
+  params, and follows the data flow of the tangents through the jaxpr
+  (through ``cond``, ``scan``, ``while`` and nested calls; other higher-order
+  primitives count as depending on all their inputs): an update of the first
+  copy whose tangent depends on a tangent of the second is a coupling, as in
+  ``optax.clip_by_global_norm`` (``g·c/‖g‖`` moves with every leaf).  Only
+  differentiable paths count, so ordering tricks through integers (8-bit
+  Adam ties each leaf's decoding to the previous leaf's codes) and rounding
+  are not couplings; a coupling only through a non-differentiable decision
+  (``optax.apply_if_finite``'s all-finite test) or through the optimizer
+  state across steps is not seen: in a layer-wise step those decisions are
+  taken per layer.  Where the JVP cannot be traced, the primal data flow is
+  followed instead (stricter).
 
   Raises:
     ValueError: naming the update leaf of the first copy that depends on a
@@ -194,26 +201,37 @@ def check_separable(tx: optax.GradientTransformation, layer: Any) -> None:
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), layer)
   pair = [shapes, shapes]
   state = jax.eval_shape(tx.init, pair)
-  closed, out_shapes = jax.make_jaxpr(lambda g, s, p: tx.update(g, s, p)[0],
-                                     return_shape=True)(pair, state, pair)
-  g_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(pair)[0]]
-  n_half = len(g_paths) // 2
-  labels = [frozenset({("g", i)}) for i in range(len(g_paths))]
-  n_state = len(jax.tree.leaves(state))
-  labels += [frozenset()] * n_state
-  labels += [frozenset({("p", i)}) for i in range(len(g_paths))]
+  n = len(jax.tree.leaves(pair))
+  unlabeled = [frozenset()] * n
+  state_labels = [frozenset()] * len(jax.tree.leaves(state))
+  g_labels = [frozenset({("g", i)}) for i in range(n)]
+  p_labels = [frozenset({("p", i)}) for i in range(n)]
+
+  def update(g, s, p):
+    return tx.update(g, s, p)[0]
+
+  def tangents(g, s, p, tg, tp):
+    return jax.jvp(lambda g, p: update(g, s, p), (g, p), (tg, tp))[1]
+
+  try:
+    closed, out_shapes = jax.make_jaxpr(tangents, return_shape=True)(pair, state, pair, pair,
+                                                                      pair)
+    labels = unlabeled + state_labels + unlabeled + g_labels + p_labels
+  except Exception:  # noqa: BLE001 - no JVP rule somewhere: the primal data flow instead
+    closed, out_shapes = jax.make_jaxpr(update, return_shape=True)(pair, state, pair)
+    labels = g_labels + state_labels + p_labels
   outs = _dependencies(closed.jaxpr, labels)
-  out_leaves = jax.tree_util.tree_flatten_with_path(out_shapes)[0]
-  for (path, leaf), deps in zip(out_leaves, outs):
-    mine = path[0].idx if hasattr(path[0], "idx") else 0
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(pair)[0]]
+  leaves = jax.tree.leaves(pair)
+  for (path, leaf), deps in zip(jax.tree_util.tree_flatten_with_path(out_shapes)[0], outs):
+    mine = getattr(path[0], "idx", 0)
     for kind, i in sorted(deps):
-      if (i >= n_half) != (mine == 1):
-        other = jax.tree.leaves(pair)[i]
+      if (i >= n // 2) != (mine == 1):
         what = "gradient" if kind == "g" else "param"
         raise ValueError(
             f"`tx` is not layer-separable: the update of layer leaf "
             f"{jax.tree_util.keystr(path[1:])} {tuple(leaf.shape)} depends on the {what} of "
-            f"another layer's leaf {g_paths[i][3:]} {tuple(other.shape)} (e.g. "
+            f"another layer's leaf {paths[i][3:]} {tuple(leaves[i].shape)} (e.g. "
             "optax.clip_by_global_norm needs the norm of the whole gradient, which a "
             "layer-wise step does not have when it updates a layer). Take the coupling "
             "out of `tx` and pass make_step(..., clip=\"layer\" | \"previous\" | "
