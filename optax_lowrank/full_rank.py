@@ -17,28 +17,29 @@ projection does not touch — and the scaling factors are
 
 * :func:`scaled_gradient` (APOLLO, Zhu et al. 2025, "APOLLO: SGD-like Memory,
   AdamW-level Performance", arXiv 2412.05270): the update is the raw gradient
-  rescaled, ``U = G·diag(s)`` (or ``s·G``).  With a random projection
+  rescaled, ``U = α·G·diag(s)`` (or ``α·s·G``).  With a random projection
   (``olr.gaussian``) nothing but the inner statistics on ``r×n`` coefficients
   is stored; with rank 1 and tensor-wise scaling this is APOLLO-Mini.
 * :func:`scaled_residual` (Fira, Chen et al. 2024, "Fira: Can We Achieve
   Full-rank Training of LLMs Under Low-rank Constraint?", arXiv 2410.01623):
   the ordinary low-rank step plus the part of the gradient outside the
-  subspace, rescaled, ``U = Pᵀ Δ + φ ∘ (G − Pᵀ C)`` with ``φ = s``.
+  subspace, rescaled, ``U = α·Pᵀ Δ + φ ∘ (G − Pᵀ C)`` with ``φ = s``.
 
 Both may be followed by the *norm-growth limiter* of the two papers: with
-``X_t`` the limited term (the whole update for APOLLO, the scaled residual for
-Fira) and ``γ = limit``,
+``X_t`` the limited term (the scaled gradient ``G·diag(s)`` for APOLLO, the
+scaled residual for Fira) and ``γ = limit``,
 
     if ‖X_t‖ > γ·‖X_{t−1}‖:   X_t ← X_t · γ‖X_{t−1}‖ / ‖X_t‖
 
 (never at the first step).  It keeps one float per matrix, the norm of the
 last limited term, in :attr:`optax_lowrank.LowRankState.limiter`.
 
-``α`` (``low_rank``'s ``scale``) multiplies ``Δ`` before the factors are
-measured, so it scales the whole update of a projected leaf.  The learning rate
-must come *after* ``low_rank`` (as in :func:`optax_lowrank.apollo`): inside the
-inner chain its sign would be lost in the norms, and a warm-up would look like
-norm growth to the limiter.
+``α`` is ``low_rank``'s ``scale``; the factors are measured on the unscaled
+``Δ``.  It multiplies APOLLO's whole update (the paper's gradient scale
+factor) and only Fira's low-rank term, as in GaLore (Fira's reference code
+does the same).  The learning rate must come *after* ``low_rank`` (as in
+:func:`optax_lowrank.apollo`): inside the inner chain its sign would be lost
+in the norms, and a warm-up would look like norm growth to the limiter.
 
 Cost per ordinary step and matrix: the projection ``P G`` (``2·m·n·r`` FLOPs)
 and two elementwise passes over ``G`` (channel norms, then the scaled update);
@@ -113,7 +114,8 @@ class FullRankRule:
     return jnp.zeros(plan.batch_shape, plan.basis_dtype)
 
   def apply(self, plan: LeafPlan, basis: bases_lib.Basis, g: jax.Array, c: jax.Array,
-            u: jax.Array, last: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+            u: jax.Array, last: jax.Array | None,
+            scale: float | jax.Array = 1.0) -> tuple[jax.Array, jax.Array | None]:
     """The full-size update of one projected leaf and the limiter's new memory.
 
     Args:
@@ -121,9 +123,10 @@ class FullRankRule:
       basis: its current basis.
       g: the gradient (leaf shape and dtype).
       c: the coefficients ``project(basis, g)``.
-      u: the inner optimizer's step on ``c``, times ``α``.
+      u: the inner optimizer's step ``Δ`` on ``c``.
       last: the norm of the previous limited term per matrix (``batch_shape``),
         or ``None`` without a limiter.
+      scale: ``α`` (see the module docstring).
 
     Returns:
       ``(update, last)``: the update in ``g``'s shape and dtype, and the norm of
@@ -147,7 +150,7 @@ class FullRankRule:
     scaled_g_sq = jnp.sum(jnp.square(s) * sum_sq(gv.astype(dtype), reduced), axis=view_axes)
     if not self.residual:
       factor, new_last = _limit(jnp.sqrt(scaled_g_sq), last, self.limit)
-      out = gv * _expand(factor, s.ndim) * s
+      out = gv * (scale * _expand(factor, s.ndim) * s)
       return bases_lib.from_view(basis, out).astype(g.dtype), _like(new_last, last)
     # Fira: S = φ∘(G − Pᵀ C) = φ∘G − Pᵀ(φ∘C), since φ acts on the free axes only;
     # ‖S‖² = ‖φ∘G‖² − 2‖φ∘C‖² + ‖Pᵀ(φ∘C)‖²  (⟨φ∘G, Pᵀx⟩ = ⟨φ∘C, x⟩ as C = P G).
@@ -156,7 +159,7 @@ class FullRankRule:
     residual_sq = scaled_g_sq - 2 * x_sq + _back_sq_norm(basis, x)
     factor, new_last = _limit(jnp.sqrt(jnp.maximum(residual_sq, 0)), last, self.limit)
     f = _expand(factor, s.ndim)
-    low = bases_lib.project_back(basis, u - f * x)
+    low = bases_lib.project_back(basis, scale * u - f * x)
     out = low + bases_lib.from_view(basis, gv * (f * s))
     return out.astype(g.dtype), _like(new_last, last)
 
@@ -164,10 +167,10 @@ class FullRankRule:
 def scaled_gradient(granularity: str = "channel", limit: float | None = 1.01) -> FullRankRule:
   """APOLLO's way back: the raw gradient rescaled by factors measured in the small space.
 
-  ``U = G·diag(s)`` with ``s_j = ‖Δ[:, j]‖ / ‖C[:, j]‖`` per channel (the
-  axis the projection leaves alone), or ``U = s·G`` with ``s = ‖Δ‖/‖C‖``
-  (``granularity="tensor"``, APOLLO-Mini), then the norm-growth limiter on
-  ``U``.  Zhu et al. 2025, arXiv 2412.05270, Alg. 1.
+  ``U = α·G·diag(s)`` with ``s_j = ‖Δ[:, j]‖ / ‖C[:, j]‖`` per channel (the
+  axis the projection leaves alone), or ``U = α·s·G`` with ``s = ‖Δ‖/‖C‖``
+  (``granularity="tensor"``, APOLLO-Mini), the norm-growth limiter on
+  ``G·diag(s)``.  Zhu et al. 2025, arXiv 2412.05270, Alg. 1.
 
   Args:
     granularity: ``"channel"`` or ``"tensor"``.
@@ -179,7 +182,7 @@ def scaled_gradient(granularity: str = "channel", limit: float | None = 1.01) ->
 def scaled_residual(granularity: str = "channel", limit: float | None = 1.01) -> FullRankRule:
   """Fira's way back: the low-rank step plus the rescaled residual outside the subspace.
 
-  ``U = Pᵀ Δ + S`` with ``S = φ∘(G − Pᵀ C)``, ``φ_j = ‖Δ[:, j]‖ / ‖C[:, j]‖``
+  ``U = α·Pᵀ Δ + S`` with ``S = φ∘(G − Pᵀ C)``, ``φ_j = ‖Δ[:, j]‖ / ‖C[:, j]‖``
   per channel (or one ``φ = ‖Δ‖/‖C‖`` per matrix), the norm-growth limiter
   applied to ``S``.  Chen et al. 2024, arXiv 2410.01623, §3 (norm-based
   scaling, norm-growth limiter).
@@ -215,13 +218,15 @@ def init(rule: FullRankRule | None, plans: Any) -> Any:
 
 
 def back_to_full(rule: FullRankRule, plans: Any, grads: Any, coeffs: Any, steps: Any,
-                 bases: Any, limiter: Any) -> tuple[Any, Any]:
-  """``rule.apply`` at every projected leaf; unprojected leaves keep their step."""
+                 scale: float | jax.Array, bases: Any, limiter: Any) -> tuple[Any, Any]:
+  """``rule.apply`` at every projected leaf (``steps``: the unscaled ``Δ``);
+  unprojected leaves keep their step."""
   map_plans(lambda p: rule.check(p) if p.projected else None, plans)
   if limiter is None:
     limiter = map_plans(lambda p: None, plans)
   pairs = map_plans(
-      lambda p, g, c, u, b, last: rule.apply(p, b, g, c, u, last) if p.projected else (u, None),
+      lambda p, g, c, u, b, last: (rule.apply(p, b, g, c, u, last, scale) if p.projected
+                                   else (u, None)),
       plans, grads, coeffs, steps, bases, limiter,
   )
   updates = map_plans(lambda p, pair: pair[0], plans, pairs)

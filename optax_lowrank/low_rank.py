@@ -277,6 +277,7 @@ def low_rank(
     inner_updates, inner_state = inner_tx.update(coeffs, inner_state, inner_params,
                                                  **extra_args)
     # α applies to projected leaves only, in the small space (Sᵀ is linear).
+    steps = inner_updates  # unscaled: a full-rank rule measures Δ and applies α itself
     inner_updates = map_plans(
         lambda p, u: scale * u if p.projected else u, plans, inner_updates
     )
@@ -288,7 +289,7 @@ def low_rank(
       )
     else:  # a full-rank rule measures the step against the coefficients it came from
       new_updates, limiter = full_rank_lib.back_to_full(
-          full_rank, plans, updates, coeffs, inner_updates, bases, limiter)
+          full_rank, plans, updates, coeffs, steps, scale, bases, limiter)
     new_updates = leaves_lib.zero_frozen(plans, updates, new_updates, params)
     if track_coefficients:
       coefficients = map_plans(

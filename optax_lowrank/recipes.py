@@ -478,9 +478,11 @@ def fira(
   ``φ_j = ‖ψ(R)[:, j]‖/‖R[:, j]‖``, with the norm-growth limiter on it:
 
       S = φ∘(G − P R),   S ← S·γ‖S_{t−1}‖/‖S‖ if ‖S‖ > γ‖S_{t−1}‖,
-      W ← W − η_t·(α·(P ψ(R) + S) + λ_wd·W)
+      W ← W − η_t·(α·P ψ(R) + S + λ_wd·W)
 
-  (``α`` multiplies both terms: ``φ`` is measured on ``α·ψ(R)``).  State per
+  (``α`` on the low-rank term only, as in GaLore and Fira's reference code,
+  which subtracts ``α·P R`` for the residual where we follow the paper's
+  ``G − P R``).  State per
   projected matrix: GaLore's (moments on ``r·max(m, n)`` coefficients and the
   ``min(m, n)×r`` projector) plus one float.  See
   :func:`optax_lowrank.full_rank.scaled_residual`.

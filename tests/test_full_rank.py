@@ -61,7 +61,7 @@ def reference(grads, factors, *, residual, granularity, alpha, lr, gamma):
   which side it projects.  APOLLO: ``R = P G``, Adam on R, ``s`` the ratio of
   norms of Adam's step to R (per channel or per matrix), ``G̃ = G·diag(s)``,
   norm-growth limiter on ``G̃``, ``W ← W − η·α·G̃``.  Fira: ``φ`` the same
-  ratio, ``S = φ∘(G − Pᵀ R)``, limiter on S, ``W ← W − η·α·(Pᵀ ψ(R) + S)``.
+  ratio, ``S = φ∘(G − Pᵀ R)``, limiter on S, ``W ← W − η·(α·Pᵀ ψ(R) + S)``.
   Returns the updates and, per step, whether the limiter engaged.
   """
   m = v = prev = None
@@ -88,7 +88,7 @@ def reference(grads, factors, *, residual, granularity, alpha, lr, gamma):
       x = x * gamma * prev / np.linalg.norm(x)
     prev = np.linalg.norm(x)
     engaged.append(hit)
-    updates.append(-lr * alpha * (low + x))
+    updates.append(-lr * (alpha * low + x) if residual else -lr * alpha * x)
   return updates, engaged
 
 
@@ -230,7 +230,8 @@ def test_rule_is_the_formula(m, n, rank, side, residual, granularity, kind, batc
   u = jnp.asarray(rng.standard_normal(c.shape))
   rule = fr.FullRankRule(residual, granularity, 1.2)
   prev = jnp.full(batch, last)
-  got, new_last = rule.apply(p, basis, g, c, u, prev)
+  alpha = 0.3 + last  # any α > 0
+  got, new_last = rule.apply(p, basis, g, c, u, prev, alpha)
   f = np.asarray(basis.factors[0] if side == "left" else basis.factors[1])
   for i in range(int(np.prod(batch, dtype=int))):
     gi, ci, ui = (np.asarray(x).reshape((-1,) + x.shape[-2:])[i] for x in (g, c, u))
@@ -245,7 +246,7 @@ def test_rule_is_the_formula(m, n, rank, side, residual, granularity, kind, batc
     norm = np.linalg.norm(x)
     if last > 0 and norm > 1.2 * last:
       x = x * 1.2 * last / norm
-    want = x + (back(ui) if residual else 0)
+    want = x + alpha * back(ui) if residual else alpha * x
     np.testing.assert_allclose(np.asarray(got).reshape((-1, m, n))[i], want,
                                rtol=1e-9, atol=1e-11)
     np.testing.assert_allclose(np.asarray(new_last).reshape(-1)[i], np.linalg.norm(x),
