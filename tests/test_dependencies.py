@@ -20,22 +20,15 @@ WITHOUT = textwrap.dedent(
     """
 )
 
-IMPORT = WITHOUT + textwrap.dedent(
+PROGRAM = WITHOUT + textwrap.dedent(
     """
     try:
       olr.nnx
     except ImportError as e:
       print("nnx: ImportError", e.name)
-    print("ok")
-    """
-)
-
-TRAIN = WITHOUT + textwrap.dedent(
-    """
     params = {"w": jnp.ones((8, 6)), "b": jnp.zeros(6)}
     grads = jax.tree.map(lambda x: 0.1 * x + 0.2, params)
-    for tx in (olr.galore(1e-2, rank=2), olr.flora(1e-2, rank=2), olr.adamem(1e-2, rank=2),
-               olr.natural_galore(1e-2, rank=2), olr.adam_8bit(1e-2)):
+    for tx in (olr.galore(1e-2, rank=2), olr.adam_8bit(1e-2)):  # low_rank + svd; 8-bit
       updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
       assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
     adapter = olr.adapters.init(params, olr.semi_orthogonal(2))
@@ -46,18 +39,10 @@ TRAIN = WITHOUT + textwrap.dedent(
 )
 
 
-def _run(program: str) -> list[str]:
-  out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+def test_the_core_imports_and_trains_without_flax_orbax_or_chex():
+  out = subprocess.run([sys.executable, "-c", PROGRAM], capture_output=True, text=True,
                        timeout=300, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
   assert out.returncode == 0, out.stderr[-3000:]
-  return out.stdout.splitlines()
-
-
-def test_import_needs_neither_flax_orbax_nor_chex_and_olr_nnx_names_flax():
-  lines = _run(IMPORT)
-  assert lines[-1] == "ok"
+  lines = out.stdout.splitlines()
   assert "nnx: ImportError flax" in lines  # the lazy olr.nnx says what is missing
-
-
-def test_the_recipes_and_adapters_train_without_flax_orbax_or_chex():
-  assert _run(TRAIN)[-1] == "ok"
+  assert lines[-1] == "ok"
