@@ -101,7 +101,7 @@ def _names_of(x) -> tuple | None:
     names = tuple(names)
   except TypeError:  # a NamedSharding or another non-sequence annotation
     return None
-  return names if len(names) == jnp.ndim(_unwrap(x)) else None
+  return names if len(names) == len(jnp.shape(_unwrap(x))) else None
 
 
 def _flat_names(tree: Any, count: int) -> list:
@@ -294,9 +294,12 @@ def _is_rule_value(x) -> bool:
     return True
   if isinstance(x, int) and not isinstance(x, bool):
     return True
-  if isinstance(x, (tuple, list)) and len(x) in (2, 3) and not hasattr(x, "_fields"):
+  # A tuple (not a list, which is a pytree of rules) of two or three axis groups.
+  if isinstance(x, tuple) and len(x) in (2, 3) and not hasattr(x, "_fields"):
     try:
       for group in x:
+        if hasattr(group, "_fields"):  # a tuple of dimension numbers is a pytree of rules
+          return False
         if isinstance(group, (tuple, list)):
           [operator.index(a) for a in group]
         else:

@@ -82,8 +82,14 @@ def create_state(tx: optax.GradientTransformation, config: Config = Config(),
                  seed: int = 0) -> train_state.TrainState:
   """A ``TrainState`` over the boxed params (the names stay with them)."""
   model = Transformer(config)
-  params = model.init(jax.random.PRNGKey(seed), batch(config)[:, :-1])["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(seed), batch(config)[:, :-1])["params"]
   return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+
+def abstract_params(config: Config = Config()):
+  """The boxed params as ``jax.ShapeDtypeStruct`` (nothing allocated), for memory plans."""
+  model = Transformer(config)
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), batch(config)[:, :-1])["params"]
 
 
 def loss_fn(params, apply_fn, tokens) -> jax.Array:
