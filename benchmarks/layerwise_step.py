@@ -20,8 +20,11 @@ GaLore, GaLore with 8-bit Adam inside) compiled from shapes (never run) in
 BF16, params and state donated, with the same JSON fields as
 ``benchmarks.plan``'s rows (``olr.memory.plan_compiled``: XLA's bytes as
 compiled here and the accelerator figure, the CPU's bf16 upcasts removed).
-``ordinary`` is planned with the optimizer's step counters fixed to 1 (the
-refresh ``lax.cond`` folds away), ``refresh`` at ``REFRESH_EVERY``.
+The optimizer's step counters are fixed to constants, but each layer's counter
+travels in the reverse scan's carry, so the refresh ``lax.cond`` of a GaLore
+layer stays in the program: the one plan (``ordinary``) holds both branches,
+the step's worst case (a refresh SVDs one layer's matrices at a time).
+``--microbatches k`` plans ``k`` micro-batches of ``--tokens`` each.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ def _tx_for_layers(method: str, rank: int | None, config: Any) -> Any:
   return plan.method_parts(method, config, rank)[1]
 
 
-def layerwise_parts(config: Any, tx: Any, abstract: bool = True, seed: int = 0) -> tuple:
+def layerwise_parts(config: Any, tx: Any, abstract: bool = True, seed: int = 0,
+                    microbatches: int = 1) -> tuple:
   """``(step, outer, layers)`` of the scanned Llama of ``config`` with ``tx``.
 
   ``layers`` is ``{"layers": stacked blocks}`` (see :func:`_tx_for_layers`).
@@ -65,7 +69,8 @@ def layerwise_parts(config: Any, tx: Any, abstract: bool = True, seed: int = 0) 
 
   parts = olr.layerwise.split_nnx(model, embed=lambda m, b: m.embed(b[:, :-1]), head=head)
   step = olr.layerwise.make_step(
-      parts.embed_fn, lambda layer, h: parts.block_fn(layer["layers"], h), parts.head_fn, tx)
+      parts.embed_fn, lambda layer, h: parts.block_fn(layer["layers"], h), parts.head_fn, tx,
+      microbatches=microbatches)
   return step, parts.outer, {"layers": parts.layers}
 
 
@@ -96,8 +101,13 @@ def _fixed_counts(state: Any, count: int, n_layers: int) -> tuple[Any, Any]:
 
 
 def plan_layerwise_row(size: str, tokens: int, method: str, rank: int | None,
-                       donated: bool = True, kinds: tuple[str, ...] | None = None) -> dict:
-  """One JSON row like ``benchmarks.plan.plan_row``'s, for the layer-wise step."""
+                       donated: bool = True, kinds: tuple[str, ...] | None = None,
+                       microbatches: int = 1) -> dict:
+  """One JSON row like ``benchmarks.plan.plan_row``'s, for the layer-wise step.
+
+  With ``microbatches=k`` the batch holds ``k × tokens`` tokens, run as ``k``
+  micro-batches of ``tokens`` (``make_step(..., microbatches=k)``).
+  """
   import jax
   import jax.numpy as jnp
 
@@ -106,12 +116,15 @@ def plan_layerwise_row(size: str, tokens: int, method: str, rank: int | None,
 
   config = plan.config_for(size)
   tx = _tx_for_layers(method, rank, config)
-  step, outer, layers = layerwise_parts(config, tx)
-  batch = jax.ShapeDtypeStruct(plan.batch_shape(config, tokens), jnp.int32)
+  step, outer, layers = layerwise_parts(config, tx, microbatches=microbatches)
+  sequences, width = plan.batch_shape(config, tokens)
+  batch = jax.ShapeDtypeStruct((sequences * microbatches, width), jnp.int32)
   state = jax.eval_shape(step.init, outer, layers)
-  kinds = tuple(k for k in (kinds or plan.step_kinds(method)) if k in ("ordinary", "refresh"))
-  row = {"method": plan.row_name(method, rank) + "-layerwise", "rank": rank, "size": size,
-         "tokens": tokens, "donated": donated, "layerwise": True, "step_kinds": list(kinds)}
+  kinds = kinds or ("ordinary",)  # holds the refresh branch too, see the module docstring
+  suffix = "-layerwise" + (f"-k{microbatches}" if microbatches > 1 else "")
+  row = {"method": plan.row_name(method, rank) + suffix, "rank": rank, "size": size,
+         "tokens": tokens * microbatches, "microbatches": microbatches, "donated": donated,
+         "layerwise": True, "step_kinds": list(kinds)}
   for kind in kinds:
     count = plan.REFRESH_EVERY if kind == "refresh" else 1
     rest, rebuild = _fixed_counts(state, count, config.n_layers)
@@ -143,7 +156,8 @@ def _plan_main(args: argparse.Namespace) -> None:
   rows = []
   for method in args.methods:
     for rank in ([None] if method == "adamw-bf16" else ranks):
-      row = plan_layerwise_row(args.size, args.tokens, method, rank)
+      row = plan_layerwise_row(args.size, args.tokens, method, rank,
+                               microbatches=args.microbatches)
       rows.append(row)
       gib = plan.GIB
       figs = " ".join(f"{k} {row[k]['accelerator_peak_bytes'] / gib:.2f}"
@@ -244,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--tokens", type=int, default=256)
   p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
   p.add_argument("--ranks", type=int, nargs="*", default=None)
+  p.add_argument("--microbatches", type=int, default=1,
+                 help="k micro-batches of --tokens each in one step")
   p.add_argument("--json", default=None)
   args = parser.parse_args(argv)
   (_time_main if args.cmd == "time" else _plan_main)(args)
