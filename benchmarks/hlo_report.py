@@ -47,7 +47,7 @@ def make_tx(name: str, rank: int, refresh_every: int):
   if name == "galore":
     return olr.galore(1e-3, rank=rank, refresh_every=refresh_every)
   if name == "randomized":
-    return olr.adam_in_subspace(1e-3, olr.randomized_svd(rank), refresh_every)
+    return olr.adam_in_subspace(1e-3, olr.randomized_svd(rank), refresh_every=refresh_every)
   if name == "contrib":
     return optax.contrib.galore(1e-3, rank=rank, update_proj_gap=refresh_every, scale=0.25)
   if name == "lean":

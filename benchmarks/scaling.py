@@ -40,7 +40,7 @@ def _steps(shape: tuple[int, int], rank: int, refresh_every: int):
   params = {"w": jnp.asarray(0.02 * rng.standard_normal(shape), jnp.float32)}
   grads = {"w": jnp.asarray(rng.standard_normal(shape), jnp.float32)}
   txs = {
-      NAMES[0]: olr.adam_in_subspace(LR, olr.randomized_svd(rank), refresh_every),
+      NAMES[0]: olr.adam_in_subspace(LR, olr.randomized_svd(rank), refresh_every=refresh_every),
       NAMES[1]: optax.contrib.galore(LR, rank=rank, update_proj_gap=refresh_every, scale=0.25),
   }
   steps = {}

@@ -149,7 +149,7 @@ def jax_candidates(leaves, rank: int, refresh_every: int, grads_np) -> list[Cand
   out.append(Candidate("olr.galore (svd, contrib's sides)", *make(matched),
                        sides=_sides(shapes, "contrib"),
                        note="optax.partition of two olr.low_rank, one per side"))
-  rsvd = olr.adam_in_subspace(LR, olr.randomized_svd(rank), T, scale=SCALE)
+  rsvd = olr.adam_in_subspace(LR, olr.randomized_svd(rank), refresh_every=T, scale=SCALE)
   spec = olr.randomized_svd(rank)
   out.append(Candidate("olr.galore (randomized_svd)", *make(rsvd), sides=_sides(shapes, "auto"),
                        note=f"oversample={spec.oversample}, power_iters={spec.power_iters}"))

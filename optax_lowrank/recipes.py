@@ -55,6 +55,7 @@ def _static_int(name: str, value: Any, recipe: str) -> Any:
 def adam_in_subspace(
     learning_rate: optax.ScalarOrSchedule,
     projection: proj.Projection,
+    *,
     refresh_every: int = 200,
     scale: float = 0.25,
     b1: float = 0.9,
@@ -208,8 +209,9 @@ def galore(
   """
   rank = _static_int("rank", rank, "galore")
   return adam_in_subspace(
-      learning_rate, proj.svd(rank, side), refresh_every, scale, b1, b2, eps, weight_decay,
-      on_refresh, where, 0, reshape, mask,
+      learning_rate, proj.svd(rank, side), refresh_every=refresh_every, scale=scale, b1=b1,
+      b2=b2, eps=eps, weight_decay=weight_decay, on_refresh=on_refresh, where=where,
+      reshape=reshape, mask=mask,
   )
 
 
@@ -243,8 +245,9 @@ def flora(
     raise ValueError(f"`kind` must be 'gaussian' or 'rademacher', got {kind!r}")
   spec = proj.gaussian(rank, side) if kind == "gaussian" else proj.rademacher(rank, side)
   return adam_in_subspace(
-      learning_rate, spec, refresh_every, scale, b1, b2, eps, weight_decay,
-      on_refresh, where, seed, reshape, mask,
+      learning_rate, spec, refresh_every=refresh_every, scale=scale, b1=b1, b2=b2, eps=eps,
+      weight_decay=weight_decay, on_refresh=on_refresh, where=where, seed=seed,
+      reshape=reshape, mask=mask,
   )
 
 
@@ -282,7 +285,7 @@ def natural_galore(
 
   Time per ordinary step: GaLore's two GEMMs plus reading the history twice
   (the Gram row of the new gradient, then the solve): ``2·history·k`` floats,
-  memory-bound for large leaves (1.20× GaLore's step on a Llama block, see
+  memory-bound for large leaves (1.19× GaLore's step on a Llama block, see
   the benchmarks page).  ``refine=True`` adds the refinement step of
   :func:`~optax_lowrank.woodbury_solve` (two more passes, ≈ 1.3×): more
   accurate when the stored gradients are nearly parallel and ``damping`` is
