@@ -107,8 +107,13 @@ def low_rank(
     scale: ``α``, multiplies the back-projected updates of projected leaves only
       (GaLore's scale; may be a traced hyper-parameter).
     where: which leaves to project: ``None`` (every 2-D leaf for matrix specs,
-      every leaf with ≥ 2 axes for ``tucker``/``dense``), a pytree of bools like
-      the params, or a callable ``(path: tuple[str, ...], leaf) -> bool``.
+      every leaf with ≥ 2 axes for ``tucker``/``dense``, and the leaves a
+      ``reshape`` rule or the params' ``"layers"`` axis names make matrices,
+      except where projection saves nothing: a leaf whose clamped rank reaches
+      its smaller dimension gets ``inner`` at full size, unscaled), a pytree of
+      bools like the params, or a callable ``(path: tuple[str, ...], leaf) ->
+      bool``; a leaf selected explicitly is projected even where that saves
+      nothing.  Non-float leaves are never trained (zero update).
     seed: random bases are a deterministic function of ``(seed, refresh index,
       leaf index)``; the gradient path and ``olr.adapters`` agree on it.
     reshape: how leaves with more than two axes are seen as matrices, e.g.
@@ -118,8 +123,12 @@ def low_rank(
       ``(layers, in, out)`` kernels of a scanned model with
       ``((0,), (1,), (2,))``: every index of the batch axes is its own matrix
       with its own basis, coefficients and inner statistics, as if it were a
-      separate leaf), or a callable ``(path, leaf) -> rule | None``.  See the
-      how-to "Scanned and stacked layers".
+      separate leaf), optax's ``MuonDimensionNumbers`` (the triple, axes not
+      named being batch axes) and ``GaLoreDimensionNumbers`` (the pair), a
+      pytree of rules shaped like the params, a callable ``(path, leaf) ->
+      rule | None``, or ``olr.stacked(layer_axis)`` for a model's stacked
+      layers (see :func:`optax_lowrank.leaves.plan`).  See the how-tos
+      "Scanned and stacked layers" and "Use it with your model".
     track_coefficients: keep the adapter-view coefficients ``Λ`` (see
       :class:`LowRankState`) and pass them to ``inner`` as its ``params``.
       Weight decay *inside* ``inner`` (``optax.add_decayed_weights``) then
