@@ -21,8 +21,9 @@ output head and the RMSNorm scales are trained at full size, as in the GaLore
 reference setup.
 
 Registered methods: ``adamw``, ``galore``, ``flora``, ``two_sided`` always;
-``natural_galore``, ``adamem``, ``apollo``, ``apollo_mini`` and ``fira`` when
-``optax_lowrank`` provides them. Others
+``natural_galore``, ``adamem``, ``apollo``, ``apollo_mini``, ``fira`` and the
+refresh variants ``galore_staggered``, ``galore_tracking`` and
+``galore_tracking_lazy`` when ``optax_lowrank`` provides them. Others
 can be added with :func:`register`.
 
 Example:
@@ -376,7 +377,8 @@ LEARNING_RATES: dict[str, float] = {
     # sweep at 200 steps (2026-12-01, final validation loss):
     #   apollo       1e-3: 2.439   3e-3: 2.263   1e-2: 2.239   3e-2: 2.305
     #   apollo_mini  1e-3: 2.420   3e-3: 2.313   1e-2: 2.410
-    #   fira         1e-2: 2.115   3e-2: 2.023   1e-1: 2.373
+    #   fira         1e-2: 2.100   3e-2: 2.061   (α on the low-rank term only; with
+    #                α on both terms, before d811a0f: 1e-2 2.115, 3e-2 2.023, 1e-1 2.373)
     # (same day, same budget: adamw 1e-3 2.359, galore 3e-2 1.993, flora 1e-2 2.140)
     "apollo": 1e-2,
     "apollo_mini": 3e-3,
@@ -418,6 +420,30 @@ if hasattr(olr, "adamem"):
           "AdaMeM: projected momentum plus Adafactor on the residual (olr.adamem)",
       )
   )
+
+if hasattr(olr, "subspace_iteration"):
+
+  def _refresh_variant(make_projection, schedule: str) -> TxFactory:
+    """GaLore-AdamW with another refresh: its projection and refresh schedule (issue 26)."""
+
+    def make_tx(learning_rate: float, steps: int, config: MethodConfig):
+      return olr.adam_in_subspace(
+          cosine_schedule(learning_rate, steps, config), make_projection(config.rank),
+          refresh_every=config.refresh_every, scale=config.scale, b1=config.b1, b2=config.b2,
+          weight_decay=config.weight_decay, where=is_projected, reshape=STACKED_RULE,
+          mask=decay_mask, refresh_schedule=schedule)
+
+    return make_tx
+
+  for _name, _make, _schedule, _what in (
+      ("galore_staggered", olr.svd, "staggered",
+       "GaLore with each matrix refreshed on its own step (refresh_schedule='staggered')"),
+      ("galore_tracking", olr.subspace_iteration, "staggered",
+       "GaLore whose bases are tracked by subspace iteration, staggered (no SVD after step 0)"),
+      ("galore_tracking_lazy", olr.subspace_iteration, "lazy",
+       "GaLore, tracked bases, per-matrix intervals from the subspace overlap (lazy)"),
+  ):
+    register(Method(_name, _refresh_variant(_make, _schedule), LEARNING_RATES["galore"], _what))
 
 if hasattr(olr, "apollo"):
 
