@@ -1,9 +1,10 @@
 """Adam with block-wise 8-bit optimizer state (8-bit Adam).
 
-Between steps, Adam's two moments are stored block-wise quantized with one byte
-per element and one float32 scale per block of ``block_size`` elements
-(Dettmers et al. 2022). Each step decodes them to float32, performs the ordinary
-Adam update in float32, and re-encodes them:
+Dettmers, Lewis, Shleifer and Zettlemoyer 2022, "8-bit Optimizers via
+Block-wise Quantization" (ICLR 2022, arXiv:2110.02861).  Between steps Adam's
+moments are stored with one byte per element and one float32 absmax scale per
+block of ``block_size`` elements; each step decodes them, runs Adam in float32
+and re-encodes them:
 
 .. math::
 
@@ -12,87 +13,21 @@ Adam update in float32, and re-encodes them:
   u_t &= \\frac{m_t / (1 - \\beta_1^t)}{\\sqrt{v_t / (1 - \\beta_2^t)} + \\epsilon}, \\qquad
   \\hat m_t = Q_s(m_t), \\quad \\hat v_t = Q_u(\\sqrt{v_t})^2,
 
-where ``Q_s`` is the signed 8-bit dynamic tree code (format ``"dynamic8"`` in
-:mod:`optax_lowrank.quantization`) and ``Q_u`` the unsigned one
-(``"dynamic8_unsigned"``), each with a per-block absmax scale. The update ``u_t``
-uses the freshly computed float32 moments; only the carried state is quantized.
+with ``Q_s`` / ``Q_u`` the signed / unsigned dynamic tree codes of
+:mod:`optax_lowrank.quantization` (``"dynamic8"``, ``"dynamic8_unsigned"``).
+Re-encoding uses unbiased stochastic rounding by default (a counter-based hash
+of ``(seed, step, leaf, moment, element)``: no key in the state);
+``stochastic_rounding=False`` rounds to nearest, as bitsandbytes does.  Leaves
+under ``min_8bit_size`` elements keep float32 moments.
 
-Why these codes. Both moments are heavy-tailed inside a block: a few entries are
-orders of magnitude larger than most, and every entry matters equally because
-Adam's update ``m / sqrt(v)`` is scale-free. A linear int8 code has a fixed step
-``a_b / 127`` and rounds every entry below ``a_b / 254`` to zero; for the second
-moment this is destructive (``v`` becomes 0 while ``m`` is not, and the update
-explodes to ``m / eps``). The dynamic tree code spends its bits on a decimal
-exponent plus a linear fraction, so it keeps relative resolution over 6 (signed)
-or 7 (unsigned) decades below the block maximum.
-
-Why ``sqrt(v)`` rather than ``v``. The square root halves the dynamic range in
-log space: an entry whose gradient is ``10^{-k}`` of the block maximum sits in
-decade ``k`` of the code instead of decade ``2k``, where the code has ``2^k`` times
-more levels, and ``sqrt(v)`` only rounds to zero below ``5e-8`` of its block
-maximum (``v`` below ``2.5e-15`` of the block maximum of ``v``). On the MLP test
-problem both choices gave the same accuracy within run-to-run noise; ``sqrt(v)``
-is kept for this wider safe range. Exact Adam satisfies ``|m_t| <= C sqrt(v_t)``
-with ``C = (1 - b1) / sqrt((1 - b2)(1 - b1^2 / b2))`` (Cauchy-Schwarz; 7.3 for
-the defaults); as a guard, a decoded first moment is set to 0 wherever the decoded
-second moment is exactly 0, which is what exact arithmetic implies and which rules
-out the ``m / eps`` blow-up.
-
-Why stochastic rounding (default). Re-quantizing an exponential moving average
-with round-to-nearest discards every increment smaller than half a code gap.
-With ``b2 = 0.999`` the per-step change of ``v`` is ``0.001 (g^2 - v)``, well
-below the 0.35-3.5 % relative half-gap of the top decade, so each entry of ``v``
-freezes relative to its block maximum and stops tracking its gradient scale (for
-``m`` the frozen band is ``1 / (2 (1 - b1)) = 5`` gaps). With noisy mini-batch
-gradients this averages out (the regime of Dettmers et al., who round to
-nearest), but with smooth gradients it biases the updates: on the deterministic
-full-batch MLP of the test suite (lr 1e-3, 300 steps) the update cosine to
-float32 Adam decays to 0.89 and, on a variant of it, the update norm grew 33 % and
-the final loss moved by 27 %. Unbiased stochastic rounding (``E[Q(x)] = x``) lets
-the EMA track in expectation: cosine >= 0.992 at every step, update-norm ratio
-1.01 and final loss within 0.8 % of float32 Adam (seeds 0-2). Pass
-``stochastic_rounding=False`` for deterministic bitsandbytes-style rounding. The
-rounding noise is a counter-based integer hash of ``(seed, t, leaf, moment,
-element index)`` (see :func:`~optax_lowrank.quantization.quantize`): no key is
-stored, runs are reproducible, and the noise costs a few integer ops per element.
-
-Small leaves. As in bitsandbytes, leaves with fewer than ``min_8bit_size``
-elements (default 4096: biases, norms, small projections) keep both moments in
-float32; their share of memory is small and they are often the most sensitive.
-Set ``min_8bit_size=0`` to quantize every leaf.
-
-Memory. For a leaf of ``n`` elements with ``n >= min_8bit_size`` and
-``k = ceil(n / block_size)`` blocks, the state holds
-``2 * k * (block_size + 4)`` bytes (two 1-byte codes per element incl. the zero
-padding of the last block, two float32 scales per block); smaller leaves hold
-``8 * n`` bytes. Plus 4 bytes for the int32 step count. Float32 Adam holds
-``8 * n`` per leaf, so for large leaves the ratio is
-``(block_size + 4) / (4 * block_size)`` = 0.2539 at ``block_size = 256``
-(0.25 for the codes and 0.0039 for the scales). :func:`adam_8bit_state_nbytes`
-evaluates this formula. During an update the decoded float32 moments exist
-transiently, as in any dequantize-update-quantize scheme without a fused kernel,
-but for one leaf at a time: each leaf is decoded only after the previous leaf is
-re-encoded (:func:`~optax_lowrank.quantization.tie`), so XLA cannot hold the
-float moments of the whole tree at once.
-
-Large leaves in chunks. One leaf's float moments can still outweigh the 8-bit
-savings: a 32000 × 512 embedding has 16.4M elements, 131 MB of float32 ``m`` and
-``v`` during its update against 33 MB of 8-bit state, and with bf16 weights the
-float32 Adam moments of the whole model are not much larger. A leaf of more than
-``chunk_size`` elements (default ``2**20``) is therefore decoded, updated and
-re-encoded in chunks of whole blocks (at most ``chunk_size`` elements each) by
-a ``jax.lax.scan``, so only one chunk's float moments are alive at a time:
-about ``12 * chunk_size`` bytes of float32 temporaries (``m``, ``v``, the
-gradient) instead of ``12 * n``. Chunk boundaries fall on block boundaries, so
-with round-to-nearest the result is bit-identical to the whole-leaf update;
-with stochastic rounding chunk ``k`` draws its noise from
-``mix_seed(seed_of_the_leaf, k)`` (same distribution, other draws). The leaf is
-zero-padded to a whole number of equal chunks (at most one block per chunk of
-padding). ``chunk_size=0`` updates every leaf whole.
-
-Reference:
-  Dettmers, Lewis, Shleifer, Zettlemoyer, "8-bit Optimizers via Block-wise
-  Quantization", ICLR 2022. https://arxiv.org/abs/2110.02861
+Memory: a leaf of ``n ≥ min_8bit_size`` elements holds ``2·⌈n/block_size⌉·
+(block_size + 4)`` bytes (0.254× float32 Adam's ``8·n`` at ``block_size=256``),
+a smaller one ``8·n``, plus 4 bytes of step count (:func:`adam_8bit_state_nbytes`).
+During a step the decoded float32 moments exist for one leaf at a time, and a
+leaf above ``chunk_size`` elements is updated in chunks of whole blocks, so
+about ``12·chunk_size`` bytes of temporaries instead of ``12·n``.  Why these
+codes, ``√v``, stochastic rounding and chunks, with measurements:
+``docs/api/quantization.md``.
 """
 
 # No ``from __future__ import annotations``: ``adam_8bit``'s signature carries
@@ -241,6 +176,9 @@ def scale_by_adam_8bit(
   Raises:
     ValueError: at construction for out-of-range arguments (named); at init for a
       non-floating or complex leaf (named by its path and shape).
+
+  (Long because the per-leaf and the chunked step are closures over the static
+  hyper-parameters above; each of them is short.)
   """
   _check_decay("b1", b1)
   _check_decay("b2", b2)
@@ -336,27 +274,28 @@ def scale_by_adam_8bit(
       v = quantization.quantize(jnp.sqrt(v), NU_FORMAT, bs, seed=seeds[1])
       return u, m.codes, m.scales, v.codes, v.scales
 
-    def body(k, carry):
-      flat, mc, ms, vc, vs = carry
+    def update_chunk(k, carry, length, sizes):
+      """Chunk ``k`` (``length`` elements from ``k·size``): read it, update it, write it back.
+
+      ``sizes``: how much of each buffer of ``carry`` (gradient, codes and scales
+      of both moments) the chunk covers.
+      """
       at, at_block = k * size, k * per_chunk
-      out = step(k, jax.lax.dynamic_slice(flat, (at,), (size,)),
-                 jax.lax.dynamic_slice(mc, (at,), (size,)),
-                 jax.lax.dynamic_slice(ms, (at_block,), (per_chunk,)),
-                 jax.lax.dynamic_slice(vc, (at,), (size,)),
-                 jax.lax.dynamic_slice(vs, (at_block,), (per_chunk,)), size)
       starts = (at, at, at_block, at, at_block)
+      parts = [jax.lax.dynamic_slice(buf, (i,), (n,))
+               for buf, i, n in zip(carry, starts, sizes, strict=True)]
+      out = step(k, *parts, length)
       return tuple(jax.lax.dynamic_update_slice(buf, new, (i,))
                    for buf, new, i in zip(carry, out, starts, strict=True))
 
     carry = (jnp.ravel(g), m_stored.codes, m_stored.scales, v_stored.codes, v_stored.scales)
-    carry = jax.lax.fori_loop(0, full, body, carry)
-    if tail:
+    whole = (size, size, per_chunk, size, per_chunk)
+    carry = jax.lax.fori_loop(0, full, lambda k, c: update_chunk(k, c, size, whole), carry)
+    if tail:  # the rest, to the end of every buffer (the last block may be partial)
       at, at_block = full * size, full * per_chunk
-      flat, mc, ms, vc, vs = carry
-      out = step(full, flat[at:], mc[at:], ms[at_block:], vc[at:], vs[at_block:], tail)
-      starts = (at, at, at_block, at, at_block)
-      carry = tuple(jax.lax.dynamic_update_slice(buf, new, (i,))
-                    for buf, new, i in zip(carry, out, starts, strict=True))
+      rest = tuple(buf.shape[0] - i for buf, i in
+                   zip(carry, (at, at, at_block, at, at_block), strict=True))
+      carry = update_chunk(full, carry, tail, rest)
     flat, mc, ms, vc, vs = carry
     return (flat.reshape(jnp.shape(g)), dataclasses.replace(m_stored, codes=mc, scales=ms),
             dataclasses.replace(v_stored, codes=vc, scales=vs))
