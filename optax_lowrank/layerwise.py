@@ -318,6 +318,7 @@ def make_step(
     has_aux: bool = False,
     remat_policy: Callable[..., Any] | None = None,
     check_separable: bool = True,
+    fold_keys: bool = True,
 ) -> LayerwiseStep:
   """A train step that updates each layer of a scanned model inside the backward pass.
 
@@ -364,6 +365,11 @@ def make_step(
       recomputes the rest once more.  The forward pass always saves only each
       block's input.
     check_separable: check at ``init`` that ``tx`` does not couple layers.
+    fold_keys: give layer ``l``'s ``olr.low_rank`` states the base key
+      ``fold_in(key, l)`` (:func:`layer_state`), so that layers draw different
+      random bases; ``False``: every layer keeps ``tx.init``'s key (each layer
+      then draws the same Gaussian bases, as ``L`` separate trees initialised
+      with ``tx.init`` would).
 
   Returns:
     A :class:`LayerwiseStep` ``(init, update)``:
@@ -446,8 +452,11 @@ def make_step(
       _check_separable(tx, jax.eval_shape(lambda ls: _index(ls, 0), layers))
     if batch is not None:
       check_shapes(outer, layers, batch)
-    layer_states = jax.vmap(lambda p, i: layer_state(tx, p, i))(
-        layers, jnp.arange(n_layers, dtype=jnp.int32))
+    if fold_keys:
+      layer_states = jax.vmap(lambda p, i: layer_state(tx, p, i))(
+          layers, jnp.arange(n_layers, dtype=jnp.int32))
+    else:
+      layer_states = jax.vmap(tx.init)(layers)
     return LayerwiseState(outer=tx.init(outer), layers=layer_states,
                           grad_norm=jnp.zeros([], _norm_dtype((outer, layers))))
 

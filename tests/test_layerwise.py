@@ -166,6 +166,11 @@ def test_random_bases_differ_per_layer_and_are_a_function_of_the_seed():
   for i in range(L):
     np.testing.assert_array_equal(keys[i], jax.random.fold_in(base, i))
   assert len({tuple(np.asarray(k)) for k in keys}) == L
+  same = olr.layerwise.make_step(embed_fn, block_fn, head_fn, tx, fold_keys=False)
+  state = same.init(outer, layers)
+  keys = [s.key for s in jax.tree.leaves(state.layers, is_leaf=lambda s: isinstance(
+      s, olr.LowRankState)) if isinstance(s, olr.LowRankState)][0]
+  np.testing.assert_array_equal(keys, np.stack([base] * L))
 
 
 @pytest.mark.parametrize("mode", ["two_pass", "layer", "previous"])
