@@ -3,8 +3,12 @@
 One drawn case is a recipe (with, for ``adam_in_subspace``, any projection
 spec), a refresh policy, a parameter dtype (float32, bfloat16, float16), a
 parameter tree (1-D, a 1×1 matrix, rank ≥ every dimension, a 4-D kernel, a
-mixed tree) and a gradient (ordinary, all zeros, huge, or holding inf/nan
-under ``optax.apply_if_finite``).  With ``refresh_every=1`` both steps make a
+mixed tree), stacked or not (every leaf given a leading layer axis of 2 and
+``reshape=olr.stacked(...)``: each layer its own matrix, a stacked 1-D leaf a
+stack of vectors), selected by the default or explicitly (``where=True``:
+projected even where the clamped rank saves nothing) and a gradient
+(ordinary, all zeros, huge, or holding inf/nan under
+``optax.apply_if_finite``).  With ``refresh_every=1`` both steps make a
 new basis, so the policy (transport included) runs on the second.  For each:
 
 * the updates are finite and have the params' dtype;
@@ -13,8 +17,9 @@ new basis, so the policy (transport included) runs on the second.  For each:
 * a non-finite gradient under ``optax.apply_if_finite`` changes nothing.
 
 And every recipe, with its documented defaults (only the learning rate
-given), converges on a convex quadratic.  Stacked leaves (batch axes) are not
-drawn yet: the combinator is gaining them in parallel with this module.
+given, and ``where`` selecting the matrix so that the small test matrix is
+projected at all),
+converges on a convex quadratic.
 """
 
 import jax
@@ -52,17 +57,18 @@ GRADIENTS = ("normal", "zeros", "huge", "nonfinite")
 HUGE = {"f32": 1e15, "bf16": 1e15, "f16": 1e4}  # f16: g² overflows, Adam's ν must cope
 
 
-def _recipe(name, projection, rank, policy, **defaults):
+def _recipe(name, projection, rank, policy, reshape=2, **defaults):
   """The recipe with a small rank, a refresh every step and the drawn policy."""
   lr = 1e-2
   if name == "adam_8bit":
+    defaults.pop("where", None)
     return olr.adam_8bit(lr, min_8bit_size=1, block_size=4, **defaults)
   if name == "adamem":
-    return olr.adamem(lr, rank=rank, refresh_every=1, reshape=2, **defaults)
+    return olr.adamem(lr, rank=rank, refresh_every=1, reshape=reshape, **defaults)
   if name == "adam_in_subspace":
     return olr.adam_in_subspace(lr, PROJECTIONS[projection](rank), refresh_every=1,
-                                on_refresh=policy, reshape=2, seed=3, **defaults)
-  return getattr(olr, name)(lr, rank=rank, refresh_every=1, on_refresh=policy, reshape=2,
+                                on_refresh=policy, reshape=reshape, seed=3, **defaults)
+  return getattr(olr, name)(lr, rank=rank, refresh_every=1, on_refresh=policy, reshape=reshape,
                             **defaults)
 
 
@@ -92,18 +98,39 @@ def _layout(tree):
     dtype=st.sampled_from(sorted(DTYPES)),
     shape=st.sampled_from(sorted(SHAPES)),
     grad=st.sampled_from(GRADIENTS),
+    stacked=st.booleans(),
+    explicit=st.booleans(),
 )
 @example(recipe="flora", projection="gaussian", policy="transport", rank=8, dtype="f32",
-         shape="rank_ge_dim", grad="normal")  # issue 16: full-rank Gaussian transport
+         shape="rank_ge_dim", grad="normal", stacked=False, explicit=True)  # issue 16
 @example(recipe="natural_galore", projection="svd", policy="transport", rank=2, dtype="f16",
-         shape="kernel_4d", grad="huge")
-def test_recipe_step_properties(recipe, projection, policy, rank, dtype, shape, grad):
-  params = {k: jnp.linspace(-1.0, 1.0, int(np.prod(s))).reshape(s).astype(DTYPES[dtype])
-            for k, s in SHAPES[shape].items()}
-  tx = _recipe(recipe, projection, rank, policy)
+         shape="kernel_4d", grad="huge", stacked=False, explicit=False)
+@example(recipe="flora", projection="gaussian", policy="transport", rank=2, dtype="f32",
+         shape="mixed", grad="normal", stacked=True, explicit=False)  # issue 22: stacked transport
+@example(recipe="adamem", projection="svd", policy="keep", rank=2, dtype="bf16",
+         shape="kernel_4d", grad="zeros", stacked=True, explicit=True)
+def test_recipe_step_properties(recipe, projection, policy, rank, dtype, shape, grad, stacked,
+                                explicit):
+  layers = (2,) if stacked else ()
+  params = {k: jnp.linspace(-1.0, 1.0, int(np.prod(layers + s))).reshape(layers + s).astype(
+      DTYPES[dtype]) for k, s in SHAPES[shape].items()}
+  # Stacked: every leaf is under a key the rule names, so each is a stack along axis 0.
+  reshape = olr.stacked(under=tuple(params)) if stacked else 2
+  try:
+    tx = _recipe(recipe, projection, rank, policy, reshape=reshape,
+                 **({"where": True} if explicit else {}))
+    state = tx.init(params)
+  except (ValueError, TypeError) as e:  # where=True on leaves no projection can take
+    assert explicit and ("selected by `where`" in str(e) or "axes" in str(e)), e
+    return
   if grad == "nonfinite":
     tx = optax.apply_if_finite(tx, max_consecutive_errors=3)
   key = jax.random.PRNGKey(0)
+  if stacked and recipe != "adam_8bit":  # each layer of a stacked kernel its own matrix
+    plans = [p for p in jax.tree.leaves(olr.leaves.plan(params, olr.svd(rank), reshape=reshape),
+                                        is_leaf=olr.leaves.is_plan)]
+    assert all(p.batch_shape in ((), (2,)) for p in plans)
+    assert not any(p.projected and len(p.shape) == 2 for p in plans)  # stacks of vectors
   grads = [_grads(params, "normal", dtype, key), _grads(params, grad, dtype, key)]
 
   @jax.jit
@@ -111,7 +138,7 @@ def test_recipe_step_properties(recipe, projection, policy, rank, dtype, shape, 
     updates, state = tx.update(g, state, params)
     return updates, optax.apply_updates(params, updates), state
 
-  state = tx.init(params)
+  state = tx.init(params)  # again: apply_if_finite may have wrapped it
   layout = _layout(state)
   updates, new_params, state = step(params, state, grads[0])
   before = state
@@ -140,10 +167,15 @@ def test_every_recipe_converges_on_a_quadratic_with_its_defaults(recipe):
   it is still at loss 6.05 of 18.5 after 3,000 steps, where galore is at 7e-4;
   by 10,000 every recipe is below 1e-7.
   """
+  # At the default rank (128) projecting the 6×4 leaf saves nothing, so the default
+  # would give it full-size Adam; selected, it is projected (rank clamped to 4).
+  matrices = lambda path, leaf: leaf.ndim == 2
   if recipe == "adam_in_subspace":
-    tx = olr.adam_in_subspace(1e-2, olr.svd(128))
+    tx = olr.adam_in_subspace(1e-2, olr.svd(128), where=matrices)
+  elif recipe == "adam_8bit":
+    tx = olr.adam_8bit(1e-2)
   else:
-    tx = getattr(olr, recipe)(1e-2)
+    tx = getattr(olr, recipe)(1e-2, where=matrices)
 
   @jax.jit
   def run(params, state):
