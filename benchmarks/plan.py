@@ -1,23 +1,27 @@
 """Memory plans of a LLaMA train step at the GaLore paper's sizes, without allocation.
 
-    python -m benchmarks.plan --size 7b --tokens 256 [--json PATH]
+    python -m benchmarks.plan --size 7b --tokens 256 [--json PATH] [--workers 2]
 
 For each method (AdamW in BF16, 8-bit Adam, GaLore on the gradient path,
 GaLore with 8-bit inner state, the adapter path with Adam on Λ, adapter + INT8
-base, adapter + NF4 base + 8-bit Adam on Λ) at the GaLore paper's rank for the
-size and at rank 128, with and without donating the trainable weights and the
-optimizer state, one train step of the scanned Llama (``examples.llama``
-presets ``60m`` … ``13b``, BF16 weights and compute, blocks rematerialized) is
-compiled from shapes (``olr.memory.plan_train_step``) — never run — and XLA's
-exact bytes are printed: arguments, outputs, temporaries, aliased, peak; beside
-them the analytic parts (weights, optimizer state, weight gradients, saved
-activations).
+base, adapter + NF4 base + 8-bit Adam on Λ; quantized bases with the default
+merge rule) at the GaLore paper's rank for the size and at rank 128, every
+step kind the method takes (:func:`step_kinds`: ordinary; GaLore's refresh;
+the adapter's merge) of the scanned Llama (``examples.llama`` presets ``60m``
+… ``13b``, BF16 weights and compute, blocks rematerialized) is compiled from
+shapes (``olr.memory.plan_train_step``, ``olr.memory.plan_compiled``) — never
+run.  Donated (weights and optimizer state reused) for every kind, and not
+donated for the ordinary step.
 
-XLA on the CPU computes bf16 matrix products in f32 and hoists the conversion
-of the stacked weights out of the layer loop; the ``transfer`` column is the
-same step compiled without that hoisting, the figure to carry to a GPU (see
-``olr.memory.StepPlan``).  Both are printed, and both go to the JSON.
+Each kind's figure is the *accelerator* figure: XLA:CPU's buffer assignment
+without the buffers only the CPU holds (its bf16 → f32 upcasts,
+``olr.memory.cpu_only_buffers``), plus LAPACK's SVD workspace in a refresh.
+A row's figure (``accelerator_peak_bytes``) is the maximum over its kinds;
+the CPU's own peak and the analytic parts (weights, optimizer state, weight
+gradients, saved activations) of the ordinary step are printed beside it.
+Rows are planned in ``--workers`` processes.
 """
+
 
 from __future__ import annotations
 
@@ -46,7 +50,9 @@ RANKED = frozenset(METHODS[2:]) | {"apollo", "fira"}
 LR = 1e-3
 SCALE = 0.25
 BLOCK_SIZE = 256
+REFRESH_EVERY = 200
 GIB = 1024**3
+KINDS = ("ordinary", "refresh", "merge")
 
 
 def is_block_kernel(path, leaf) -> bool:
@@ -70,46 +76,34 @@ def batch_shape(config: LlamaConfig, tokens: int) -> tuple[int, int]:
   return tokens // seq, seq + 1
 
 
-def stacked_quantized(w: Any, format: str, block_size: int = BLOCK_SIZE) -> Any:
-  """Each matrix of a stacked ``(layers, in, out)`` kernel quantized on its own.
+def adapter_setup(config: LlamaConfig, rank: int, base_format: str | None = None,
+                  rule: Any = quantization.DEFAULT_MERGE_RULE, abstract: bool = True,
+                  seed: int = 0) -> tuple[nnx.Module, Any]:
+  """The Llama with its block kernels as ``LowRankLinear`` (Gaussian bases), and its adapter.
 
-  A ``QuantizedArray`` whose codes and scales have a leading layer axis and
-  whose static shape is one layer's: ``nnx.scan`` hands each step one
-  layer's codes.  Works on arrays (``jax.lax.map``: one layer's float values
-  at a time) and on ``ShapeDtypeStruct`` (abstract).
+  ``base_format``: ``None`` (BF16 base) or ``"int8"``/``"nf4"``, quantized by
+  ``olr.adapters.quantize_base`` with the merge ``rule`` (the default rule
+  keeps a 4-bit residual per element for the merges; ``None``: plain codes).
+  A stacked kernel's quantization is its layers' (whole blocks per layer).
   """
-  one = lambda m: quantization.quantize(m, format, block_size)
-  if isinstance(w, jax.ShapeDtypeStruct):
-    return jax.eval_shape(jax.vmap(one), w)
-  return jax.jit(lambda x: jax.lax.map(one, x))(w)
-
-
-def quantize_layers(model: nnx.Module, format: str) -> None:
-  """Replace every ``LowRankLinear`` base of ``model`` by its per-layer quantization."""
-  for _, layer in nnx.iter_modules(model):
-    if isinstance(layer, olr.nnx.LowRankLinear):
-      base = layer.base.get_value()
-      if base.ndim == 3:
-        layer.base.set_value(stacked_quantized(base, format))
-      else:
-        layer.base.set_value(quantization.quantize(base, format, BLOCK_SIZE))
-
-
-def adapter_model(config: LlamaConfig, rank: int, base_format: str | None = None,
-                  abstract: bool = True, seed: int = 0) -> nnx.Module:
-  """The Llama with its block kernels as ``LowRankLinear`` (Gaussian bases)."""
   def build():
     model = Llama(config, rngs=nnx.Rngs(seed))
     params = nnx.state(model, nnx.Param)
     adapter = olr.adapters.init(params, olr.gaussian(rank), seed=seed, where=is_block_kernel,
                                 reshape=STACKED_RULE)
+    if base_format is not None:
+      adapter = olr.adapters.quantize_base(adapter, base_format, BLOCK_SIZE, rule=rule)
     olr.nnx.to_low_rank(model, adapter)
-    return model
+    return model, adapter
 
-  model = nnx.eval_shape(build) if abstract else build()
-  if base_format is not None:
-    quantize_layers(model, base_format)
-  return model
+  return nnx.eval_shape(build) if abstract else build()
+
+
+def adapter_model(config: LlamaConfig, rank: int, base_format: str | None = None,
+                  abstract: bool = True, seed: int = 0,
+                  rule: Any = quantization.DEFAULT_MERGE_RULE) -> nnx.Module:
+  """The model of :func:`adapter_setup`."""
+  return adapter_setup(config, rank, base_format, rule, abstract, seed)[0]
 
 
 def method_setup(method: str, config: LlamaConfig, rank: int | None, abstract: bool = True,
@@ -120,6 +114,14 @@ def method_setup(method: str, config: LlamaConfig, rank: int | None, abstract: b
   ``model``: an already built model for the dense methods (the GPU check
   builds it from shapes without the float init); by default it is built here.
   """
+  loss, tx, trainable, frozen, _ = method_parts(method, config, rank, abstract, model)
+  return loss, tx, trainable, frozen
+
+
+def method_parts(method: str, config: LlamaConfig, rank: int | None, abstract: bool = True,
+                 model: nnx.Module | None = None) -> tuple:
+  """:func:`method_setup`'s tuple and the adapter (``None`` on the gradient path)."""
+  adapter = None
   if method in ("adamw-bf16", "adamw-8bit", "galore", "galore-8bit", *FULL_RANK):
     if model is None:
       model = (nnx.eval_shape if abstract else (lambda f: f()))(
@@ -129,18 +131,19 @@ def method_setup(method: str, config: LlamaConfig, rank: int | None, abstract: b
     elif method == "adamw-8bit":
       tx = olr.adam_8bit(LR, weight_decay=0.01)
     elif method == "galore":
-      tx = olr.galore(LR, rank=rank, scale=SCALE, where=is_block_kernel, reshape=STACKED_RULE)
+      tx = olr.galore(LR, rank=rank, scale=SCALE, where=is_block_kernel, reshape=STACKED_RULE,
+                      refresh_every=REFRESH_EVERY)
     elif method in FULL_RANK:  # the recipes' own α (APOLLO 1, APOLLO-Mini √128, Fira 0.25)
-      common = dict(where=is_block_kernel, reshape=STACKED_RULE)
+      common = dict(where=is_block_kernel, reshape=STACKED_RULE, refresh_every=REFRESH_EVERY)
       tx = (olr.apollo_mini(LR, **common) if method == "apollo-mini"
             else getattr(olr, method)(LR, rank=rank, **common))
     else:
       tx = olr.low_rank(olr.adam_8bit(LR), olr.svd(rank), scale=SCALE, where=is_block_kernel,
-                        reshape=STACKED_RULE)
+                        reshape=STACKED_RULE, refresh_every=REFRESH_EVERY)
   else:
     fmt = {"adapter": None, "adapter-int8": "int8", "adapter-nf4-8bit": "nf4"}[method]
     if model is None:
-      model = adapter_model(config, rank, fmt, abstract)
+      model, adapter = adapter_setup(config, rank, fmt, abstract=abstract)
     inner = olr.adam_8bit(LR) if method.endswith("8bit") else optax.adam(LR)
     tx = olr.nnx.optimizer(inner, SCALE)
   graphdef, trainable, frozen = nnx.split(model, nnx.Param, ...)
@@ -150,57 +153,159 @@ def method_setup(method: str, config: LlamaConfig, rank: int | None, abstract: b
     frozen = jax.tree.map(lambda x: x, frozen)
     return loss_fn(nnx.merge(graphdef, trainable, frozen), batch)
 
-  return loss, tx, trainable, frozen
+  return loss, tx, trainable, frozen, adapter
+
+
+def step_kinds(method: str) -> tuple[str, ...]:
+  """The step kinds a method takes: every method an ordinary step; GaLore a
+  refresh (the ``lax.cond`` branch: SVD of every projected gradient); the
+  adapter path a merge (``W0 ← W0 + SᵀΛ``, re-quantized by the merge rule;
+  with Gaussian bases this merge is the whole refresh: the next basis comes
+  from the key, no gradient is needed)."""
+  if method.startswith("galore") or method in FULL_RANK:
+    return ("ordinary", "refresh")
+  if method.startswith("adapter"):
+    return ("ordinary", "merge")
+  return ("ordinary",)
+
+
+def plan_merge(adapter: Any, donate: bool = True) -> olr.memory.CompiledPlan:
+  """The compiled merge ``olr.adapters.merge(adapter, Λ)`` (adapter and Λ donated)."""
+  lam = jax.eval_shape(olr.adapters.zeros, adapter)
+  merge = lambda a, lam: olr.adapters.merge(a, lam)
+  return olr.memory.plan_compiled(
+      jax.jit(merge, donate_argnums=(0, 1) if donate else ()).lower(adapter, lam),
+      accelerator=None)
 
 
 def row_name(method: str, rank: int | None) -> str:
   return method if rank is None else f"{method}-r{rank}"
 
 
+def _figures(p: olr.memory.CompiledPlan) -> dict:
+  m, a = p.memory, p.accelerator
+  return {"peak_bytes": m.peak, "accelerator_peak_bytes": p.accelerator_peak,
+          "argument_bytes": m.arguments, "output_bytes": m.outputs, "temp_bytes": m.temporaries,
+          "alias_bytes": m.aliased, "accelerator_temp_bytes": a.temporaries,
+          "cpu_only_bytes": p.cpu_only.saved if p.cpu_only else 0,
+          "lapack_workspace_bytes": p.lapack_workspace}
+
+
+def plan_row(size: str, tokens: int, method: str, rank: int | None, donated: bool,
+             config: LlamaConfig | None = None, accelerator: bool | None = None,
+             kinds: tuple[str, ...] | None = None) -> dict:
+  """One JSON-ready row: every step kind of one (method, rank, donation).
+
+  The row keeps the ordinary step's figures at the top level (``peak_bytes``,
+  ``argument_bytes``...), one sub-dict per kind planned (``row[kind]``), the
+  kinds (``step_kinds``) and ``accelerator_peak_bytes``: the maximum of the
+  kinds' accelerator figures.
+  """
+  config = config or config_for(size)
+  batch = jax.ShapeDtypeStruct(batch_shape(config, tokens), jnp.int32)
+  loss, tx, trainable, frozen, adapter = method_parts(method, config, rank)
+  kinds = tuple(k for k in (kinds or step_kinds(method)) if k in step_kinds(method))
+  row = {"method": row_name(method, rank), "rank": rank, "size": size, "tokens": tokens,
+         "donated": donated, "step_kinds": list(kinds)}
+  ordinary = None
+  for kind in kinds:
+    if kind == "merge":
+      row[kind] = _figures(plan_merge(adapter, donated))
+      continue
+    # ordinary: step 1 (no refresh); refresh: step REFRESH_EVERY (the cond taken)
+    p = olr.memory.plan_train_step(loss, tx, trainable, batch, frozen, donate=donated,
+                                   accelerator=accelerator,
+                                   count=REFRESH_EVERY if kind == "refresh" else 1)
+    row[kind] = _figures(p)
+    if kind == "ordinary":
+      ordinary = p
+  if ordinary is not None:
+    row.update(row["ordinary"])
+    row.update({"weights_bytes": ordinary.weights,
+                "optimizer_state_bytes": ordinary.optimizer_state,
+                "gradient_bytes": ordinary.gradients, "activation_bytes": ordinary.activations,
+                "backend": ordinary.backend, "upcasts_bf16": ordinary.upcasts_low_precision})
+  row["accelerator_peak_bytes"] = max(row[k]["accelerator_peak_bytes"] for k in kinds)
+  return row
+
+
+def _row_job(args: tuple) -> dict:
+  size, tokens, method, rank, donated, accelerator, kinds, config = args
+  return plan_row(size, tokens, method, rank, donated, config, accelerator, kinds)
+
+
 def plan_rows(size: str, tokens: int = 256, methods: tuple[str, ...] = METHODS,
               ranks: tuple[int, ...] | None = None, donation: tuple[bool, ...] = (True, False),
-              config: LlamaConfig | None = None, transfer: bool | None = None,
-              log: Callable[[str], None] | None = None) -> list[dict]:
-  """One JSON-ready row per (method, rank, donation)."""
+              config: LlamaConfig | None = None, accelerator: bool | None = None,
+              log: Callable[[str], None] | None = None, workers: int = 1,
+              undonated_kinds: tuple[str, ...] = ("ordinary",),
+              kinds: tuple[str, ...] = KINDS) -> list[dict]:
+  """One row per (method, rank, donation), in that order.
+
+  ``undonated_kinds``: the kinds also planned without donation (a merge or a
+  refresh without donation holds two copies of what it rewrites; nobody runs
+  one that way).  ``workers > 1`` plans rows in that many processes.
+  """
   config = config or config_for(size)
   ranks = ranks or tuple(dict.fromkeys((PAPER_RANKS.get(size, 128), 128)))
-  batch = jax.ShapeDtypeStruct(batch_shape(config, tokens), jnp.int32)
-  rows = []
+  jobs = []
   for method in methods:
     for rank in (ranks if method in RANKED else (None,)):
-      t0 = time.perf_counter()
-      loss, tx, trainable, frozen = method_setup(method, config, rank)
       for donated in donation:
-        p = olr.memory.plan_train_step(loss, tx, trainable, batch, frozen, donate=donated,
-                                       transfer=transfer)
-        m, t = p.memory, p.transfer_peak
-        rows.append({
-            "method": row_name(method, rank), "rank": rank, "size": size, "tokens": tokens,
-            "donated": donated, "peak_bytes": m.peak, "argument_bytes": m.arguments,
-            "output_bytes": m.outputs, "temp_bytes": m.temporaries, "alias_bytes": m.aliased,
-            "transfer_peak_bytes": t, "weights_bytes": p.weights,
-            "optimizer_state_bytes": p.optimizer_state, "gradient_bytes": p.gradients,
-            "activation_bytes": p.activations, "backend": p.backend,
-            "upcasts_bf16": p.upcasts_low_precision,
-        })
-      if log:
-        log(f"  {row_name(method, rank)}: {time.perf_counter() - t0:.1f} s")
+        planned = tuple(k for k in step_kinds(method) if k in kinds
+                        and (donated or k in undonated_kinds))
+        if planned:
+          jobs.append((size, tokens, method, rank, donated, accelerator, planned, config))
+  if workers > 1:
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+      rows = []
+      for job, row in zip(jobs, pool.map(_row_job, jobs)):
+        rows.append(row)
+        if log:
+          log(f"  {row['method']} ({'donated' if job[4] else 'not donated'}): "
+              f"{', '.join(row['step_kinds'])}")
+      return rows
+  rows = []
+  for job in jobs:
+    t0 = time.perf_counter()
+    rows.append(_row_job(job))
+    if log:
+      log(f"  {rows[-1]['method']} ({'donated' if job[4] else 'not donated'}): "
+          f"{time.perf_counter() - t0:.1f} s")
   return rows
 
 
 def format_rows(rows: list[dict]) -> str:
-  cols = [("peak", "peak_bytes"), ("transfer", "transfer_peak_bytes"),
-          ("args", "argument_bytes"), ("outputs", "output_bytes"), ("temp", "temp_bytes"),
-          ("aliased", "alias_bytes"), ("| weights", "weights_bytes"),
-          ("opt state", "optimizer_state_bytes"), ("w grads", "gradient_bytes"),
-          ("activ.", "activation_bytes")]
+  """The table: the accelerator figure of every kind, then the ordinary step's parts."""
+  kinds = [k for k in KINDS if any(k in r for r in rows)]
   width = max(len(r["method"]) for r in rows) + 4
+  cols = ([("max accel", lambda r: r["accelerator_peak_bytes"])]
+          + [(k, lambda r, k=k: r[k]["accelerator_peak_bytes"] if k in r else None)
+             for k in kinds]
+          + [("CPU peak", lambda r: r.get("peak_bytes")),
+             ("cpu-only", lambda r: r.get("cpu_only_bytes")),
+             ("| weights", lambda r: r.get("weights_bytes")),
+             ("opt state", lambda r: r.get("optimizer_state_bytes")),
+             ("w grads", lambda r: r.get("gradient_bytes")),
+             ("activ.", lambda r: r.get("activation_bytes"))])
   head = f"{'method':<{width}}{'donated':>8}" + "".join(f"{c:>11}" for c, _ in cols)
   lines = [head + "   (GiB)"]
   for r in rows:
-    vals = "".join(f"{(r[k] or 0) / GIB:>11.2f}" for _, k in cols)
+    vals = "".join(f"{'-':>11}" if f(r) is None else f"{f(r) / GIB:>11.2f}" for _, f in cols)
     lines.append(f"{r['method']:<{width}}{'yes' if r['donated'] else 'no':>8}{vals}")
   return "\n".join(lines)
+
+
+def _cpu_seconds() -> float:
+  """CPU time of this process and of its finished children (the workers)."""
+  import resource
+
+  own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+  return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def main(argv=None) -> None:
@@ -212,28 +317,31 @@ def main(argv=None) -> None:
   parser.add_argument("--ranks", type=int, nargs="+", default=None,
                       help="default: the GaLore paper's rank for the size, and 128")
   parser.add_argument("--donation", choices=("both", "yes", "no"), default="both")
-  parser.add_argument("--no-transfer", action="store_true",
-                      help="skip the second compile without loop-invariant hoisting")
+  parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS,
+                      help="step kinds to plan (each method plans those it takes)")
+  parser.add_argument("--no-accelerator", action="store_true",
+                      help="skip reading the buffer assignment for the accelerator figure")
+  parser.add_argument("--workers", type=int, default=2, help="processes planning rows")
   parser.add_argument("--json", default=None, help="write the rows to this file")
   args = parser.parse_args(argv)
   donation = {"both": (True, False), "yes": (True,), "no": (False,)}[args.donation]
   config = config_for(args.size)
-  start, cpu_start = time.perf_counter(), time.process_time()
+  start, cpu_start = time.perf_counter(), _cpu_seconds()
   print(f"LLaMA {args.size} (dim {config.dim}, {config.n_layers} layers, vocab "
         f"{config.vocab_size}), token batch {args.tokens}, bf16, remat; jax {jax.__version__}, "
-        f"backend {jax.default_backend()}")
+        f"backend {jax.default_backend()}, {args.workers} worker(s)")
   rows = plan_rows(args.size, args.tokens, tuple(args.methods),
                    tuple(args.ranks) if args.ranks else None, donation, config,
-                   False if args.no_transfer else None, log=print)
+                   False if args.no_accelerator else None, log=print, workers=args.workers,
+                   kinds=tuple(args.kinds))
   print()
   print(format_rows(rows))
-  if rows and rows[0]["upcasts_bf16"]:
-    print("\nThis backend computes bf16 products in f32 and hoists the f32 copies of the "
-          "stacked weights out of the layer loop: 'peak' is its plan, 'transfer' the same "
-          "step without the hoisting (the figure for a GPU, over by at most one layer's "
-          "weights in f32).")
+  if rows and rows[0].get("upcasts_bf16"):
+    print("\nThis backend computes bf16 products in f32: 'CPU peak' is its plan; the kinds' "
+          "columns are the accelerator figure (olr.memory.cpu_only_buffers: the buffer "
+          "assignment without the CPU's bf16 upcasts, plus LAPACK's SVD workspace).")
   print(f"\nplanned in {time.perf_counter() - start:.0f} s of wall time, "
-        f"{time.process_time() - cpu_start:.0f} s of this process's CPU time")
+        f"{_cpu_seconds() - cpu_start:.0f} s of CPU time (this process and its workers)")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)

@@ -75,7 +75,8 @@ def target(backend: str) -> contextlib.AbstractContextManager:
 
 def plan_backends(size: str, backends: tuple[str, ...], methods: tuple[str, ...],
                   tokens: int = 256, log: Callable[[str], None] | None = print,
-                  json_path: str | None = None) -> list[dict]:
+                  json_path: str | None = None,
+                  kinds: tuple[str, ...] = ("ordinary",)) -> list[dict]:
   """``benchmarks.plan.plan_rows`` (donated) for every backend; rows tagged with it.
 
   Each row is logged, and written to ``json_path``, as soon as it is planned
@@ -85,11 +86,12 @@ def plan_backends(size: str, backends: tuple[str, ...], methods: tuple[str, ...]
   for backend in backends:
     for method in methods:
       with target(backend):
-        got = plan.plan_rows(size, tokens, (method,), donation=(True,), transfer=False)
+        got = plan.plan_rows(size, tokens, (method,), donation=(True,), kinds=kinds)
       for r in got:
         r["backend"] = backend
         if log:
           log(f"  {r['method']} [{backend}]: peak {r['peak_bytes'] / GIB:.3f} GiB, "
+              f"accelerator figure {r['accelerator_peak_bytes'] / GIB:.3f} GiB, "
               f"temp {r['temp_bytes'] / GIB:.3f} GiB")
       rows += got
       if json_path:
@@ -99,18 +101,25 @@ def plan_backends(size: str, backends: tuple[str, ...], methods: tuple[str, ...]
 
 
 def format_side_by_side(rows: list[dict], backends: tuple[str, ...]) -> str:
-  """Peak and temporaries (GiB) per method, one column pair per backend."""
+  """Peak and temporaries (GiB) per method, one column pair per backend.
+
+  The CPU's columns are its accelerator figure (where the rows have one) and
+  its own peak; a TPU's are its compiled peak (the accelerator figure equals
+  it: the TPU does not upcast).
+  """
   by = {(r["method"], r["backend"]): r for r in rows}
   methods = list(dict.fromkeys(r["method"] for r in rows))
   width = max(len(m) for m in methods) + 2
-  head = f"{'method':<{width}}" + "".join(f"{b + ' peak':>16}{'temp':>8}" for b in backends)
+  head = f"{'method':<{width}}" + "".join(f"{b + ' figure':>16}{'peak':>9}{'temp':>8}"
+                                           for b in backends)
   lines = [head + "   (GiB)"]
   for m in methods:
     cells = ""
     for b in backends:
       r = by.get((m, b))
-      cells += (f"{r['peak_bytes'] / GIB:>16.3f}{r['temp_bytes'] / GIB:>8.3f}" if r
-                else f"{'-':>16}{'-':>8}")
+      fig = r.get("accelerator_peak_bytes", r["peak_bytes"]) if r else None
+      cells += (f"{fig / GIB:>16.3f}{r['peak_bytes'] / GIB:>9.3f}{r['temp_bytes'] / GIB:>8.3f}"
+                if r else f"{'-':>16}{'-':>9}{'-':>8}")
     lines.append(f"{m:<{width}}{cells}")
   return "\n".join(lines)
 
@@ -154,7 +163,7 @@ def ordering_rows(backends: tuple[str, ...], tokens: int = 64, n_layers: int = 1
     loss, tx, trainable, frozen = setup()
     for backend in backends:
       with target(backend):
-        p = olr.memory.plan_train_step(loss, tx, trainable, batch, frozen, transfer=False)
+        p = olr.memory.plan_train_step(loss, tx, trainable, batch, frozen, accelerator=False)
       m = p.memory
       rows.append({"method": name, "backend": backend, "layers": n_layers, "tokens": tokens,
                    "peak_bytes": m.peak, "argument_bytes": m.arguments,
@@ -234,6 +243,7 @@ def main(argv=None) -> None:
   p_plans.add_argument("--size", default="60m", choices=plan.SIZES)
   p_plans.add_argument("--tokens", type=int, default=256)
   p_plans.add_argument("--methods", nargs="+", default=list(plan.METHODS), choices=plan.METHODS)
+  p_plans.add_argument("--kinds", nargs="+", default=["ordinary"], choices=plan.KINDS)
   p_order = sub.add_parser("ordering", help="8-bit-state and quantized-base orderings")
   p_order.add_argument("--tokens", type=int, default=64)
   p_order.add_argument("--layers", type=int, default=1)
@@ -250,7 +260,7 @@ def main(argv=None) -> None:
   start = time.perf_counter()
   if args.command == "plans":
     rows = plan_backends(args.size, backends, tuple(args.methods), args.tokens,
-                         json_path=args.json)
+                         json_path=args.json, kinds=tuple(args.kinds))
     print()
     print(format_side_by_side(rows, backends))
   elif args.command == "ordering":

@@ -30,6 +30,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import re
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -37,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_lowrank.leaves import field_names, path_names
+from optax_lowrank.leaves import path_names
 
 __all__ = [
     "StateBytes",
@@ -46,15 +49,19 @@ __all__ = [
     "StepMemory",
     "step_memory",
     "format_table",
+    "CompiledPlan",
     "StepPlan",
+    "plan_compiled",
+    "plan_function",
     "plan_train_step",
+    "saved_residual_bytes",
+    "CpuOnlyBuffers",
+    "cpu_only_buffers",
+    "lapack_workspace_bytes",
     "backend_upcasts_low_precision",
 ]
 
 KINDS = ("inner", "projector", "key", "history", "counter")
-_PROJECTOR_FIELDS = frozenset({"bases", "stored_bases", "projector"})
-_HISTORY_FIELDS = frozenset({"history", "gram"})
-_KEY_FIELDS = frozenset({"key", "rng"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,33 +80,84 @@ class StateBytes:
   by_leaf: dict
 
 
+def _state_fields() -> dict[type, dict[str, str]]:
+  """The library's own state types: field -> kind of everything under it."""
+  from optax_lowrank.low_rank import LowRankState
+  from optax_lowrank.woodbury import WoodburyState
+
+  return {LowRankState: {"key": "key", "bases": "projector"},
+          WoodburyState: {"history": "history", "gram": "history"}}
+
+
 def _nbytes(x) -> int:
   if hasattr(x, "nbytes") and not hasattr(x, "aval"):
     return int(x.nbytes)
   return int(x.size) * x.dtype.itemsize
 
 
-def _kind(names: set[str], leaf) -> str:
-  if names & _PROJECTOR_FIELDS:
-    return "projector"
-  if names & _HISTORY_FIELDS:
-    return "history"
-  if names & _KEY_FIELDS:
-    return "key"
-  if leaf.ndim == 0:
-    return "counter"
-  return "inner"
+def _leaf_kinds(state: Any, fields: Mapping[type, Mapping[str, str]]) -> dict[tuple, str]:
+  """Key path of every leaf of ``state`` -> its kind.
+
+  A leaf's kind is set by the nearest enclosing field listed in ``fields``
+  (by the state's *type*, never by a field name alone: Adam's ``nu`` and a
+  user's ``v`` are both "inner"); outside those, integer scalars are
+  counters, PRNG key arrays keys, and everything else the inner optimizer's
+  statistics.
+  """
+  out: dict[tuple, str] = {}
+
+  def default(leaf) -> str:
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      return "key"
+    if leaf.ndim == 0 and jnp.issubdtype(leaf.dtype, jnp.integer):
+      return "counter"
+    return "inner"
+
+  def walk(node, path: tuple, kind: str | None) -> None:
+    known = type(node) in fields and hasattr(node, "_fields")
+    if known:
+      for name in node._fields:
+        walk(getattr(node, name), (*path, jax.tree_util.GetAttrKey(name)),
+             fields[type(node)].get(name, kind))
+      return
+    is_known = lambda x: x is not node and type(x) in fields and hasattr(x, "_fields")
+    for sub, child in jax.tree_util.tree_flatten_with_path(node, is_leaf=is_known)[0]:
+      if is_known(child):
+        walk(child, (*path, *sub), kind)
+      else:
+        out[(*path, *sub)] = kind or default(child)
+
+  walk(state, (), None)
+  return out
 
 
-def state_bytes(tx: optax.GradientTransformation, params: Any) -> StateBytes:
+def state_bytes(tx: optax.GradientTransformation, params: Any,
+                fields: Mapping[type, Mapping[str, str]] | None = None) -> StateBytes:
   """Exact bytes of ``tx.init(params)``, by kind and by parameter leaf.
 
   Leaves of the state are attributed to a parameter when they sit in a
   sub-tree shaped like the parameter tree (Adam's ``mu``/``nu``, a
-  ``LowRankState``'s ``bases``, a Woodbury ``history``...); their kind comes
-  from the field they sit under.  Nothing is allocated (``jax.eval_shape``).
+  ``LowRankState``'s ``bases``, a Woodbury ``history``...).  Their kind comes
+  from the state *type* they sit in: ``LowRankState.bases`` are projectors and
+  its ``key`` a key, ``WoodburyState.history`` and ``gram`` histories;
+  elsewhere an integer scalar is a counter, a PRNG key array a key, and the
+  rest the inner optimizer's statistics.  Nothing is allocated
+  (``jax.eval_shape``).
+
+  Args:
+    tx: the optimizer.
+    params: the parameter tree (arrays or ``jax.ShapeDtypeStruct``).
+    fields: more state types to read: ``{MyState: {"field": kind}}`` (a
+      NamedTuple type; ``kind`` one of ``KINDS``), added to the library's own.
   """
+  extra = dict(fields or {})
+  for t, f in extra.items():
+    bad = {k for k in f.values() if k not in KINDS}
+    if bad or not hasattr(t, "_fields"):
+      raise ValueError(f"state_bytes: `fields` maps NamedTuple types to {{field: kind}} with "
+                       f"kinds in {KINDS}; got {t!r}: {f!r}")
   state = jax.eval_shape(tx.init, params)
+  kinds = _leaf_kinds(state, {**_state_fields(), **extra})
   flat_params, params_def = jax.tree_util.tree_flatten_with_path(params)
   param_paths = ["/".join(path_names(p)) or "<root>" for p, _ in flat_params]
 
@@ -117,19 +175,17 @@ def state_bytes(tx: optax.GradientTransformation, params: Any) -> StateBytes:
   by_leaf = {p: dict.fromkeys(KINDS, 0) for p in param_paths}
 
   def visit(path, sub):
-    names = field_names(path)
-    if params_like(sub):
-      for pname, subtree in zip(param_paths, params_def.flatten_up_to(sub)):
-        for leaf in jax.tree.leaves(subtree):
-          kind = _kind(names, leaf)
-          if kind == "counter":
-            kind = "inner"
-          b = _nbytes(leaf)
-          by_kind[kind] += b
-          by_leaf[pname][kind] += b
+    if not params_like(sub):
+      for sub_path, leaf in jax.tree_util.tree_flatten_with_path(sub)[0]:
+        by_kind[kinds[(*path, *sub_path)]] += _nbytes(leaf)
       return sub
-    for leaf in jax.tree.leaves(sub):
-      by_kind[_kind(names, leaf)] += _nbytes(leaf)
+    for pname, subtree, (ppath, _) in zip(param_paths, params_def.flatten_up_to(sub),
+                                         flat_params):
+      for sub_path, leaf in jax.tree_util.tree_flatten_with_path(subtree)[0]:
+        kind = kinds[(*path, *ppath, *sub_path)]
+        kind = "inner" if kind == "counter" else kind
+        by_kind[kind] += _nbytes(leaf)
+        by_leaf[pname][kind] += _nbytes(leaf)
     return sub
 
   jax.tree_util.tree_map_with_path(visit, state, is_leaf=params_like)
@@ -203,44 +259,43 @@ def format_table(rows: Mapping[str, StateBytes | StepMemory], unit: str = "MiB")
 
 
 # ----------------------------------------------------------------------------
-# Plans: one train step compiled from shapes alone
+# Plans: one step compiled from shapes alone
 # ----------------------------------------------------------------------------
 
-_NO_HOISTING = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 _LOW_FLOATS = (jnp.bfloat16, jnp.float16)
+_PLAN_ONLY = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _target_platform() -> str:
+  """The platform ``jax.jit`` compiles for here (``jax.default_device`` first)."""
+  device = jax.config.jax_default_device
+  if device is not None and not isinstance(device, str):
+    return device.platform
+  return device or jax.default_backend()
 
 
 @dataclasses.dataclass(frozen=True)
-class StepPlan:
-  """The memory plan of one train step: XLA's buffer assignment and where it goes.
+class CompiledPlan:
+  """The memory plan of one compiled function (any step: train, merge, refresh).
 
   Attributes:
-    memory: XLA's figures for the step as this backend compiles it.
-    transfer: the same step compiled without loop-invariant code motion, when
-      this backend computes bf16/f16 matrix products in float32 and the
-      trainable or frozen tree holds such leaves (else ``None``).  XLA on the
-      CPU converts the operands of every bf16 product to f32 and hoists the
-      conversion of a scanned model's stacked weights out of the layer loop:
-      f32 copies of whole weight stacks that a GPU (native bf16 products)
-      never holds.  Without the hoisting only the layer being computed has such
-      copies, so ``transfer.peak`` is the figure to carry to a GPU (an
-      over-estimate by at most about one layer's weights in f32).
-    upcasts_low_precision: whether this backend computes bf16 products in f32.
-    weights: bytes of the trainable and frozen trees (analytic).
-    optimizer_state: bytes of ``tx.init(trainable)`` (analytic, exact).
-    gradients: bytes of the gradient of the trainable tree (its own bytes).
-    activations: bytes of the residuals saved by the forward pass for the
-      backward pass, arguments excluded (``None`` when JAX cannot list them).
+    memory: XLA's figures as this backend compiles it.
+    accelerator: the same figures for a device with native bf16 arithmetic:
+      the temporaries less :attr:`cpu_only`'s saving (``memory`` itself when
+      this backend does not upcast, the function holds no bf16/f16 array, or
+      the analysis was not asked for).
+    cpu_only: what the CPU's buffer assignment holds only because it upcasts
+      bf16 (see :func:`cpu_only_buffers`), or ``None`` when not analysed.
+    lapack_workspace: bytes LAPACK allocates inside the largest SVD custom
+      call of the function (outside XLA's buffers; see
+      :func:`lapack_workspace_bytes`); 0 without one.
     backend: ``jax.default_backend()`` at planning time.
   """
 
   memory: StepMemory
-  transfer: StepMemory | None
-  upcasts_low_precision: bool
-  weights: int
-  optimizer_state: int
-  gradients: int
-  activations: int | None
+  accelerator: StepMemory
+  cpu_only: CpuOnlyBuffers | None
+  lapack_workspace: int
   backend: str
 
   @property
@@ -249,9 +304,129 @@ class StepPlan:
     return self.memory.peak
 
   @property
-  def transfer_peak(self) -> int:
-    """The peak to carry to an accelerator with native bf16 products."""
-    return (self.transfer or self.memory).peak
+  def accelerator_peak(self) -> int:
+    """The peak to carry to a device with native bf16 products, solver workspace included."""
+    return self.accelerator.peak + self.lapack_workspace
+
+
+def plan_compiled(lowered: jax.stages.Lowered, accelerator: bool | None = None) -> CompiledPlan:
+  """Compile ``lowered`` (``jax.jit(f).lower(...)``) and plan its memory.
+
+  Args:
+    lowered: the lowered function.
+    accelerator: also read the buffer assignment and remove what only an
+      upcasting backend holds (:func:`cpu_only_buffers`); ``None``: when this
+      backend upcasts bf16 products and an argument or result is bf16/f16.
+  """
+  on_cpu = _target_platform() == "cpu"
+  if accelerator is None:
+    avals = jax.tree.leaves((lowered.args_info, lowered.out_info))
+    accelerator = on_cpu and backend_upcasts_low_precision() and any(
+        getattr(a, "dtype", None) in _LOW_FLOATS for a in avals)
+  # A plan never runs: XLA:CPU may skip LLVM's optimizations (the buffer
+  # assignment is made before code generation; the same bytes, half the time).
+  options = dict(_PLAN_ONLY) if on_cpu else {}
+  cpu_only = None
+  if accelerator and on_cpu:
+    with tempfile.TemporaryDirectory(prefix="olr-plan-") as tmp:
+      compiled = lowered.compile(compiler_options={**options, "xla_dump_to": tmp})
+      text = compiled.as_text()
+      cpu_only = cpu_only_buffers(
+          text, _read_dump(tmp, "cpu_after_optimizations-buffer-assignment.txt"),
+          _read_dump(tmp, "cpu_after_optimizations-live-range.txt"))
+  else:
+    compiled = lowered.compile(compiler_options=options)
+    text = compiled.as_text()
+  memory = _memory_of(compiled)
+  accel = memory
+  if cpu_only is not None and cpu_only.saved:
+    temporaries = memory.temporaries - cpu_only.saved
+    accel = dataclasses.replace(memory, temporaries=temporaries,
+                                peak=memory.peak - cpu_only.saved)
+  return CompiledPlan(memory, accel, cpu_only, lapack_workspace_bytes(text),
+                      jax.default_backend())
+
+
+def plan_function(fn: Callable[..., Any], *args: Any, donate_argnums: int | Sequence[int] = (),
+                  accelerator: bool | None = None) -> CompiledPlan:
+  """:func:`plan_compiled` of ``jax.jit(fn, donate_argnums=...).lower(*args)``.
+
+  ``args`` may be ``jax.ShapeDtypeStruct`` trees: nothing is allocated.
+  """
+  return plan_compiled(jax.jit(fn, donate_argnums=donate_argnums).lower(*args), accelerator)
+
+
+_GESDD = re.compile(r"%([\w.\-]+) = \S.*? custom-call\(%([\w.\-]+)\).*custom_call_target="
+                    r"\"lapack_([sdcz])gesdd\w*\"")
+
+
+def lapack_workspace_bytes(hlo_text: str) -> int:
+  """Bytes of the largest LAPACK ``gesdd`` workspace among the SVD calls of a program.
+
+  XLA:CPU runs ``jnp.linalg.svd`` as a custom call into LAPACK's ``?gesdd``,
+  which allocates its ``work`` and ``iwork`` arrays itself, outside XLA's
+  buffer assignment (the calls run one after another, so the largest counts).
+  ``lwork`` is LAPACK's own answer to a workspace query (``lwork = -1``) for
+  the matrix's shape, asked through SciPy's LAPACK (the library jaxlib's
+  kernels call); ``iwork`` is ``8·min(m, n)`` int32.  For a 4096×11008 float32
+  matrix with the thin factors: ``4·4096² + 7·4096`` floats, 256 MiB.
+  """
+  shapes = {}
+  for line in hlo_text.splitlines():
+    m = _INSTR.match(line)
+    if m:
+      shapes[m.group(1)] = _split_shape(line[m.end():])[0]
+  best = 0
+  for line in hlo_text.splitlines():
+    m = _GESDD.search(line)
+    if not m:
+      continue
+    dims = [int(d) for d in re.findall(r"\[([\d,]*)\]", shapes.get(m.group(2), "[]"))[0]
+            .split(",") if d]
+    if len(dims) < 2:
+      continue
+    rows, cols = dims[-2:]
+    mode = re.search(r"mode = (\d+)", line)  # LAPACK's JOBZ as a byte: 'S', 'A' or 'N'
+    jobz = chr(int(mode.group(1))) if mode else "S"
+    best = max(best, _gesdd_workspace(m.group(3), rows, cols, jobz))
+  return best
+
+
+@functools.cache
+def _gesdd_workspace(kind: str, m: int, n: int, jobz: str) -> int:
+  itemsize = {"s": 4, "d": 8, "c": 8, "z": 16}[kind]
+  try:
+    from scipy.linalg import lapack
+    lwork = getattr(lapack, f"{kind}gesdd_lwork")(m, n, compute_uv=int(jobz != "N"),
+                                                  full_matrices=int(jobz == "A"))[0]
+  except ImportError:  # LAPACK's documented minimum (real types)
+    mn, mx = min(m, n), max(m, n)
+    lwork = {"N": 3 * mn + max(mx, 7 * mn), "S": 4 * mn * mn + 7 * mn,
+             "A": 4 * mn * mn + 6 * mn + mx}[jobz]
+  real = int(lwork.real if isinstance(lwork, complex) else lwork)
+  return real * itemsize + 8 * min(m, n) * 4
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan(CompiledPlan):
+  """The memory plan of one train step: XLA's buffer assignment and where it goes.
+
+  Attributes (beyond :class:`CompiledPlan`'s):
+    upcasts_low_precision: whether this backend computes bf16 products in f32.
+    weights: bytes of the trainable and frozen trees (analytic).
+    optimizer_state: bytes of ``tx.init(trainable)`` (analytic, exact).
+    gradients: bytes of the gradient of the trainable tree (its own bytes).
+    activations: bytes of the residuals saved by the forward pass for the
+      backward pass, arguments excluded.
+    count: the optimizer step count the step was planned at, or ``None``.
+  """
+
+  upcasts_low_precision: bool = False
+  weights: int = 0
+  optimizer_state: int = 0
+  gradients: int = 0
+  activations: int | None = None
+  count: int | None = None
 
   def breakdown(self) -> dict[str, int | None]:
     """The analytic parts by name (bytes)."""
@@ -286,18 +461,36 @@ def _upcasts(backend: str) -> bool:
   return any(line.split("=", 1)[1].lstrip().startswith("f32") for line in dots)
 
 
-def _saved_residual_bytes(fn: Callable[..., Any], *args: Any) -> int | None:
-  """Bytes JAX saves between the forward and the backward pass of ``fn``."""
-  try:
-    from jax._src.ad_checkpoint import saved_residuals  # no public equivalent
-  except ImportError:  # pragma: no cover - depends on the JAX version
-    return None
-  total = 0
-  for aval, origin in saved_residuals(fn, *args):
-    if origin.startswith("from the argument"):
-      continue  # weights, frozen factors, the batch: held anyway
-    total += int(aval.size) * aval.dtype.itemsize
+def saved_residual_bytes(fn: Callable[..., Any], *args: Any) -> int:
+  """Bytes JAX saves between the forward and the backward pass of ``fn``.
+
+  The residuals are the leaves of the pullback ``jax.vjp(fn, *args)[1]`` (a
+  pytree), traced from shapes (``jax.make_jaxpr``); those that are arguments
+  (weights, frozen factors, the batch: held anyway) and constants are left
+  out, and each is counted once.
+  """
+  closed = jax.make_jaxpr(lambda *a: jax.tree.leaves(jax.vjp(fn, *a)[1]))(*args)
+  inputs = set(map(id, closed.jaxpr.invars))
+  seen, total = set(), 0
+  for v in closed.jaxpr.outvars:
+    if hasattr(v, "val") or id(v) in inputs or id(v) in seen:
+      continue  # a literal, an argument, or counted already
+    seen.add(id(v))
+    total += int(v.aval.size) * v.aval.dtype.itemsize
   return total
+
+
+def _fixed_counters(opt_state: Any, count: int) -> tuple[Any, Any]:
+  """Split the state into its integer scalars (set to ``count``) and the rest."""
+  flat, treedef = jax.tree.flatten(opt_state)
+  is_counter = [x.ndim == 0 and jnp.issubdtype(x.dtype, jnp.integer) for x in flat]
+  rest = [None if c else x for x, c in zip(flat, is_counter)]
+
+  def rebuild(rest):
+    return jax.tree.unflatten(treedef, [jnp.asarray(count, x.dtype) if c else r
+                                        for x, c, r in zip(flat, is_counter, rest)])
+
+  return rest, rebuild
 
 
 def plan_train_step(
@@ -308,7 +501,8 @@ def plan_train_step(
     frozen: Any = None,
     *,
     donate: bool = True,
-    transfer: bool | None = None,
+    accelerator: bool | None = None,
+    count: int | None = None,
 ) -> StepPlan:
   """Plan one train step's memory from shapes: compile it, never run it.
 
@@ -331,9 +525,14 @@ def plan_train_step(
     frozen: what the loss reads but the step does not train (a frozen, maybe
       quantized base and the adapter's factors), or ``None``.
     donate: donate ``trainable`` and the optimizer state to the step.
-    transfer: also compile without loop-invariant code motion (see
-      :class:`StepPlan`); ``None``: when this backend upcasts bf16 products
-      and a leaf is bf16/f16.
+    accelerator: also give the figure of a device with native bf16 products
+      (:class:`CompiledPlan`); ``None``: when this backend upcasts them and a
+      leaf is bf16/f16.
+    count: plan the step taken at this optimizer step count: every integer
+      scalar of the optimizer state (step counters) is the constant ``count``,
+      so XLA keeps only the branches that step takes (``olr.low_rank``'s
+      refresh ``lax.cond`` is taken when ``count % refresh_every == 0``).
+      ``None``: the counters are arguments and the plan holds every branch.
 
   Returns:
     A :class:`StepPlan`: XLA's exact bytes and the analytic breakdown.
@@ -346,29 +545,28 @@ def plan_train_step(
   out = jax.eval_shape(loss_fn, trainable, frozen, batch)
   if getattr(out, "shape", None) != ():
     raise ValueError(f"loss_fn must return a scalar, got {out}")
+  rebuild = lambda s: s
+  if count is not None:
+    opt_state, rebuild = _fixed_counters(opt_state, int(count))
 
   def step(trainable, opt_state, frozen, batch):
     grads = jax.grad(loss_fn)(trainable, frozen, batch)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
+    updates, opt_state = tx.update(grads, rebuild(opt_state), trainable)
     return optax.apply_updates(trainable, updates), opt_state
 
-  donate_argnums = (0, 1) if donate else ()
-  lowered = jax.jit(step, donate_argnums=donate_argnums).lower(trainable, opt_state, frozen, batch)
-  memory = _memory_of(lowered.compile())
-  upcasts = backend_upcasts_low_precision()
-  if transfer is None:
+  if accelerator is None:
     low = any(x.dtype in _LOW_FLOATS for x in jax.tree.leaves((trainable, frozen)))
-    transfer = upcasts and low
-  moved = _memory_of(lowered.compile(compiler_options=_NO_HOISTING)) if transfer else None
+    accelerator = backend_upcasts_low_precision() and low
+  plan = plan_function(step, trainable, opt_state, frozen, batch,
+                       donate_argnums=(0, 1) if donate else (), accelerator=accelerator)
   return StepPlan(
-      memory=memory,
-      transfer=moved,
-      upcasts_low_precision=upcasts,
+      **{f.name: getattr(plan, f.name) for f in dataclasses.fields(CompiledPlan)},
+      upcasts_low_precision=backend_upcasts_low_precision(),
       weights=_tree_bytes(trainable) + _tree_bytes(frozen),
-      optimizer_state=_tree_bytes(opt_state),
+      optimizer_state=_tree_bytes(jax.eval_shape(tx.init, trainable)),
       gradients=_tree_bytes(trainable),
-      activations=_saved_residual_bytes(loss_fn, trainable, frozen, batch),
-      backend=jax.default_backend(),
+      activations=saved_residual_bytes(loss_fn, trainable, frozen, batch),
+      count=count,
   )
 
 
@@ -380,3 +578,261 @@ def _memory_of(compiled) -> StepMemory:
   aliased = int(m.alias_size_in_bytes)
   return StepMemory(arguments, outputs, temporaries, aliased,
                     arguments + outputs + temporaries - aliased)
+
+
+# ----------------------------------------------------------------------------
+# The accelerator figure: XLA:CPU's buffer assignment without its bf16 upcasts
+# ----------------------------------------------------------------------------
+
+_LOW = ("bf16", "f16")
+_RELAYOUT = frozenset({"bitcast", "reshape", "transpose", "copy"})
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*")
+_COMP = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s*\(")
+_ALLOC = re.compile(r"^allocation \d+: size (\d+), (.*)$")
+_VALUE = re.compile(r"value: <\d+ ([\w.\-]+)(\{[\d,]*\})?( \(phi\))? @\d+> "
+                    r"\(size=(\d+),offset=(\d+)\)")
+_RANGE = re.compile(r"^\s+([\w.\-]+)(\{[\d,]*\}):(\d+)-(\d+)\s*$")
+
+
+@dataclasses.dataclass
+class _Instr:
+  name: str
+  dtype: str  # element type of an array result ("" for a tuple)
+  opcode: str
+  operands: list[str]
+  calls: str | None
+  inserted: bool  # no op_name metadata: made by a compiler pass, not by the program
+  number: int | None  # parameter(number)
+
+
+def _split_shape(rest: str) -> tuple[str, str]:
+  """``"f32[4]{0} add(...)"`` -> ``("f32[4]{0}", "add(...)")`` (tuples balanced)."""
+  if rest.startswith("("):
+    depth = 0
+    for i, ch in enumerate(rest):
+      depth += (ch == "(") - (ch == ")")
+      if depth == 0:
+        return rest[: i + 1], rest[i + 1:].lstrip()
+  shape, _, tail = rest.partition(" ")
+  return shape, tail
+
+
+def _parse_hlo(text: str) -> tuple[dict[str, dict[str, _Instr]], dict[str, str]]:
+  """Optimized HLO text -> ``({computation: {name: instr}}, {computation: root})``."""
+  comps: dict[str, dict[str, _Instr]] = {}
+  roots: dict[str, str] = {}
+  current = None
+  for line in text.splitlines():
+    m = _COMP.match(line)
+    if m and line.rstrip().endswith("{"):
+      current = m.group(1)
+      comps[current] = {}
+      continue
+    m = _INSTR.match(line)
+    if not m or current is None:
+      continue
+    shape, tail = _split_shape(line[m.end():])
+    opcode, _, args = tail.partition("(")
+    depth, end = 1, len(args)
+    for i, ch in enumerate(args):
+      depth += (ch == "(") - (ch == ")")
+      if depth == 0:
+        end = i
+        break
+    inner, attrs = args[:end], args[end:]
+    calls = re.search(r"calls=%([\w.\-]+)", attrs)
+    number = int(inner) if opcode == "parameter" and inner.strip().isdigit() else None
+    comps[current][m.group(1)] = _Instr(
+        m.group(1), "" if shape.startswith("(") else shape.split("[", 1)[0], opcode.strip(),
+        re.findall(r"%([\w.\-]+)", inner), calls.group(1) if calls else None,
+        "op_name=" not in attrs, number)
+    if line.lstrip().startswith("ROOT"):
+      roots[current] = m.group(1)
+  return comps, roots
+
+
+def _through_relayout(node: _Instr | None, body: Mapping[str, _Instr]) -> _Instr | None:
+  while node is not None and node.opcode in _RELAYOUT and node.operands:
+    node = body.get(node.operands[0])
+  return node
+
+
+def _upcast_share(instr: _Instr, comps, roots) -> float | None:
+  """The share of ``instr``'s f32 result that a device with bf16 arithmetic holds.
+
+  ``0.0``: a bare upcast (by the CPU's float normalization, a ``convert``
+  without the program's metadata) of a bf16/f16 operand that a bf16 consumer
+  reads directly; ``0.5``: a computed value the CPU carries as the f32 upcast
+  of its bf16 rounding (the device holds it in bf16); ``None``: not an upcast.
+  """
+  if instr.dtype != "f32":
+    return None
+  if instr.opcode == "fusion" and instr.calls in comps:
+    body = comps[instr.calls]
+    node = _through_relayout(body.get(roots.get(instr.calls, "")), body)
+  else:
+    body, node = {}, instr
+  if node is None or node.opcode != "convert" or not node.inserted or not node.operands:
+    return None
+  src = body.get(node.operands[0])
+  if not body:  # an unfused convert: its operand is an instruction of the caller
+    return 0.0
+  if src is None or src.dtype not in _LOW:
+    return None
+  src = _through_relayout(src, body)
+  return 0.0 if src is not None and src.opcode == "parameter" else 0.5
+
+
+def _downcast_only(name: str, users: list[_Instr], comps) -> bool:
+  """Every use of ``name`` is the CPU's rounding of it back to bf16/f16."""
+  rounds = lambda i: i.opcode == "convert" and i.inserted and i.dtype in _LOW
+  if not users:
+    return False
+  for u in users:
+    if rounds(u):
+      continue
+    if u.opcode != "fusion" or u.calls not in comps:
+      return False
+    body = comps[u.calls]
+    numbers = {k for k, op in enumerate(u.operands) if op == name}
+    params = {i.name for i in body.values() if i.opcode == "parameter" and i.number in numbers}
+    uses = [i for i in body.values() if params & set(i.operands)]
+    if not uses or not all(map(rounds, uses)):
+      return False
+  return True
+
+
+def _cpu_only_shares(comps, roots) -> dict[str, float]:
+  """Instruction -> the share of its result a bf16-native device would hold (<1)."""
+  out: dict[str, float] = {}
+  for body in comps.values():
+    users: dict[str, list[_Instr]] = {}
+    for i in body.values():
+      for op in i.operands:
+        users.setdefault(op, []).append(i)
+    for i in body.values():
+      share = _upcast_share(i, comps, roots)
+      if share is None and i.dtype == "f32" and i.opcode not in ("parameter", "constant") \
+          and _downcast_only(i.name, users.get(i.name, []), comps):
+        share = 0.0  # e.g. a dot's f32 result, rounded to bf16 by its only users
+      if share is not None:
+        out[i.name] = share
+  return out
+
+
+def _read_dump(directory: str, suffix: str) -> str:
+  names = sorted(f for f in os.listdir(directory) if f.endswith(suffix))
+  if not names:
+    raise RuntimeError(f"XLA wrote no '*{suffix}' to {directory}")
+  with open(os.path.join(directory, names[-1])) as f:
+    return f.read()
+
+
+def _temp_values(assignment: str) -> list[tuple[str, bool, int, int]]:
+  """``(value key, is_phi, size, offset)`` of the preallocated-temp allocations.
+
+  Offsets are made unique across allocations (each gets its own range).
+  """
+  out, base, size, in_temp = [], 0, 0, False
+  for line in assignment.splitlines():
+    m = _ALLOC.match(line)
+    if m:
+      base += size if in_temp else 0
+      size, in_temp = int(m.group(1)), "preallocated-temp" in m.group(2)
+      continue
+    if line.startswith("Total bytes") or line.startswith("Used values"):
+      in_temp = False
+    if in_temp:
+      v = _VALUE.search(line)
+      if v:
+        out.append((v.group(1) + (v.group(2) or "{}"), bool(v.group(3)), int(v.group(4)),
+                    base + int(v.group(5))))
+  return out
+
+
+def _peak_of_union(rects) -> int:
+  """Max over time of the bytes covered by ``(start, end, lo, hi)`` rectangles."""
+  import numpy as np
+
+  if not rects:
+    return 0
+  r = np.asarray(rects, dtype=np.int64)
+  best = 0
+  for t in np.unique(r[:, 0]):
+    live = r[(r[:, 0] <= t) & (r[:, 1] >= t)]
+    order = np.argsort(live[:, 2])
+    lo, hi = live[order, 2], np.maximum.accumulate(live[order, 3])
+    # covered length of the union of [lo, hi): gaps where lo exceeds the running max
+    prev = np.concatenate([[lo[0]], hi[:-1]])
+    covered = int(hi[-1] - lo[0] - np.maximum(lo - prev, 0).sum())
+    best = max(best, covered)
+  return best
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuOnlyBuffers:
+  """What XLA:CPU's buffer assignment holds only because the CPU upcasts bf16.
+
+  Attributes:
+    temporaries: the temporaries' peak along the live ranges as assigned
+      (bytes covered at once, XLA's packing gaps excluded).
+    without: the same peak with every CPU-only buffer removed (a bare upcast
+      of a bf16/f16 operand, or a dot's f32 result rounded back by its only
+      users) and every f32 carrier of a bf16-rounded value at half its size.
+    buffers: how many temporaries were changed.
+  """
+
+  temporaries: int
+  without: int
+  buffers: int
+
+  @property
+  def saved(self) -> int:
+    """Bytes of the temporaries' peak a bf16-native device does not hold."""
+    return self.temporaries - self.without
+
+
+def cpu_only_buffers(hlo_text: str, assignment: str, live_ranges: str) -> CpuOnlyBuffers:
+  """Read XLA:CPU's dumps and recompute the temporaries' peak without its upcasts.
+
+  Args:
+    hlo_text: the optimized HLO (``compiled.as_text()``).
+    assignment: the ``*-buffer-assignment.txt`` dump of the same compile.
+    live_ranges: the ``*-live-range.txt`` dump of the same compile.
+
+  Values that alias a CPU-only buffer (loop-carried copies at the same offset
+  and size whose live range touches it) are CPU-only too.
+  """
+  comps, roots = _parse_hlo(hlo_text)
+  shares = _cpu_only_shares(comps, roots)
+  ranges = {}
+  for line in live_ranges.splitlines():
+    m = _RANGE.match(line)
+    if m:
+      ranges[m.group(1) + m.group(2)] = (int(m.group(3)), int(m.group(4)))
+  values = [(k, phi, size, off, *ranges[k]) for k, phi, size, off in _temp_values(assignment)
+            if k in ranges]
+  share = {}
+  for k, *_ in values:
+    name, index = k.split("{", 1)
+    if index == "}" and name in shares:
+      share[k] = shares[name]
+  changed = True
+  while changed:  # loop-carried aliases of CPU-only buffers
+    changed = False
+    spans = {(off, size): [] for _, _, size, off, _, _ in values}
+    for k, _, size, off, start, end in values:
+      if k in share:
+        spans[(off, size)].append((start, end, share[k]))
+    for k, phi, size, off, start, end in values:
+      if k in share or not phi:
+        continue
+      for s0, e0, sh in spans[(off, size)]:
+        if start <= e0 + 1 and s0 <= end + 1:
+          share[k] = sh
+          changed = True
+          break
+  full = [(start, end, off, off + size) for _, _, size, off, start, end in values]
+  kept = [(start, end, off, off + int(size * share.get(k, 1.0)))
+          for k, _, size, off, start, end in values if share.get(k, 1.0) > 0]
+  return CpuOnlyBuffers(_peak_of_union(full), _peak_of_union(kept), len(share))

@@ -41,7 +41,9 @@ def test_plan_reads_xla_and_the_analytic_parts_are_exact():
   assert m.aliased >= 3 * L * D * D * 4
   # arguments: params, moments, the count, the batch
   assert m.arguments == 3 * L * D * D * 4 + 4 + B * D * 4
-  assert plan.transfer is None and plan.transfer_peak == plan.peak  # float32: nothing to move
+  # float32: nothing the CPU holds that a device would not
+  assert plan.cpu_only is None and plan.accelerator == plan.memory
+  assert plan.accelerator_peak == plan.peak and plan.lapack_workspace == 0
   undonated = memory.plan_train_step(_loss, tx, params, batch, donate=False)
   assert undonated.memory.aliased == 0 and undonated.peak > plan.peak
 
@@ -57,17 +59,69 @@ def test_activations_are_the_saved_residuals():
   assert remat.activations < full.activations
 
 
-@pytest.mark.skipif(not memory.backend_upcasts_low_precision(),
-                    reason="this backend computes bf16 products natively")
-def test_bf16_upcast_is_detected_and_the_transfer_plan_drops_the_hoisted_copies():
+upcasting = pytest.mark.skipif(not memory.backend_upcasts_low_precision(),
+                               reason="this backend computes bf16 products natively")
+N = 128
+
+
+@upcasting
+def test_a_bf16_product_holds_no_temporaries_on_the_accelerator():
+  # XLA:CPU converts both operands to f32, multiplies in f32 and rounds the
+  # result back: three f32 temporaries that a bf16-native device never makes.
+  a = jax.ShapeDtypeStruct((N, N), jnp.bfloat16)
+  p = memory.plan_function(lambda x, w: x @ w, a, a)
+  assert p.memory.temporaries >= 3 * N * N * 4
+  assert p.cpu_only.buffers == 3
+  assert p.accelerator.temporaries == 0
+  assert p.accelerator_peak == 3 * N * N * 2  # two arguments and the result, in bf16
+
+
+@upcasting
+def test_the_accelerator_keeps_a_computed_bf16_intermediate():
+  # tanh(x·w)·w: the device holds tanh(x·w) in bf16 between the two products.
+  a = jax.ShapeDtypeStruct((N, N), jnp.bfloat16)
+  p = memory.plan_function(lambda x, w: jnp.tanh(x @ w) @ w, a, a)
+  assert p.accelerator.temporaries == N * N * 2
+  # the same program in float32 holds it in f32: nothing to remove there
+  f = jax.ShapeDtypeStruct((N, N), jnp.float32)
+  assert memory.plan_function(lambda x, w: jnp.tanh(x @ w) @ w, f, f).cpu_only is None
+
+
+@upcasting
+def test_bf16_upcasts_of_a_scanned_stack_are_not_carried_to_the_accelerator():
   params = _params(jnp.bfloat16)
   batch = jax.ShapeDtypeStruct((B, D), jnp.bfloat16)
   plan = memory.plan_train_step(_loss, optax.sgd(0.1), params, batch)
-  assert plan.upcasts_low_precision and plan.transfer is not None
-  # the hoisted f32 copy of the whole (L, D, D) stack is gone without hoisting
-  assert plan.transfer.peak <= plan.memory.peak - (L - 1) * D * D * 4
-  assert memory.plan_train_step(_loss, optax.sgd(0.1), params, batch, transfer=False).transfer \
-      is None
+  assert plan.upcasts_low_precision and plan.cpu_only is not None
+  # the CPU hoists f32 copies of the whole (L, D, D) stack out of the loop
+  assert plan.cpu_only.saved >= L * D * D * 4
+  assert plan.accelerator.temporaries == plan.memory.temporaries - plan.cpu_only.saved
+  # what remains is at most the bf16 program's own buffers: below the f32 program's
+  f32 = memory.plan_train_step(_loss, optax.sgd(0.1), _params(jnp.float32),
+                               jax.ShapeDtypeStruct((B, D), jnp.float32))
+  assert plan.accelerator.temporaries < f32.memory.temporaries
+  off = memory.plan_train_step(_loss, optax.sgd(0.1), params, batch, accelerator=False)
+  assert off.cpu_only is None and off.accelerator == off.memory == plan.memory
+
+
+def test_count_plans_the_ordinary_step_or_the_refresh():
+  import optax_lowrank as olr
+
+  m, n, r = 64, 172, 8
+  params = {"w": jax.ShapeDtypeStruct((m, n), jnp.float32)}
+  batch = jax.ShapeDtypeStruct((4, m), jnp.float32)
+  loss = lambda p, f, b: jnp.sum((b @ p["w"]) ** 2)
+  tx = olr.galore(1e-3, rank=r, refresh_every=10)
+  both = memory.plan_train_step(loss, tx, params, batch)
+  ordinary = memory.plan_train_step(loss, tx, params, batch, count=3)
+  refresh = memory.plan_train_step(loss, tx, params, batch, count=10)
+  # LAPACK's sgesdd workspace for the thin SVD of the 64×172 gradient:
+  # lwork = 4·64² + 7·64 floats (LAPACK's query) and iwork = 8·64 int32
+  workspace = (4 * m * m + 7 * m) * 4 + 8 * m * 4
+  assert refresh.lapack_workspace == both.lapack_workspace == workspace
+  assert ordinary.lapack_workspace == 0
+  assert ordinary.peak < refresh.peak <= both.peak + 64
+  assert refresh.accelerator_peak == refresh.accelerator.peak + workspace
 
 
 def test_non_scalar_loss_is_rejected():
@@ -81,19 +135,26 @@ def test_plan_cli_writes_rows_for_every_method(tmp_path, capsys):
 
   path = tmp_path / "plan.json"
   plan.main(["--size", "tiny", "--tokens", "32", "--ranks", "8", "--donation", "yes",
-             "--no-transfer", "--json", str(path)])
+             "--workers", "1", "--methods", "adamw-8bit", "galore", "adapter-nf4-8bit",
+             "--json", str(path)])
   rows = json.loads(path.read_text())
   names = [r["method"] for r in rows]
-  assert names == ["adamw-bf16", "adamw-8bit", "galore-r8", "galore-8bit-r8", "adapter-r8",
-                   "adapter-int8-r8", "adapter-nf4-8bit-r8"]
+  assert names == ["adamw-8bit", "galore-r8", "adapter-nf4-8bit-r8"]
   for r in rows:
     assert r["donated"] is True
-    assert r["peak_bytes"] == (r["argument_bytes"] + r["output_bytes"] + r["temp_bytes"]
-                               - r["alias_bytes"])
+    assert r["step_kinds"] == list(plan.step_kinds(r["method"].split("-r")[0]))
+    assert r["accelerator_peak_bytes"] == max(r[k]["accelerator_peak_bytes"]
+                                              for k in r["step_kinds"])
+    # the CPU's own plan holds at least what a bf16-native device would
+    assert r["ordinary"]["accelerator_peak_bytes"] <= r["peak_bytes"]
+    assert r["accelerator_temp_bytes"] == r["temp_bytes"] - r["cpu_only_bytes"]
   by = {r["method"]: r for r in rows}
-  # the frozen base is smaller quantized: INT8 < BF16, NF4 < INT8 (the same factors and Λ)
-  assert by["adapter-nf4-8bit-r8"]["weights_bytes"] < by["adapter-int8-r8"]["weights_bytes"] \
-      < by["adapter-r8"]["weights_bytes"]
-  # 8-bit moments are smaller than BF16 Adam's
-  assert by["adamw-8bit"]["optimizer_state_bytes"] < by["adamw-bf16"]["optimizer_state_bytes"]
+  # the NF4 base (codes, scales and the merge rule's residual) is below the BF16 weights
+  assert by["adapter-nf4-8bit-r8"]["weights_bytes"] < by["adamw-8bit"]["weights_bytes"]
+  # GaLore's refresh runs the SVDs (LAPACK workspace); its ordinary step none
+  assert by["galore-r8"]["refresh"]["lapack_workspace_bytes"] > 0
+  assert by["galore-r8"]["ordinary"]["lapack_workspace_bytes"] == 0
+  # a merge rewrites the quantized base: it holds the base's codes at least
+  nf4 = by["adapter-nf4-8bit-r8"]
+  assert nf4["merge"]["argument_bytes"] >= nf4["weights_bytes"] - nf4["gradient_bytes"] * 8
   assert "adapter-nf4-8bit-r8" in capsys.readouterr().out
