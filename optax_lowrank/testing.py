@@ -4,14 +4,16 @@
 gradient path) and with the adapter ``Θ0 + SᵀΛ`` (``olr.adapters``) — with
 the same inner optimizer, projection, seed, ``where`` and refresh points, and
 reports how far the effective weights ever drift apart.  ``assert_dual``
-wraps it for pytest.  By paper 000's Theorem 1 the drift is round-off for any
+wraps it for pytest.  By Theorem 1 of Torroba-Hennigen, Lang, Guo and Kim 2025
+("On the Duality between Gradient Transformations and Adapters",
+arXiv:2502.13811) the drift is round-off for any
 inner optimizer whose step depends only on its gradients and state (SGD,
 momentum, Adam, Adafactor, Lion, RMSProp, ``olr.woodbury_precondition``...),
 with any refresh policy; run in float64 (``jax.config.update("jax_enable_x64",
 True)``) to see it at ~1e-12.
 
 Weight decay breaks the duality unless both paths apply it the same way
-(paper 000, App. B).  ``decay`` is a decoupled decay rate per step
+(ibid., App. B).  ``decay`` is a decoupled decay rate per step
 (``η·λ_wd``), and ``decay_view`` says where each path applies it:
 
 * ``"gradient"``: on the full weights. Gradient path:

@@ -326,7 +326,7 @@ def woodbury_precondition(
   gradient is first written into the leaf's ring buffer (slot ``count % s``,
   overwriting the oldest), then the update is ``F⁻¹ g`` with
   ``F = λ I_k + G Gᵀ``, ``G ∈ R^{k×s}`` the stored gradients (Natural GaLore,
-  Das 2024, paper 002 §2.2), reshaped to the leaf's shape and cast to the
+  Das 2024, arXiv:2410.16029, §2.2), reshaped to the leaf's shape and cast to the
   gradient's dtype.  Works for full-size leaves of any shape and for the
   coefficient arrays of a low-rank combinator.  See the module docstring for
   the layout, the cost (``s·k + s²`` stored values and ``O(k·s)`` work per leaf
