@@ -9,8 +9,9 @@ followed by ``−η``, then decoupled weight decay on the full weights:
 chain), which saves a pass over every full-size update; the state is
 ``(low_rank state, weight-decay state)``.
 
-Weight decay here acts on the full weights (the "gradient view" of paper 000,
-App. B); ``olr.adapters`` documents the adapter-view alternative.
+Weight decay here acts on the full weights (the "gradient view" of
+Torroba-Hennigen et al. 2025, arXiv:2502.13811, App. B); ``olr.adapters``
+documents the adapter-view alternative.
 """
 
 # No ``from __future__ import annotations``: the signatures carry the real
@@ -196,7 +197,7 @@ def galore(
     reshape: Any = None,
     mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """GaLore-AdamW (Zhao et al. 2024, paper 003, Algorithm 1).
+  """GaLore-AdamW (Zhao et al. 2024, arXiv:2403.03507, Algorithm 1).
 
   The top-``rank`` singular vectors of each projected gradient, re-made every
   ``refresh_every`` steps, carry Adam's moments: ``2·max(m,n)·r`` floats of
@@ -270,7 +271,7 @@ def natural_galore(
     mask: Any = None,
     refine: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  """Natural GaLore (Das 2024, paper 002, Alg. 1 with §2.2).
+  """Natural GaLore (Das 2024, arXiv:2410.16029, Alg. 1 with §2.2).
 
   In the GaLore subspace, each leaf's projected gradient ``g`` is first
   preconditioned by the inverse empirical Fisher of its last ``history``
