@@ -23,9 +23,12 @@ the jitted basis construction alone, against ``optax.contrib.galore``'s refresh
 ``olr.svd``'s (same SVD, olr's side); medians and maxima over ``--repeats``
 interleaved rounds.
 
-``--warm`` adds an experiment the combinator cannot run today: start the range
-finder from the previous refresh's basis (``[U_prev, G Ω_p]``) on a gradient whose
-dominant subspace has rotated by a known amount, against a cold start.
+``--warm`` adds an experiment on a gradient whose dominant subspace has
+rotated by a known amount since the previous refresh: the range finder started
+from the previous basis (``[U_prev, G Ω_p]``), ``olr.subspace_iteration``'s
+refresh (``tracked_range``: ``iters`` steps of ``U ← qr(G Gᵀ U)`` from the
+previous basis, aligned to it), and a cold start.  ``--grid default`` times
+only the default ``(oversample, power_iters)`` beside the exact refreshes.
 """
 
 from __future__ import annotations
@@ -95,7 +98,10 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--keys", type=int, default=3)
   parser.add_argument("--threads", type=int, default=1)
   parser.add_argument("--no-pin", action="store_true")
-  parser.add_argument("--warm", action="store_true", help="run the warm-start experiment")
+  parser.add_argument("--warm", action="store_true",
+                      help="run the warm-start experiment (with olr.subspace_iteration's step)")
+  parser.add_argument("--grid", choices=["full", "default"], default="full",
+                      help="'default': only the default (oversample, power_iters)")
   parser.add_argument("--clock", choices=["cpu", "wall"], default=None,
                       help="time reported (default: cpu for 1 thread, else wall)")
   args = parser.parse_args(argv)
@@ -127,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     return jax.jit(lambda g, key: spec.make((m, n), key, g, jnp.float32))
 
   grid = list(itertools.product(GRID_P, GRID_Q))
+  if args.grid == "default":
+    grid = [(proj.randomized_svd(r).oversample, proj.randomized_svd(r).power_iters)]
   fns = {(p, q): make_fn(p, q) for p, q in grid}
   keys = [jax.random.PRNGKey(k) for k in range(args.keys)]
   acc: dict[tuple[int, int], dict[str, tuple[float, float, float]]] = {}
@@ -227,6 +235,8 @@ def _warm_experiment(m: int, n: int, r: int, side: str, repeats: int, clock: str
   cold = {q: jax.jit(lambda g, q=q: proj.randomized_range(g, r, key, p_def, q))
           for q in (0, 1, q_def)}
   warm = {q: jax.jit(lambda g, u, q=q: warm_range(g, r, key, p_def, q, u)) for q in (0, 1)}
+  # olr.subspace_iteration's refresh: iters steps of U <- qr(G Gᵀ U) from the previous basis.
+  track = {i: jax.jit(lambda g, u, i=i: proj.tracked_range(g, u, i, True)) for i in (1, 2)}
   rows = []
   for overlap in (0.5, 0.9, 0.99):
     g1, g2 = rotated_pair(rng, rows_dim, cols_dim, r, overlap)
@@ -239,6 +249,8 @@ def _warm_experiment(m: int, n: int, r: int, side: str, repeats: int, clock: str
       res[f"cold q={q}"] = (f, (g2j,))
     for q, f in warm.items():
       res[f"warm q={q}"] = (f, (g2j, u1))
+    for i, f in track.items():
+      res[f"subspace_iteration iters={i}"] = (f, (g2j, u1))
     calls = {k: (lambda f=f, a=a: jax.block_until_ready(f(*a))) for k, (f, a) in res.items()}
     times = {k: v[clock] for k, v in common.timed_once(calls, repeats).items()}
     for k, (f, a) in res.items():

@@ -21,8 +21,9 @@ output head and the RMSNorm scales are trained at full size, as in the GaLore
 reference setup.
 
 Registered methods: ``adamw``, ``galore``, ``flora``, ``two_sided`` always;
-``natural_galore``, ``adamem``, ``apollo``, ``apollo_mini`` and ``fira`` when
-``optax_lowrank`` provides them. Others
+``natural_galore``, ``adamem``, ``apollo``, ``apollo_mini``, ``fira`` and the
+refresh variants ``galore_staggered``, ``galore_tracking`` and
+``galore_tracking_lazy`` when ``optax_lowrank`` provides them. Others
 can be added with :func:`register`.
 
 Example:
@@ -419,6 +420,30 @@ if hasattr(olr, "adamem"):
           "AdaMeM: projected momentum plus Adafactor on the residual (olr.adamem)",
       )
   )
+
+if hasattr(olr, "subspace_iteration"):
+
+  def _refresh_variant(make_projection, schedule: str) -> TxFactory:
+    """GaLore-AdamW with another refresh: its projection and refresh schedule (issue 26)."""
+
+    def make_tx(learning_rate: float, steps: int, config: MethodConfig):
+      return olr.adam_in_subspace(
+          cosine_schedule(learning_rate, steps, config), make_projection(config.rank),
+          refresh_every=config.refresh_every, scale=config.scale, b1=config.b1, b2=config.b2,
+          weight_decay=config.weight_decay, where=is_projected, reshape=STACKED_RULE,
+          mask=decay_mask, refresh_schedule=schedule)
+
+    return make_tx
+
+  for _name, _make, _schedule, _what in (
+      ("galore_staggered", olr.svd, "staggered",
+       "GaLore with each matrix refreshed on its own step (refresh_schedule='staggered')"),
+      ("galore_tracking", olr.subspace_iteration, "staggered",
+       "GaLore whose bases are tracked by subspace iteration, staggered (no SVD after step 0)"),
+      ("galore_tracking_lazy", olr.subspace_iteration, "lazy",
+       "GaLore, tracked bases, per-matrix intervals from the subspace overlap (lazy)"),
+  ):
+    register(Method(_name, _refresh_variant(_make, _schedule), LEARNING_RATES["galore"], _what))
 
 if hasattr(olr, "apollo"):
 

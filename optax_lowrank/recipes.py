@@ -68,13 +68,15 @@ def adam_in_subspace(
     seed: int = 0,
     reshape: Any = None,
     mask: Any | Callable[[optax.Params], Any] | None = None,
+    refresh_schedule: Any = "fixed",
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW whose moments live in the space of ``projection``; the recipes' common core.
 
   Args:
     learning_rate: a float or an optax schedule.
     projection: any projection spec.
-    refresh_every, on_refresh, where, seed, reshape: as for ``olr.low_rank``.
+    refresh_every, on_refresh, where, seed, reshape, refresh_schedule: as for
+      ``olr.low_rank``.
     scale: ``α`` on the back-projected update of projected leaves.
     b1, b2, eps: Adam's hyper-parameters (optax's bias-corrected form:
       ``m̂/(√v̂ + eps)``).
@@ -84,7 +86,7 @@ def adam_in_subspace(
   return _low_rank_recipe(
       _scale_by_adam(b1, b2, eps), projection, learning_rate, weight_decay, mask,
       refresh_every=refresh_every, on_refresh=on_refresh, scale=scale, where=where, seed=seed,
-      reshape=reshape,
+      reshape=reshape, refresh_schedule=refresh_schedule,
   )
 
 
