@@ -125,6 +125,25 @@ def layout_key(tree: Any) -> tuple:
   return jax.tree.structure(tree), tuple(tuple(jnp.shape(x)) for x in jax.tree.leaves(tree))
 
 
+_NAMES_BY_LAYOUT: dict = {}
+
+
+def recalled_axis_names(tree: Any, params: Any | None = None) -> tuple | None:
+  """The axis names of ``tree`` (or of ``params``), or those last seen for its layout.
+
+  ``nnx.Optimizer`` hands ``init`` the ``Param`` variables (names included)
+  but ``update`` plain arrays, and ``optax.inject_hyperparams`` rebuilds the
+  transformation at every update; so the names seen for a tree layout
+  (structure and shapes) are remembered for the next tree of the same layout.
+  Only this static metadata is kept, never arrays.
+  """
+  key = layout_key(tree)
+  names = flat_axis_names(tree) or flat_axis_names(params) or _NAMES_BY_LAYOUT.get(key)
+  if names:
+    _NAMES_BY_LAYOUT[key] = names
+  return names
+
+
 def axis_names(tree: Any) -> Any:
   """The logical axis names of every leaf (a tuple, or ``None`` where unknown).
 

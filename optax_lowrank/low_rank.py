@@ -201,18 +201,8 @@ def low_rank(
   if unprojected is not None:
     groups = {"projected": inner, "unprojected": optax.with_extra_args_support(unprojected)}
 
-  # Axis names (the layer axis of scanned models) are read from the Variables /
-  # linen boxes of the tree; nnx.Optimizer hands `init` Variables but `update`
-  # plain arrays, so the names seen at init are remembered by tree layout (static
-  # metadata only, the same for every step).
-  names_by_layout = {}
-
-  def make_plans(tree, params=None):
-    key = leaves_lib.layout_key(tree)
-    names = (leaves_lib.flat_axis_names(tree) or leaves_lib.flat_axis_names(params)
-             or names_by_layout.get(key))
-    if names:
-      names_by_layout[key] = names
+  def make_plans(tree, params=None):  # axis names: see leaves.recalled_axis_names
+    names = leaves_lib.recalled_axis_names(tree, params)
     return leaves_lib.plan(tree, projection, where, reshape, axis_names=names)
 
   def inner_for(plans):

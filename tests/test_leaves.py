@@ -241,3 +241,19 @@ def test_an_int_leaf_is_never_trained_and_never_reaches_adam():
   # selecting it explicitly is an error naming it
   with pytest.raises(TypeError, match="leaf 'ids' of shape"):
     leaves.plan(params, olr.dense(2), where={"w": True, "step": False, "ids": True})
+
+
+def test_axis_names_seen_at_init_hold_for_plain_arrays_at_update():
+  """``nnx.Optimizer`` gives ``init`` Variables (names) but ``update`` plain arrays, and
+  ``inject_hyperparams`` rebuilds the transformation each step: the plan stays init's."""
+  from flax import nnx
+
+  variables = {"k": nnx.Param(jnp.zeros((3, 8, 6)), out_sharding=("layers", "a", "b"),
+                              eager_sharding=False),
+               "b": nnx.Param(jnp.zeros((3, 6)))}   # unnamed, beside the stack: 3 vectors
+  tx = optax.inject_hyperparams(olr.galore, static_args=("rank",))(learning_rate=1e-2, rank=2)
+  state = tx.init(variables)
+  plain = leaves.unwrap_variables(variables)
+  _, state = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, plain), state, plain)
+  mu = optax.tree.get(state, "mu")
+  assert mu["k"].shape == (3, 8, 2) and mu["b"].shape == (3, 6)
