@@ -177,8 +177,8 @@ def scale_by_adam_8bit(
     ValueError: at construction for out-of-range arguments (named); at init for a
       non-floating or complex leaf (named by its path and shape).
 
-  (Long because the per-leaf and the chunked step are closures over the static
-  hyper-parameters above; each of them is short.)
+  (Long because the per-leaf step is a closure over the static hyper-parameters
+  above, as in optax's own transformations.)
   """
   _check_decay("b1", b1)
   _check_decay("b2", b2)
@@ -235,70 +235,14 @@ def scale_by_adam_8bit(
 
   def leaf_update(g, m_stored, v_stored, count_inc, m_seed, v_seed):
     if _is_quantized(m_stored) and 0 < chunk_size < m_stored.size:
-      return chunked_update(g, m_stored, v_stored, count_inc, m_seed, v_seed)
+      return _chunked_update(g, m_stored, v_stored, count_inc, m_seed, v_seed,
+                             adam_step=adam_step, block_size=block_size,
+                             chunk_size=chunk_size, stochastic_rounding=stochastic_rounding)
     m, v = decode_mu(m_stored), decode_nu(v_stored)
     u, m, v = adam_step(g, m, v, count_inc, _is_quantized(v_stored))
     if stochastic_rounding:
       return u, encode_mu(m, m_seed), encode_nu(v, v_seed)
     return u, encode_mu(m), encode_nu(v)
-
-  def chunked_update(g, m_stored, v_stored, count_inc, m_seed, v_seed):
-    """``leaf_update`` of a large quantized leaf, one chunk of whole blocks at a time.
-
-    A loop over the ``full`` chunks of ``size`` elements reads chunk ``k`` of
-    the gradient and of the codes and scales, and writes the update and the
-    new codes and scales over what it read: the loop carries the flat
-    gradient and the state, so XLA updates them in place and holds the
-    float32 moments of one chunk.  The remaining ``tail`` elements (fewer
-    than a chunk; the last block may be partial) are updated whole after.
-    """
-    bs, n = block_size, m_stored.size
-    per_chunk = max(1, chunk_size // bs)  # blocks
-    size = per_chunk * bs
-    full, tail = divmod(n, size)
-
-    def chunk_of(q, codes, scales, length):
-      return quantization.QuantizedArray(codes, scales, (length,), np.dtype(jnp.float32),
-                                         q.format, bs)
-
-    def step(k, g_k, mc, ms, vc, vs, length):
-      m = quantization.dequantize(chunk_of(m_stored, mc, ms, length))
-      v = jnp.square(quantization.dequantize(chunk_of(v_stored, vc, vs, length)))
-      u, m, v = adam_step(g_k, m, v, count_inc, True)
-      if stochastic_rounding:
-        k = jnp.asarray(k, jnp.uint32)
-        seeds = (quantization.mix_seed(m_seed, k), quantization.mix_seed(v_seed, k))
-      else:
-        seeds = (None, None)
-      m = quantization.quantize(m, MU_FORMAT, bs, seed=seeds[0])
-      v = quantization.quantize(jnp.sqrt(v), NU_FORMAT, bs, seed=seeds[1])
-      return u, m.codes, m.scales, v.codes, v.scales
-
-    def update_chunk(k, carry, length, sizes):
-      """Chunk ``k`` (``length`` elements from ``k·size``): read it, update it, write it back.
-
-      ``sizes``: how much of each buffer of ``carry`` (gradient, codes and scales
-      of both moments) the chunk covers.
-      """
-      at, at_block = k * size, k * per_chunk
-      starts = (at, at, at_block, at, at_block)
-      parts = [jax.lax.dynamic_slice(buf, (i,), (n,))
-               for buf, i, n in zip(carry, starts, sizes, strict=True)]
-      out = step(k, *parts, length)
-      return tuple(jax.lax.dynamic_update_slice(buf, new, (i,))
-                   for buf, new, i in zip(carry, out, starts, strict=True))
-
-    carry = (jnp.ravel(g), m_stored.codes, m_stored.scales, v_stored.codes, v_stored.scales)
-    whole = (size, size, per_chunk, size, per_chunk)
-    carry = jax.lax.fori_loop(0, full, lambda k, c: update_chunk(k, c, size, whole), carry)
-    if tail:  # the rest, to the end of every buffer (the last block may be partial)
-      at, at_block = full * size, full * per_chunk
-      rest = tuple(buf.shape[0] - i for buf, i in
-                   zip(carry, (at, at, at_block, at, at_block), strict=True))
-      carry = update_chunk(full, carry, tail, rest)
-    flat, mc, ms, vc, vs = carry
-    return (flat.reshape(jnp.shape(g)), dataclasses.replace(m_stored, codes=mc, scales=ms),
-            dataclasses.replace(v_stored, codes=vc, scales=vs))
 
   def update_fn(
     updates: optax.Updates, state: ScaleByAdam8bitState, params: optax.Params | None = None
@@ -332,6 +276,67 @@ def scale_by_adam_8bit(
     return new_updates, ScaleByAdam8bitState(count=count_inc, mu=new_mu, nu=new_nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _chunked_update(g, m_stored, v_stored, count_inc, m_seed, v_seed, *, adam_step,
+                    block_size: int, chunk_size: int, stochastic_rounding: bool):
+  """:func:`scale_by_adam_8bit`'s update of a large quantized leaf, chunk by chunk.
+
+  ``adam_step(g, m, v, count_inc, quantized)`` is Adam on decoded moments.  A
+  loop over the ``full`` chunks of ``size`` elements reads chunk ``k`` of
+  the gradient and of the codes and scales, and writes the update and the
+  new codes and scales over what it read: the loop carries the flat
+  gradient and the state, so XLA updates them in place and holds the
+  float32 moments of one chunk.  The remaining ``tail`` elements (fewer
+  than a chunk; the last block may be partial) are updated whole after.
+  """
+  bs, n = block_size, m_stored.size
+  per_chunk = max(1, chunk_size // bs)  # blocks
+  size = per_chunk * bs
+  full, tail = divmod(n, size)
+
+  def chunk_of(q, codes, scales, length):
+    return quantization.QuantizedArray(codes, scales, (length,), np.dtype(jnp.float32),
+                                       q.format, bs)
+
+  def step(k, g_k, mc, ms, vc, vs, length):
+    m = quantization.dequantize(chunk_of(m_stored, mc, ms, length))
+    v = jnp.square(quantization.dequantize(chunk_of(v_stored, vc, vs, length)))
+    u, m, v = adam_step(g_k, m, v, count_inc, True)
+    if stochastic_rounding:
+      k = jnp.asarray(k, jnp.uint32)
+      seeds = (quantization.mix_seed(m_seed, k), quantization.mix_seed(v_seed, k))
+    else:
+      seeds = (None, None)
+    m = quantization.quantize(m, MU_FORMAT, bs, seed=seeds[0])
+    v = quantization.quantize(jnp.sqrt(v), NU_FORMAT, bs, seed=seeds[1])
+    return u, m.codes, m.scales, v.codes, v.scales
+
+  def update_chunk(k, carry, length, sizes):
+    """Chunk ``k`` (``length`` elements from ``k·size``): read it, update it, write it back.
+
+    ``sizes``: how much of each buffer of ``carry`` (gradient, codes and scales
+    of both moments) the chunk covers.
+    """
+    at, at_block = k * size, k * per_chunk
+    starts = (at, at, at_block, at, at_block)
+    parts = [jax.lax.dynamic_slice(buf, (i,), (n,))
+             for buf, i, n in zip(carry, starts, sizes, strict=True)]
+    out = step(k, *parts, length)
+    return tuple(jax.lax.dynamic_update_slice(buf, new, (i,))
+                 for buf, new, i in zip(carry, out, starts, strict=True))
+
+  carry = (jnp.ravel(g), m_stored.codes, m_stored.scales, v_stored.codes, v_stored.scales)
+  whole = (size, size, per_chunk, size, per_chunk)
+  carry = jax.lax.fori_loop(0, full, lambda k, c: update_chunk(k, c, size, whole), carry)
+  if tail:  # the rest, to the end of every buffer (the last block may be partial)
+    at, at_block = full * size, full * per_chunk
+    rest = tuple(buf.shape[0] - i for buf, i in
+                 zip(carry, (at, at, at_block, at, at_block), strict=True))
+    carry = update_chunk(full, carry, tail, rest)
+  flat, mc, ms, vc, vs = carry
+  return (flat.reshape(jnp.shape(g)), dataclasses.replace(m_stored, codes=mc, scales=ms),
+          dataclasses.replace(v_stored, codes=vc, scales=vs))
 
 
 def adam_8bit(
