@@ -12,6 +12,12 @@ chain), which saves a pass over every full-size update; the state is
 Weight decay here acts on the full weights (the "gradient view" of
 Torroba-Hennigen et al. 2025, arXiv:2502.13811, App. B); ``olr.adapters``
 documents the adapter-view alternative.
+
+Two selections, each in the convention of what it configures: ``where``
+chooses the leaves to project, as for ``olr.low_rank`` (a pytree of bools or a
+callable ``(path, leaf) -> bool``); ``mask`` chooses the leaves weight decay
+applies to, exactly as ``optax.adamw``'s ``mask`` (a pytree of bools or a
+callable ``params -> pytree of bools``).
 """
 
 # No ``from __future__ import annotations``: the signatures carry the real
