@@ -476,6 +476,8 @@ def make_step(
     def body(carry, i):
       g_h, g_ctx, layers, layer_states, sumsq = carry
       layer = _index(layers, i)
+      if update:
+        lstate = _index(layer_states, i)
       h_in = _index(hs, i)
 
       def one(g_h_m, h_m, floats_m, others_m):
@@ -505,9 +507,21 @@ def make_step(
           factor_l = factor
         if factor_l is not None:
           g_layer = _scaled(g_layer, factor_l)
-        lstate = _index(layer_states, i)
-        upd, lstate = tx.update(g_layer, lstate, layer)
-        layers = _write(layers, optax.apply_updates(layer, upd), i)
+
+        def layer_update(operand):
+          g_layer, lstate, layer = operand
+          upd, lstate = tx.update(g_layer, lstate, layer)
+          return optax.apply_updates(layer, upd), lstate
+
+        # The update runs inside a cond that is always taken: its results are
+        # then buffers of one layer's size, written back after every read of
+        # the stacks.  Fused into the in-place writes instead, the old slices
+        # would be read after the stack is overwritten, and XLA copies whole
+        # stacks (params and moments) at every layer to allow it.
+        new_layer, lstate = jax.lax.cond(
+            i < n_layers, layer_update, lambda operand: operand[2:0:-1],
+            (g_layer, lstate, layer))
+        layers = _write(layers, new_layer, i)
         layer_states = _write(layer_states, lstate, i)
       return (g_h, g_ctx, layers, layer_states, sumsq), None
 
