@@ -379,9 +379,11 @@ LEARNING_RATES: dict[str, float] = {
     #   apollo_mini  1e-3: 2.420   3e-3: 2.313   1e-2: 2.410
     #   fira         1e-2: 2.100   3e-2: 2.061   (α on the low-rank term only; with
     #                α on both terms, before d811a0f: 1e-2 2.115, 3e-2 2.023, 1e-1 2.373)
-    # (same day, same budget: adamw 1e-3 2.359, galore 3e-2 1.993, flora 1e-2 2.140)
+    # (same day, same budget: adamw 1e-3 2.359, galore 3e-2 1.993, flora 1e-2 2.140);
+    # apollo_mini at 600 steps (seed 0): 1e-3 2.052, 3e-3 1.804, 1e-2 1.766, 3e-2 2.094,
+    # so its rate is the 600-step one (docs/results.md)
     "apollo": 1e-2,
-    "apollo_mini": 3e-3,
+    "apollo_mini": 1e-2,
     "fira": 3e-2,
     # the dual of Flora-with-"keep": same random subspaces, so flora's rate
     "adapter": 1e-2,
