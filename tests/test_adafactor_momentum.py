@@ -73,7 +73,9 @@ def test_claim_3_1_parts_are_orthogonal(
     shape, rule = (2, m, n), ((1,), (0, 2))
   else:
     shape, rule = (m, n), None
-  plan = leaves.plan({"w": jnp.zeros(shape)}, proj.svd(rank, side), reshape=rule)["w"]
+  # where=True: projected even where the clamped rank saves nothing (not the default)
+  plan = leaves.plan({"w": jnp.zeros(shape)}, proj.svd(rank, side), reshape=rule,
+                     where=True)["w"]
   assert plan.projected
   # Any orthonormal P will do for the claim; NumPy's SVD of a random matrix
   # spares an XLA compilation per drawn shape (make_basis is tested below).
@@ -272,7 +274,7 @@ def test_state_bytes_match_the_formula_and_hold_one_projector_per_leaf(dtype, mu
   params = {
       "w": jnp.zeros((64, 32), dtype),
       "v": jnp.zeros((16, 48), dtype),
-      "k": jnp.zeros((4, 8, 6), dtype),      # projected through reshape=1: view (4, 48)
+      "k": jnp.zeros((8, 8, 6), dtype),      # projected through reshape=1: view (8, 48)
       "b": jnp.zeros((32,), dtype),
       "s": jnp.zeros((), dtype),
   }
@@ -428,7 +430,8 @@ def test_state_structure_does_not_depend_on_the_options():
 def test_adamem_is_the_direction_plus_paper_weight_decay_times_the_learning_rate():
   params = grad_stream(PARAMS, 1, seed=12)[0]
   grads = grad_stream(PARAMS, 2, seed=13)
-  got, _, _ = run(am.adamem(0.1, rank=2, refresh_every=5), params, grads)
+  # the paper's weight decay, given explicitly: the default is 0 as in every recipe
+  got, _, _ = run(am.adamem(0.1, rank=2, refresh_every=5, weight_decay=0.01), params, grads)
   direction, _, _ = run(am.scale_by_adamem(rank=2, refresh_every=5), params, grads)
   for u, d in zip(got, direction, strict=True):
     want = jax.tree.map(lambda d, w: -0.1 * (d + 0.01 * w), d, params)  # weight decay 0.01
@@ -487,7 +490,8 @@ def test_two_gemm_update_equals_the_explicit_residual_in_float32(
   # both forms; the two forms could disagree only for a column within ~1e-3
   # relative of that threshold.
   rng = np.random.default_rng(seed)
-  plan = leaves.plan({"w": jnp.zeros((m, n), jnp.float32)}, proj.svd(rank, side))["w"]
+  plan = leaves.plan({"w": jnp.zeros((m, n), jnp.float32)}, proj.svd(rank, side),
+                     where=True)["w"]  # projected even at full rank
   axis = 0 if plan.spec.axis_ranks(plan.view_shape)[0] is not None else 1
   p_dim, q = plan.view_shape[axis], plan.view_shape[1 - axis]
   r = min(rank, p_dim, q)
