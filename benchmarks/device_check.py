@@ -7,9 +7,12 @@ On an accelerator: the LLaMA ``1b`` preset for every method of
 device, token batch 256, BF16, at the GaLore paper's rank of the size.  Without
 one (CPU): the ``tiny`` preset, scanned, so the same code runs in CI.
 
-Each (size, method) runs in its own process, so that the device's
+Each (size, method, step kind) runs in its own process, so that the device's
 ``peak_bytes_in_use`` (``jax.local_devices()[0].memory_stats()``) is that
-method's alone.  A child compiles the step from shapes, reads the plan of that
+step's alone: every method's ordinary step; GaLore's refresh (the step
+counters set to a refresh step, one step); the adapter's merge
+(``olr.adapters.merge`` of the adapter with random Λ, once).  A child
+compiles the step from shapes, reads the plan of that
 very executable (``memory_analysis``), skips the run when the plan exceeds the
 device's memory, builds random weights of the right shapes (a quantized base as
 random codes and scales: the arithmetic of a step does not depend on the
@@ -42,11 +45,12 @@ def _child(args) -> dict:
   import jax.numpy as jnp
   import optax
 
-  from benchmarks.plan import batch_shape, config_for, method_setup
+  import optax_lowrank as olr
+  from benchmarks.plan import REFRESH_EVERY, batch_shape, config_for, method_parts
 
   config = config_for(args.size)
   rank = args.rank
-  loss, tx, trainable, frozen = method_setup(args.child, config, rank)  # shapes only
+  loss, tx, trainable, frozen, adapter = method_parts(args.child, config, rank)  # shapes only
   batch = jax.ShapeDtypeStruct(batch_shape(config, args.tokens), jnp.int32)
   opt_state = jax.eval_shape(tx.init, trainable)
 
@@ -55,13 +59,22 @@ def _child(args) -> dict:
     updates, opt_state = tx.update(grads, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state, value
 
+  def merge(adapter, lam, frozen, batch):  # olr.adapters.merge; the loss for the row's "loss"
+    del frozen, batch
+    new, lam = olr.adapters.merge(adapter, lam)
+    return new, lam, jnp.zeros([], jnp.float32)
+
   device = jax.local_devices()[0]
   row = {"size": args.size, "method": args.child if rank is None else f"{args.child}-r{rank}",
-         "rank": rank, "tokens": args.tokens, "device": device.device_kind,
+         "kind": args.kind, "rank": rank, "tokens": args.tokens, "device": device.device_kind,
          "platform": device.platform, "jax": jax.__version__}
+  if args.kind == "merge":  # the merge's arguments: the adapter and Λ
+    fn, trainable, opt_state = merge, adapter, jax.eval_shape(olr.adapters.zeros, adapter)
+  else:
+    fn = step
   t0 = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(trainable, opt_state, frozen,
-                                                        batch).compile()
+  compiled = jax.jit(fn, donate_argnums=(0, 1)).lower(trainable, opt_state, frozen,
+                                                      batch).compile()
   row["compile_s"] = time.perf_counter() - t0
   m = compiled.memory_analysis()
   plan = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
@@ -89,7 +102,14 @@ def _child(args) -> dict:
   try:
     trainable = jax.tree.map(fill, trainable)
     frozen = jax.tree.map(fill, frozen)
-    opt_state = jax.jit(tx.init)(trainable)
+    if args.kind == "merge":
+      opt_state = jax.tree.map(fill, opt_state)  # Λ
+    else:
+      opt_state = jax.jit(tx.init)(trainable)
+    if args.kind == "refresh":  # the step counters at a refresh step: the cond's branch runs
+      opt_state = jax.tree.map(
+          lambda x: jnp.full_like(x, REFRESH_EVERY)
+          if x.ndim == 0 and jnp.issubdtype(x.dtype, jnp.integer) else x, opt_state)
     tokens = jax.random.randint(next(keys), batch.shape, 0, config.vocab_size, jnp.int32)
     times, value = [], None
     for _ in range(args.steps):
@@ -117,23 +137,23 @@ def _probe() -> tuple[str, str]:
 
 
 def _run_child(size: str, method: str, rank: int | None, tokens: int, steps: int,
-               timeout: float) -> dict:
+               timeout: float, kind: str = "ordinary") -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "row.json")
     cmd = [sys.executable, "-m", "benchmarks.device_check", "--child", method, "--size", size,
-           "--tokens", str(tokens), "--steps", str(steps), "--out", out]
+           "--tokens", str(tokens), "--steps", str(steps), "--out", out, "--kind", kind]
     if rank is not None:
       cmd += ["--rank", str(rank)]
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     try:
       proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
-      return {"size": size, "method": method, "rank": rank, "status": "timed out"}
+      return {"size": size, "method": method, "kind": kind, "rank": rank, "status": "timed out"}
     if os.path.exists(out):
       with open(out) as f:
         return json.load(f)
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
-    return {"size": size, "method": method, "rank": rank,
+    return {"size": size, "method": method, "kind": kind, "rank": rank,
             "status": f"process failed (rc {proc.returncode}): {tail[0][:200]}"}
 
 
@@ -141,20 +161,22 @@ def format_rows(rows: list[dict]) -> str:
   largest = max((r.get("plan_peak_bytes") or 0 for r in rows), default=0)
   unit, div = ("GiB", GIB) if largest >= GIB else ("MiB", 2**20)
   fmt = lambda b: "-" if b is None else f"{b / div:.2f}"
-  lines = [f"{'size':<6}{'method':<26}{'plan ' + unit:>10}{'real ' + unit:>10}{'real/plan':>10}"
+  lines = [f"{'size':<6}{'method':<26}{'kind':<10}"
+           f"{'plan ' + unit:>10}{'real ' + unit:>10}{'real/plan':>10}"
            f"{'ms/step':>10}{'loss':>8}  status"]
   for r in rows:
     plan, real = r.get("plan_peak_bytes"), r.get("peak_bytes_in_use")
     ratio = f"{real / plan:.2f}" if plan and real else "-"
     ms = f"{r['step_ms']:.1f}" if r.get("step_ms") is not None else "-"
     loss = f"{r['loss']:.2f}" if r.get("loss") is not None else "-"
-    lines.append(f"{r['size']:<6}{r['method']:<26}{fmt(plan):>10}{fmt(real):>10}{ratio:>10}"
+    kind = r.get("kind", "ordinary")
+    lines.append(f"{r['size']:<6}{r['method']:<26}{kind:<10}{fmt(plan):>10}{fmt(real):>10}{ratio:>10}"
                  f"{ms:>10}{loss:>8}  {r['status']}")
   return "\n".join(lines)
 
 
 def main(argv=None) -> None:
-  from benchmarks.plan import METHODS, RANKED
+  from benchmarks.plan import METHODS, RANKED, step_kinds
 
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--json", default=None, help="write the rows to this file")
@@ -169,6 +191,7 @@ def main(argv=None) -> None:
   parser.add_argument("--size", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
   parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--kind", default="ordinary", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.child:
     row = _child(args)
@@ -188,14 +211,16 @@ def main(argv=None) -> None:
     methods = args.methods if size != "7b" else [m for m in ORDER_7B if m in args.methods]
     rank = PAPER_RANKS.get(size, 8)
     for method in methods:
-      left = args.budget_s - (time.perf_counter() - start)
-      if left <= 0:
-        rows.append({"size": size, "method": method, "rank": None, "status": "skipped (time)"})
-        continue
-      row = _run_child(size, method, rank if method in RANKED else None, tokens, args.steps,
-                       timeout=left)
-      rows.append(row)
-      print(f"  {size} {row['method']}: {row['status']}", flush=True)
+      for kind in step_kinds(method):
+        left = args.budget_s - (time.perf_counter() - start)
+        if left <= 0:
+          rows.append({"size": size, "method": method, "kind": kind, "rank": None,
+                       "status": "skipped (time)"})
+          continue
+        row = _run_child(size, method, rank if method in RANKED else None, tokens,
+                         1 if kind != "ordinary" else args.steps, timeout=left, kind=kind)
+        rows.append(row)
+        print(f"  {size} {row['method']} {kind}: {row['status']}", flush=True)
   print()
   print(format_rows(rows))
   print(f"\n{time.perf_counter() - start:.0f} s in all")
