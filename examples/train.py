@@ -28,6 +28,11 @@ bit-identically, and refuses (exit code 2) if the checkpoint was written by
 another method, model config or run settings. ``--stop-after K`` stops each
 run after K steps (to be resumed later).
 
+``--layerwise`` trains each method with layer-wise updates
+(``olr.layerwise.make_step``: every block is updated inside the backward pass,
+one block's gradient alive at a time) on the scanned model; the adapter
+methods train an adapter's coefficients and are refused with it.
+
 Bad input (an unknown method or size, a ``--data`` path without text, a
 ``--seq-len`` above the model's ``max_seq_len``, ...) prints one line and exits
 with code 2 before anything is written.
