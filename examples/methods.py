@@ -22,8 +22,8 @@ reference setup.
 
 Registered methods: ``adamw``, ``galore``, ``flora``, ``two_sided`` always;
 ``natural_galore``, ``adamem``, ``apollo``, ``apollo_mini``, ``fira`` and the
-refresh variants ``galore_staggered``, ``galore_tracking`` and
-``galore_tracking_lazy`` when ``optax_lowrank`` provides them. Others
+refresh variants ``galore_staggered``, ``galore_tracking``,
+``galore_tracking2`` and ``galore_tracking_lazy`` when ``optax_lowrank`` provides them. Others
 can be added with :func:`register`.
 
 Example:
@@ -444,6 +444,8 @@ if hasattr(olr, "subspace_iteration"):
        "GaLore whose bases are tracked by subspace iteration, staggered (no SVD after step 0)"),
       ("galore_tracking_lazy", olr.subspace_iteration, "lazy",
        "GaLore, tracked bases, per-matrix intervals from the subspace overlap (lazy)"),
+      ("galore_tracking2", lambda rank: olr.subspace_iteration(rank, iters=2), "staggered",
+       "GaLore, tracked bases with two subspace-iteration steps per refresh, staggered"),
   ):
     register(Method(_name, _refresh_variant(_make, _schedule), LEARNING_RATES["galore"], _what))
 
