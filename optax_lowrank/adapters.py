@@ -28,12 +28,14 @@ written through the factors (``olr.nnx.LowRankLinear``).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from optax_lowrank import bases as bases_lib
 from optax_lowrank import leaves as leaves_lib
 from optax_lowrank import projections as proj
 from optax_lowrank import quantization
@@ -268,7 +270,7 @@ def merge(
   refresh_index = adapter.refresh_index + 1
   spec = adapter.projection
   if due is None and not (spec is not None and spec.tracks):
-    merged = materialize(adapter, lam)
+    folded = lam
     stored = leaves_lib.make_bases(adapter.plans, adapter.key, refresh_index, grads, stored=True)
     kept = None
   else:  # fold in and restart only the due matrices' Λ (see olr.refresh_schedule)
@@ -280,21 +282,85 @@ def merge(
 
     due_tree = due if due is not None else map_plans(lambda p: None, adapter.plans)
     pairs = map_plans(split, adapter.plans, lam, due_tree)
-    merged = materialize(adapter, map_plans(lambda p, x: x[0], adapter.plans, pairs))
+    folded = map_plans(lambda p, x: x[0], adapter.plans, pairs)
     kept = map_plans(lambda p, x: x[1], adapter.plans, pairs)
     stored, _ = schedule_lib.make_bases(adapter.plans, adapter.key, refresh_index, grads,
                                         previous=adapter.stored_bases, due_tree=due)
-  new = Adapter(_requantize_like(adapter, merged, refresh_index), stored, adapter.key,
+  new = Adapter(_merged_base(adapter, folded, refresh_index), stored, adapter.key,
                 refresh_index, adapter.plans)
   return new, zeros(new) if kept is None else kept
 
 
-def _requantize_like(adapter: Adapter, merged: Any, refresh_index: jax.Array) -> Any:
-  # Quantized leaves follow their merge rule (olr.quantization.merge_update),
-  # which needs the basis Λ lived in; stochastic rounding is keyed by (seed,
-  # merge index, leaf), so a resumed run rounds exactly as the original one.
-  return quantization.merge_tree(adapter.base, merged, bases=bases(adapter),
-                                 seed=quantization.mix_seed(adapter.key, refresh_index))
+def _merged_base(adapter: Adapter, lam: Any, refresh_index: jax.Array) -> Any:
+  """``Θ0 + SᵀΛ`` written back into the base, leaf by leaf (and layer by layer).
+
+  Float leaves keep their dtype; quantized leaves follow their merge rule
+  (olr.quantization.merge_update), which needs the basis Λ lived in;
+  stochastic rounding is keyed by (seed, merge index, leaf), so a resumed run
+  rounds exactly as the original one.  A stacked leaf (``(L, m, n)`` kernels
+  of a scanned model, one matrix basis per layer) merges layer by layer
+  (``jax.lax.fori_loop``, in place): one layer's float copy exists at a time, not the
+  stack's.
+  """
+  seed = quantization.mix_seed(adapter.key, refresh_index)
+  index = iter(range(1 << 30))  # quantized leaves in flattening order, as merge_tree
+
+  def one(p, w, x, b):
+    quantized = isinstance(w, quantization.QuantizedArray)
+    leaf_seed = quantization.mix_seed(seed, next(index)) if quantized else None
+    if _by_layer(p, w, b):
+      return _merge_layers(p, w, x, b, leaf_seed)
+    w0 = dequantize_leaf(w)
+    merged = (w0 + (project_back(b, x) if p.projected else x).astype(w0.dtype)).astype(w0.dtype)
+    if quantized:
+      return quantization.merge_update(w, merged, seed=leaf_seed, basis=b)
+    return merged
+
+  return map_plans(one, adapter.plans, adapter.base, lam, bases(adapter))
+
+
+def _by_layer(p, w, b) -> bool:
+  """A stacked leaf whose layers are matrices with their own basis (and whole blocks)."""
+  if not (p.projected and p.batch_shape and b is not None and b.perm is None
+          and tuple(p.shape) == tuple(p.batch_shape) + tuple(b.view_shape)):
+    return False
+  layers = math.prod(p.batch_shape)
+  return (not isinstance(w, quantization.QuantizedArray)
+          or quantization.splits_into_layers(w, layers))
+
+
+def _merge_layers(p, w, x, b, leaf_seed):
+  """:func:`_merged_base` of one stacked leaf, one layer per step of a ``fori_loop``."""
+  nb, layers, view = len(p.batch_shape), math.prod(p.batch_shape), tuple(b.view_shape)
+  per_layer = math.prod(view)
+  factors = [None if u is None else u.reshape((layers, *u.shape[nb:])) for u in b.factors]
+  lam = x.reshape((layers, *x.shape[nb:]))
+  quantized = isinstance(w, quantization.QuantizedArray)
+  stack = quantization.layer_slices(w, layers, view) if quantized else w.reshape(layers, *view)
+
+  def layer(i, w_i, lam_i, factors_i):
+    basis = bases_lib.Basis(factors_i, view, view)
+    w0 = dequantize_leaf(w_i)
+    merged = (w0 + project_back(basis, lam_i).astype(w0.dtype)).astype(w0.dtype)
+    if not quantized:
+      return merged
+    offset = jnp.asarray(i).astype(jnp.uint32) * jnp.uint32(per_layer)
+    return quantization.merge_update(w_i, merged, seed=leaf_seed, basis=basis,
+                                     element_offset=offset)
+
+  at = lambda tree, i: jax.tree.map(lambda v: v[i], tree)
+  if any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves((w, x, b))):
+    # layer i read from and written back into the stack: in place when it is donated
+    def body(i, stack):
+      new = layer(i, at(stack, i), at(lam, i), at(factors, i))
+      return jax.tree.map(lambda v, n: jax.lax.dynamic_update_index_in_dim(v, n, i, 0),
+                          stack, new)
+
+    out = jax.lax.fori_loop(0, layers, body, stack)
+  else:  # eagerly, op by op as a whole-leaf merge runs (the same roundings), a layer at a time
+    outs = [layer(i, at(stack, i), at(lam, i), at(factors, i)) for i in range(layers)]
+    out = jax.tree.map(lambda *v: jnp.stack(v), *outs)
+  return quantization.join_layers(out, tuple(p.shape)) if quantized else out.reshape(p.shape)
 
 
 def refresh_state(

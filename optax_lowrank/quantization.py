@@ -445,9 +445,10 @@ def mix_seed(*words: jax.typing.ArrayLike) -> jax.Array:
   return h
 
 
-def _dither(seed: jax.Array, n: int) -> jax.Array:
-  """float32[n] uniform in [0, 1): 24 top bits of H(H(i + c) xor seed)."""
-  index = jnp.arange(n, dtype=jnp.uint32) + jnp.uint32(_GOLDEN32)
+def _dither(seed: jax.Array, n: int, offset: jax.typing.ArrayLike = 0) -> jax.Array:
+  """float32[n] uniform in [0, 1): 24 top bits of H(H(i + c) xor seed), ``i`` from ``offset``."""
+  index = (jnp.arange(n, dtype=jnp.uint32) + jnp.asarray(offset).astype(jnp.uint32)
+           + jnp.uint32(_GOLDEN32))
   bits = _fmix32(_fmix32(index) ^ seed)
   return (bits >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
 
@@ -856,7 +857,8 @@ def _absmax_unit(blocks: jax.Array, format: str, bits: int) -> jax.Array:
   return jnp.maximum(high, low)
 
 
-def _encode(blocks, unit, format, block_size, shape, dtype, rule, seed) -> QuantizedBase:
+def _encode(blocks, unit, format, block_size, shape, dtype, rule, seed,
+            offset=0) -> QuantizedBase:
   """Rounds ``blocks`` (float32[n_blocks, block_size]) on the grid of ``unit``."""
   y = (blocks / jnp.where(unit > 0, unit, 1.0)[:, None]).ravel()
   if format != "int8":
@@ -872,7 +874,7 @@ def _encode(blocks, unit, format, block_size, shape, dtype, rule, seed) -> Quant
     t = jnp.round(t)
   else:
     below = jnp.floor(t)
-    t = below + (_dither(seed, t.size) < t - below)
+    t = below + (_dither(seed, t.size, offset) < t - below)
   # Only points inside the table: a value at the block absmax keeps a point
   # 1/(2·grid) inside it (so it never outgrows a kept scale).
   lo, hi = (grid // 2, (n_levels - 1) * grid + grid // 2 - 1) if grid > 1 else (0, n_levels - 1)
@@ -966,6 +968,7 @@ def merge_update(
   *,
   seed: jax.typing.ArrayLike | None = None,
   basis: Any = None,
+  element_offset: jax.typing.ArrayLike = 0,
 ) -> QuantizedArray:
   """Writes a merged weight ``merged = dequantize(q) + Δ`` back into ``q``.
 
@@ -991,6 +994,11 @@ def merge_update(
       residual would make the kept weight absorb the rounding error instead of
       approaching the optimum (the codes would then dither between two levels
       around it).  ``olr.adapters.merge`` passes the current basis.
+    element_offset: the index of ``q``'s first element in the leaf ``seed``
+      belongs to, when ``q`` is one slice of it (one layer of a stacked
+      leaf, merged layer by layer): stochastic rounding draws element ``i``'s
+      dither from ``(seed, element_offset + i)``, so a leaf rounds the same
+      whether merged whole or slice by slice.
 
   Returns:
     The new leaf, of the type, format, block size and dtype of ``q``.
@@ -1002,7 +1010,7 @@ def merge_update(
     raise ValueError(f"`merged` must have the shape of `q`, {q.shape}; got {tuple(merged.shape)}.")
   if not q.rule.feedback_bits:
     basis = None
-  return _merge_update(q, merged, _merge_seed(q.rule, seed), basis)
+  return _merge_update(q, merged, _merge_seed(q.rule, seed), basis, element_offset)
 
 
 def _span_projection(basis: Any, x: jax.Array) -> jax.Array:
@@ -1031,7 +1039,7 @@ def _span_projection(basis: Any, x: jax.Array) -> jax.Array:
 
 @jax.jit
 def _merge_update(q: QuantizedBase, merged: jax.Array, seed: jax.Array | None,
-                  basis: Any) -> QuantizedBase:
+                  basis: Any, offset: jax.Array) -> QuantizedBase:
   codes = dequantize(q).astype(jnp.float32)
   kept = _kept_blocks(q)
   delta = merged.astype(jnp.float32) - codes
@@ -1043,7 +1051,7 @@ def _merge_update(q: QuantizedBase, merged: jax.Array, seed: jax.Array | None,
   if q.rule.scales == "keep":
     # (a margin of float32 round-off: a kept extreme re-derives its own scale)
     unit = jnp.where(unit > q.scales * (1 + 1e-6), unit, q.scales)
-  return _encode(new, unit, q.format, q.block_size, q.shape, q.dtype, q.rule, seed)
+  return _encode(new, unit, q.format, q.block_size, q.shape, q.dtype, q.rule, seed, offset)
 
 
 def merge_tree(
@@ -1086,3 +1094,38 @@ def drop_residual(tree: Any) -> Any:
     return x
 
   return jax.tree.map(one, tree, is_leaf=_is_quantized)
+
+
+def array_fields(q: QuantizedArray) -> dict[str, jax.Array]:
+  """The array fields of a quantized leaf (codes, scales, and a merge residual)."""
+  return {f.name: getattr(q, f.name) for f in dataclasses.fields(q)
+          if isinstance(getattr(q, f.name), jax.Array | jax.ShapeDtypeStruct)}
+
+
+def splits_into_layers(q: QuantizedArray, layers: int) -> bool:
+  """Whether ``q`` (a flat quantization of ``layers`` equal slices) splits slice by slice.
+
+  True when every slice fills whole blocks: then the first ``1/layers`` of
+  every array (codes, scales, packed residual) belongs to slice 0, and so on.
+  """
+  per = q.size // layers if layers else 0
+  bits = getattr(q, "rule", None)
+  bits = bits.feedback_bits if isinstance(q, QuantizedBase) and bits else 0
+  return (layers > 0 and q.size == per * layers and per % q.block_size == 0
+          and (per * bits) % 8 == 0)
+
+
+def layer_slices(q: QuantizedArray, layers: int, shape: tuple[int, ...]) -> QuantizedArray:
+  """``q``'s arrays as ``(layers, -1)``: a leaf whose slice ``i`` is layer ``i`` of shape ``shape``.
+
+  Needs :func:`splits_into_layers`; ``jax.lax.map`` over the result hands each
+  step one layer's quantization (exactly the per-layer one).
+  """
+  return dataclasses.replace(q, shape=tuple(shape),
+                             **{k: a.reshape(layers, -1) for k, a in array_fields(q).items()})
+
+
+def join_layers(q: QuantizedArray, shape: tuple[int, ...]) -> QuantizedArray:
+  """Inverse of :func:`layer_slices`: one flat quantization of ``shape``."""
+  return dataclasses.replace(q, shape=tuple(shape),
+                             **{k: a.reshape(-1) for k, a in array_fields(q).items()})
