@@ -32,12 +32,12 @@ def _whole_leaf_merge(a, lam):
   return quantization.merge_tree(a.base, merged, bases=adapters.bases(a), seed=seed)
 
 
-@pytest.mark.parametrize(("fmt", "rule"), [
-    (None, None),
-    ("nf4", quantization.DEFAULT_MERGE_RULE),
-    ("int8", quantization.MergeRule(rounding="stochastic", scales="keep", feedback_bits=2)),
+@pytest.mark.parametrize(("fmt", "rule", "jit"), [
+    (None, None, True),
+    ("nf4", quantization.DEFAULT_MERGE_RULE, True),
+    ("nf4", quantization.DEFAULT_MERGE_RULE, False),  # eagerly: a Python loop over layers
+    ("int8", quantization.MergeRule(rounding="stochastic", scales="keep", feedback_bits=2), True),
 ])
-@pytest.mark.parametrize("jit", [False, True])
 def test_layer_by_layer_merge_is_bit_identical_to_the_whole_leaf_merge(fmt, rule, jit):
   with jax.enable_x64(False):
     a, lam = _adapter(fmt, rule)
