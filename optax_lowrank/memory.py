@@ -349,11 +349,14 @@ def plan_compiled(lowered: jax.stages.Lowered, accelerator: bool | None = None) 
 
 def plan_function(fn: Callable[..., Any], *args: Any, donate_argnums: int | Sequence[int] = (),
                   accelerator: bool | None = None) -> CompiledPlan:
-  """:func:`plan_compiled` of ``jax.jit(fn, donate_argnums=...).lower(*args)``.
+  """:func:`plan_compiled` of ``jax.jit(fn, donate_argnums=..., keep_unused=True).lower(*args)``.
 
-  ``args`` may be ``jax.ShapeDtypeStruct`` trees: nothing is allocated.
+  ``args`` may be ``jax.ShapeDtypeStruct`` trees: nothing is allocated.  Every
+  argument counts, used or not (``keep_unused``): a device holds the whole
+  state, e.g. a quantized base's merge residual that only the merge reads.
   """
-  return plan_compiled(jax.jit(fn, donate_argnums=donate_argnums).lower(*args), accelerator)
+  return plan_compiled(jax.jit(fn, donate_argnums=donate_argnums, keep_unused=True).lower(*args),
+                       accelerator)
 
 
 _GESDD = re.compile(r"%([\w.\-]+) = \S.*? custom-call\(%([\w.\-]+)\).*custom_call_target="
