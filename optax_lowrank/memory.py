@@ -21,7 +21,10 @@ Two questions a user asks before training:
    never allocating, and returns XLA's figures beside the analytic parts
    (weights, optimizer state, weight gradients, saved activations); where the
    backend computes bf16 products in f32 (XLA on the CPU) it also gives the
-   figure to carry to a GPU (:class:`StepPlan`).
+   figure to carry to a GPU or TPU: the same buffer assignment without the
+   CPU's upcasts (:func:`cpu_only_buffers`), plus LAPACK's SVD workspace
+   (:class:`StepPlan`).  ``count=`` plans one step kind (an ordinary step or
+   a refresh); :func:`plan_function` plans any other step (a merge).
 
 All figures are bytes; :func:`format_table` prints them in MiB.
 """
