@@ -322,6 +322,9 @@ def main(argv=None) -> None:
   parser.add_argument("--no-accelerator", action="store_true",
                       help="skip reading the buffer assignment for the accelerator figure")
   parser.add_argument("--workers", type=int, default=2, help="processes planning rows")
+  parser.add_argument("--layerwise", action="store_true",
+                      help="also plan the layer-wise step (olr.layerwise) of adamw-bf16, galore "
+                           "and galore-8bit, donated (benchmarks.layerwise_step)")
   parser.add_argument("--json", default=None, help="write the rows to this file")
   args = parser.parse_args(argv)
   donation = {"both": (True, False), "yes": (True,), "no": (False,)}[args.donation]
@@ -334,6 +337,14 @@ def main(argv=None) -> None:
                    tuple(args.ranks) if args.ranks else None, donation, config,
                    False if args.no_accelerator else None, log=print, workers=args.workers,
                    kinds=tuple(args.kinds))
+  if args.layerwise:
+    from benchmarks import layerwise_step
+
+    for method in (m for m in args.methods if m in layerwise_step.METHODS):
+      for rank in ([None] if method not in RANKED else
+                   (args.ranks or sorted({PAPER_RANKS.get(args.size, 128), 128}))):
+        rows.append(layerwise_step.plan_layerwise_row(args.size, args.tokens, method, rank))
+        print(f"planned {rows[-1]['method']}", flush=True)
   print()
   print(format_rows(rows))
   if rows and rows[0].get("upcasts_bf16"):
