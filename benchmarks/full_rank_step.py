@@ -23,7 +23,7 @@ import argparse
 import numpy as np
 
 from benchmarks import common
-from benchmarks.step_time import SHAPES
+from benchmarks.step_time import SHAPES, add_step_time_arguments
 
 LR = 1e-3
 REFERENCE = "olr.flora"
@@ -68,16 +68,7 @@ def candidates(leaves, rank: int, refresh_every: int, grads_np):
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--shapes", choices=sorted(SHAPES), default="small")
-  parser.add_argument("--repeats", type=int, default=None,
-                      help="measured cycles per candidate (default: 5 llama, 20 small)")
-  parser.add_argument("--refresh-every", type=int, default=8)
-  parser.add_argument("--rank", type=int, default=None)
-  parser.add_argument("--threads", type=int, default=1,
-                      help="threads for XLA and BLAS/LAPACK (default 1)")
-  parser.add_argument("--no-pin", action="store_true", help="do not pin the process to CPUs")
-  parser.add_argument("--clock", choices=["cpu", "wall"], default=None,
-                      help="which time the table reports (default: cpu for 1 thread, else wall)")
+  add_step_time_arguments(parser, "threads for XLA and BLAS/LAPACK (default 1)")
   args = parser.parse_args(argv)
   common.configure_threads(args.threads, pin=not args.no_pin)
   clock = args.clock or common.default_clock(args.threads)

@@ -231,19 +231,23 @@ def torch_candidate(leaves, rank: int, refresh_every: int, grads_np) -> Candidat
                    note="step() also updates the params in place")
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_step_time_arguments(parser: argparse.ArgumentParser, threads_help: str) -> None:
+  """The options every step-time benchmark takes: shapes, repeats, refresh, rank, threads."""
   parser.add_argument("--shapes", choices=sorted(SHAPES), default="small")
   parser.add_argument("--repeats", type=int, default=None,
                       help="measured cycles per candidate (default: 5 llama, 20 small)")
   parser.add_argument("--refresh-every", type=int, default=8)
   parser.add_argument("--rank", type=int, default=None)
-  parser.add_argument("--threads", type=int, default=1,
-                      help="threads for XLA, BLAS/LAPACK and torch (default 1)")
+  parser.add_argument("--threads", type=int, default=1, help=threads_help)
   parser.add_argument("--no-pin", action="store_true", help="do not pin the process to CPUs")
-  parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--clock", choices=["cpu", "wall"], default=None,
                       help="which time the table reports (default: cpu for 1 thread, else wall)")
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  add_step_time_arguments(parser, "threads for XLA, BLAS/LAPACK and torch (default 1)")
+  parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--only", default=None,
                       help="comma-separated substrings: keep only rows whose name contains one "
                            f"(the reference row '{REFERENCE}' is always kept)")
