@@ -2,165 +2,49 @@
 
 This module is the one place both paths (``olr.low_rank`` and ``olr.adapters``)
 decide, from static shapes only, what happens to every leaf of a parameter
-tree.  Errors are raised here, in Python, naming the leaf path, its shape and
-the offending argument.
+tree: :func:`plan` gives a :class:`LeafPlan` per leaf, and the helpers below
+map over plan trees (bases, coefficient zeros, frozen leaves, gradient checks).
+How a leaf with more than two axes is seen is parsed in
+:mod:`optax_lowrank.reshape_rules`; Flax wrappers and their axis names are read
+in :mod:`optax_lowrank.axis_metadata`.  Errors are raised here, in Python,
+naming the leaf path, its shape and the offending argument.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
-import operator
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from optax.contrib import GaLoreDimensionNumbers, MuonDimensionNumbers
 
+from optax_lowrank import axis_metadata
 from optax_lowrank import projections as proj
+from optax_lowrank import reshape_rules as rules_lib
+from optax_lowrank.axis_metadata import (  # noqa: F401  (re-exported: olr.leaves.X)
+  flat_axis_names,
+  layout_key,
+  recalled_axis_names,
+  rewrap_like,
+  unwrap_variables,
+)
 from optax_lowrank.bases import Basis
+from optax_lowrank.reshape_rules import (  # noqa: F401  (re-exported: olr.leaves.X)
+  LAYER_AXIS_NAMES,
+  NO_MATRIX,
+  ReshapeRule,
+  Stacked,
+  stack_rule,
+  stacked,
+)
 
 Array = jax.Array
 
-# A reshape rule: an int ``k`` (rows are the first ``k`` axes, columns the rest),
-# a pair ``(row_axes, col_axes)`` or a triple ``(batch_axes, row_axes, col_axes)``
-# that together list every axis once, or optax's dimension numbers
-# (``GaLoreDimensionNumbers`` = the pair, ``MuonDimensionNumbers`` = the triple
-# with the axes not named as batch axes).  Batch axes index separate matrices
-# (the layers of a scanned model).  Negative axes count from the end, as in
-# numpy and optax.
-ReshapeRule = (
-    int
-    | tuple[tuple[int, ...], tuple[int, ...]]
-    | tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
-    | GaLoreDimensionNumbers
-    | MuonDimensionNumbers
-)
-
-# Logical axis names that mark the layer axis of a stacked leaf, when the
-# params carry names (linen ``nn.with_logical_partitioning`` boxes, NNX
-# ``Variable`` sharding metadata): MaxText's and Flax's convention.
-LAYER_AXIS_NAMES = ("layers",)
-
-
-def _is_variable(x) -> bool:
-  """An NNX ``Variable`` (none can exist unless flax.nnx was imported)."""
-  nnx = sys.modules.get("flax.nnx")
-  return nnx is not None and isinstance(x, nnx.Variable)
-
-
-def _is_box(x) -> bool:
-  """A linen metadata box (``nn.Partitioned``, ``nn.LogicallyPartitioned`` ...)."""
-  meta = sys.modules.get("flax.core.meta")
-  return meta is not None and isinstance(x, meta.AxisMetadata)
-
-
-def _is_wrapper(x) -> bool:
-  return _is_variable(x) or _is_box(x)
-
-
-def _unwrap(x):
-  if _is_variable(x):
-    return x.get_value()
-  if _is_box(x):
-    return x.unbox()
-  return x
-
-
-def unwrap_variables(tree: Any) -> Any:
-  """Replace NNX ``Variable`` wrappers and linen metadata boxes by their values.
-
-  ``nnx.state(model, nnx.Param)`` and ``nnx.Optimizer`` hand optax trees whose
-  leaves sit inside ``Variable`` nodes; linen params made with
-  ``nn.with_logical_partitioning`` (and their gradients) hold
-  ``LogicallyPartitioned`` boxes.  Both paths plan and store their state on the
-  plain arrays, so the state never holds a ``Basis`` inside a ``Param``, and
-  paths seen by ``where`` do not end in ``'value'``.  The axis names the
-  wrappers carry are read first (:func:`axis_names`).
-  """
-  if tree is None:
-    return None
-  return jax.tree.map(_unwrap, tree, is_leaf=_is_wrapper)
-
-
-def _names_of(x) -> tuple | None:
-  if _is_variable(x):
-    meta = x.get_metadata()
-    names = meta.get("out_sharding") or meta.get("sharding_names")
-  elif _is_box(x):
-    names = getattr(x, "names", None)
-  else:
-    return None
-  if names is None or isinstance(names, str):
-    return None
-  try:
-    names = tuple(names)
-  except TypeError:  # a NamedSharding or another non-sequence annotation
-    return None
-  return names if len(names) == len(jnp.shape(_unwrap(x))) else None
-
-
-def _flat_names(tree: Any, count: int) -> list:
-  """Axis names of every leaf in flattening order (``None`` where unknown)."""
-  names = [_names_of(x) for x in jax.tree.leaves(tree, is_leaf=_is_wrapper)]
-  return names if len(names) == count else [None] * count
-
-
-def flat_axis_names(tree: Any) -> tuple | None:
-  """The axis names of every leaf of ``tree`` in flattening order, or ``None`` if it has none."""
-  if tree is None:
-    return None
-  leaves = jax.tree.leaves(tree, is_leaf=_is_wrapper)
-  names = tuple(_names_of(x) for x in leaves)
-  return names if any(n is not None for n in names) else None
-
-
-def layout_key(tree: Any) -> tuple:
-  """Static identity of a tree's layout: its unwrapped structure and leaf shapes."""
-  tree = unwrap_variables(tree)
-  return jax.tree.structure(tree), tuple(tuple(jnp.shape(x)) for x in jax.tree.leaves(tree))
-
-
-_NAMES_BY_LAYOUT: dict = {}
-
-
-def recalled_axis_names(tree: Any, params: Any | None = None) -> tuple | None:
-  """The axis names of ``tree`` (or of ``params``), or those last seen for its layout.
-
-  ``nnx.Optimizer`` hands ``init`` the ``Param`` variables (names included)
-  but ``update`` plain arrays, and ``optax.inject_hyperparams`` rebuilds the
-  transformation at every update; so the names seen for a tree layout
-  (structure and shapes) are remembered for the next tree of the same layout.
-  Only this static metadata is kept, never arrays.
-  """
-  key = layout_key(tree)
-  names = flat_axis_names(tree) or flat_axis_names(params) or _NAMES_BY_LAYOUT.get(key)
-  if names:
-    _NAMES_BY_LAYOUT[key] = names
-  return names
-
-
-def axis_names(tree: Any) -> Any:
-  """The logical axis names of every leaf (a tuple, or ``None`` where unknown).
-
-  Read from linen boxes (``nn.with_logical_partitioning``; ``nn.scan`` with
-  ``metadata_params={nn.PARTITION_NAME: "layers"}`` inserts the layer axis'
-  name) and from NNX ``Variable`` metadata (``nnx.with_partitioning`` /
-  ``out_sharding``; ``nnx.vmap``/``nnx.scan`` with
-  ``transform_metadata={nnx.PARTITION_NAME: "layers"}`` insert it).  The result
-  has the structure of :func:`unwrap_variables` of ``tree``.
-  """
-  leaves, treedef = jax.tree.flatten(tree, is_leaf=_is_wrapper)
-  return jax.tree.unflatten(treedef, [_names_of(x) for x in leaves])
-
-
-def rewrap_like(like: Any, tree: Any) -> Any:
-  """Give ``tree`` (plain arrays) the structure of ``like`` (which may hold Variables)."""
-  return jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(tree))
+# Re-exported (``plan``'s argument ``axis_names`` is the list of names it reads).
+axis_names = axis_metadata.axis_names
 
 
 def path_names(path) -> tuple[str, ...]:
@@ -280,359 +164,6 @@ class LeafPlan:
     return Basis(factors, self.shape, self.view_shape, self.perm, self.batch_shape)
 
 
-class _NoMatrix:
-  """The rule of a stacked leaf that holds one vector per layer (a bias, a norm scale)."""
-
-  _instance = None
-
-  def __new__(cls):
-    if cls._instance is None:
-      cls._instance = super().__new__(cls)
-    return cls._instance
-
-  def __repr__(self) -> str:
-    return "olr.leaves.NO_MATRIX"
-
-  def __reduce__(self):
-    return (_NoMatrix, ())
-
-
-NO_MATRIX = _NoMatrix()
-"""What a reshape callable returns for a leaf that is a stack of vectors, not of
-matrices (a ``(layers, d)`` bias or norm scale): never projected by default, an
-error if ``where`` selects it."""
-
-
-def _is_dimension_numbers(x) -> bool:
-  return isinstance(x, (GaLoreDimensionNumbers, MuonDimensionNumbers))
-
-
-def _is_rule_value(x) -> bool:
-  """A single rule (not a pytree of rules, not a callable)."""
-  if x is NO_MATRIX or _is_dimension_numbers(x):
-    return True
-  if isinstance(x, int) and not isinstance(x, bool):
-    return True
-  # A tuple (not a list, which is a pytree of rules) of two or three axis groups.
-  if isinstance(x, tuple) and len(x) in (2, 3) and not hasattr(x, "_fields"):
-    try:
-      for group in x:
-        if hasattr(group, "_fields"):  # a tuple of dimension numbers is a pytree of rules
-          return False
-        if isinstance(group, (tuple, list)):
-          [operator.index(a) for a in group]
-        else:
-          operator.index(group)
-    except TypeError:
-      return False
-    return True
-  return False
-
-
-_RULE_FORMS = (
-    "an int split, (row_axes, col_axes), (batch_axes, row_axes, col_axes), "
-    "optax.contrib.GaLoreDimensionNumbers or optax.contrib.MuonDimensionNumbers"
-)
-
-
-def _axes(group, ndim: int, where: str, rule) -> tuple[int, ...]:
-  """One axis group (an int or a sequence of ints), negative axes normalized like numpy."""
-  try:
-    if isinstance(group, bool):
-      raise TypeError
-    try:
-      items = (operator.index(group),)
-    except TypeError:
-      items = tuple(operator.index(a) for a in group)
-      if any(isinstance(a, bool) for a in group):
-        raise TypeError from None
-  except TypeError:
-    raise ValueError(
-        f"{where}: `reshape` rule must be {_RULE_FORMS} of axis indices, got {rule!r}"
-    ) from None
-  for a in items:
-    if not -ndim <= a < ndim:
-      raise ValueError(
-          f"{where}: `reshape` axis {a} is out of range for a {ndim}-axis leaf (rule {rule!r})"
-      )
-  return tuple(a % ndim for a in items)
-
-
-def _rule_axes(rule: ReshapeRule, shape: tuple[int, ...], path: str):
-  """``(batch_axes, row_axes, col_axes)`` of a rule, checked against the leaf.
-
-  Negative axes count from the end (``-1`` is the last axis), as in numpy and
-  in optax's dimension numbers; an axis named twice, after that normalization,
-  is an error.
-  """
-  ndim = len(shape)
-  where = f"leaf '{path}' of shape {shape}"
-  if isinstance(rule, int) and not isinstance(rule, bool):
-    if not 0 < rule < ndim:
-      raise ValueError(f"{where}: `reshape` split {rule} must be in 1..{ndim - 1}")
-    return (), tuple(range(rule)), tuple(range(rule, ndim))
-  if _is_dimension_numbers(rule):
-    rows = _axes(rule.reduction_axis, ndim, where, rule)
-    cols = _axes(rule.output_axis, ndim, where, rule)
-    named = set(rows) | set(cols)
-    overlap = set(rows) & set(cols)
-    if isinstance(rule, GaLoreDimensionNumbers) and len(named) != ndim and not overlap:
-      raise ValueError(
-          f"{where}: `reshape` rule {rule!r} must name every one of the {ndim} axes; "
-          "for a stack of matrices (axes not named are batch axes) use "
-          "optax.contrib.MuonDimensionNumbers"
-      )
-    batch = tuple(a for a in range(ndim) if a not in named)
-    groups = (batch, rows, cols)
-    names = "(reduction_axis, output_axis)"
-  else:
-    if not isinstance(rule, (tuple, list)) or len(rule) not in (2, 3):
-      raise ValueError(f"{where}: `reshape` rule must be {_RULE_FORMS}, got {rule!r}")
-    groups = tuple(_axes(g, ndim, where, rule) for g in rule)
-    names = "(batch_axes, row_axes, col_axes)" if len(groups) == 3 else "(row_axes, col_axes)"
-    if len(groups) == 2:
-      groups = ((),) + groups
-  batch, rows, cols = groups
-  if sorted(batch + rows + cols) != list(range(ndim)) or not rows or not cols:
-    raise ValueError(
-        f"{where}: `reshape` rule {rule!r} must put each of the {ndim} axes in exactly "
-        f"one of {names}, with row and column axes non-empty (negative axes count "
-        "from the end)"
-    )
-  return batch, rows, cols
-
-
-def _has_batch_axes(rule) -> bool:
-  """Rules that may say which axes index separate matrices (for every spec)."""
-  return isinstance(rule, MuonDimensionNumbers) or (
-      isinstance(rule, (tuple, list)) and not _is_dimension_numbers(rule) and len(rule) == 3
-  )
-
-
-def _normalize_rule(rule: ReshapeRule, shape: tuple[int, ...], path: str, view_kind: str):
-  """``(batch_shape, view_shape, perm)`` of a leaf under a rule, for a spec's view kind.
-
-  Matrix specs see ``rows × cols``; Tucker sees each row and column axis as its
-  own mode (in the order given); dense sees their product as one vector.  Batch
-  axes lead in every case.
-  """
-  batch, rows, cols = _rule_axes(rule, shape, path)
-  size = lambda axes: math.prod(shape[a] for a in axes)
-  if view_kind == "matrix":
-    view = (size(rows), size(cols))
-  elif view_kind == "tensor":
-    view = tuple(shape[a] for a in rows + cols)
-  else:
-    view = (size(rows + cols),)
-  perm = batch + rows + cols
-  batch_shape = tuple(shape[a] for a in batch)
-  return batch_shape, view, (None if perm == tuple(range(len(shape))) else perm)
-
-
-def stack_rule(shape: Sequence[int], layer_axes: Sequence[int]) -> ReshapeRule | _NoMatrix:
-  """The rule of a stacked leaf: ``layer_axes`` are batch axes, the rest one matrix each.
-
-  The remaining axes, in their order, are split into rows and columns where
-  the matrix is closest to square (``(embed, heads, head_dim)`` →
-  ``embed × heads·head_dim``; ``(heads, head_dim, embed)`` →
-  ``heads·head_dim × embed``); with one remaining axis the leaf is a stack of
-  vectors (:data:`NO_MATRIX`).
-  """
-  ndim = len(shape)
-  layer_axes = tuple(sorted({a % ndim for a in layer_axes}))
-  rest = tuple(a for a in range(ndim) if a not in layer_axes)
-  if len(rest) < 2:
-    return NO_MATRIX
-  log = lambda axes: math.log(max(1, math.prod(shape[a] for a in axes)))
-  k = min(range(1, len(rest)), key=lambda k: abs(log(rest[:k]) - log(rest[k:])))
-  return (layer_axes, rest[:k], rest[k:])
-
-
-def _common_prefix(paths: list[tuple[str, ...]]) -> tuple[str, ...]:
-  prefix = paths[0]
-  for p in paths[1:]:
-    n = 0
-    while n < min(len(prefix), len(p)) and prefix[n] == p[n]:
-      n += 1
-    prefix = prefix[:n]
-  return prefix
-
-
-def _propagate(paths_and_leaves, rules, seeds) -> list:
-  """Stack rules for leaves beside known stacks that have their layer axes' sizes.
-
-  ``seeds``: ``(path, layer_axes)`` of the leaves known to be stacked.  A leaf
-  without a rule, with ≥ 2 axes, under the deepest module holding every seed
-  and with the seeds' layer sizes at the seeds' layer axes is a stack too (the
-  unannotated biases and norms beside annotated kernels in a scanned module).
-  """
-  if not seeds:
-    return rules
-  prefix = _common_prefix([tuple(path[:-1]) for path, _ in seeds])
-  by_path = dict(paths_and_leaves)
-  signatures = {(axes, tuple(by_path[path].shape[a] for a in axes)) for path, axes in seeds}
-  out = list(rules)
-  for i, (path, leaf) in enumerate(paths_and_leaves):
-    if out[i] is not None or jnp.ndim(leaf) < 2 or tuple(path[:len(prefix)]) != prefix:
-      continue
-    for axes, sizes in sorted(signatures):
-      if max(axes) < leaf.ndim and tuple(leaf.shape[a] for a in axes) == sizes:
-        out[i] = stack_rule(leaf.shape, axes)
-        break
-  return out
-
-
-def _layer_axes_from_names(names, layer_names) -> tuple[int, ...]:
-  if not names:
-    return ()
-  hit = lambda n: n in layer_names if isinstance(n, str) else (
-      isinstance(n, tuple) and any(x in layer_names for x in n))
-  return tuple(i for i, n in enumerate(names) if hit(n))
-
-
-@dataclasses.dataclass(frozen=True)
-class Stacked:
-  """A ``reshape`` rule for the stacked (scanned, vmapped) layers of a model.
-
-  Made by :func:`stacked`; see there.  Called as ``rule(path, leaf)`` it gives
-  one leaf's rule (an int ``layer_axis`` only); :func:`plan` also applies it to
-  the leaves beside the stacked kernels.
-  """
-
-  layer_axis: int | str = 0
-  under: tuple[str, ...] | None = None
-
-  def _in_scope(self, path) -> bool:
-    return self.under is None or any(u in path for u in self.under)
-
-  def _axes(self, path, leaf, names) -> tuple[int, ...]:
-    ndim = jnp.ndim(leaf)
-    if isinstance(self.layer_axis, str):
-      return _layer_axes_from_names(names, (self.layer_axis,))
-    if not -ndim <= self.layer_axis < ndim:
-      raise ValueError(
-          f"leaf '{'/'.join(path)}' of shape {tuple(leaf.shape)}: `reshape` "
-          f"olr.stacked(layer_axis={self.layer_axis}): axis {self.layer_axis} is out of range "
-          f"for a {ndim}-axis leaf"
-      )
-    return (self.layer_axis % ndim,)
-
-  def __call__(self, path: tuple[str, ...], leaf: Any) -> ReshapeRule | _NoMatrix | None:
-    path = tuple(path)
-    ndim = jnp.ndim(leaf)
-    if not self._in_scope(path) or ndim < 2 or (self.under is None and ndim < 3):
-      return None
-    axes = self._axes(path, leaf, None)
-    return stack_rule(leaf.shape, axes) if axes else None
-
-  def rules(self, paths_and_leaves, names) -> list:
-    out, seeds = [], []
-    for (path, leaf), nm in zip(paths_and_leaves, names):
-      ndim = jnp.ndim(leaf)
-      rule = None
-      if self._in_scope(path) and ndim >= 2:
-        if isinstance(self.layer_axis, str) or self.under is not None or ndim >= 3:
-          axes = self._axes(path, leaf, nm)
-          if axes:
-            rule = stack_rule(leaf.shape, axes)
-            seeds.append((path, axes))
-      out.append(rule)
-    return _propagate(paths_and_leaves, out, seeds)
-
-
-def stacked(layer_axis: int | str = 0, *, under: str | Sequence[str] | None = None) -> Stacked:
-  """The ``reshape`` rule of a model whose layers are stacked along an axis.
-
-  Scanned and vmapped models (linen ``nn.scan``, ``nnx.vmap``/``nnx.scan``,
-  Equinox ``filter_vmap``, MaxText's scanned layers) keep every parameter of
-  their repeated block with a layer axis.  With this rule each index of that
-  axis is its own matrix, with its own basis, coefficients and statistics:
-
-  * a kernel with ≥ 3 axes: the layer axis is a batch axis and the other axes,
-    in their order, are split into rows and columns where the matrix is
-    closest to square: ``(L, in, out)`` → ``L`` matrices ``in × out``;
-    ``(L, embed, heads, head_dim)`` → ``embed × heads·head_dim``;
-    ``(heads, L, head_dim, embed)`` with ``layer_axis=1`` → ``heads·head_dim ×
-    embed``.  Give a triple or ``MuonDimensionNumbers`` for another split;
-  * a ``(L, d)`` bias or norm scale: ``L`` vectors, never projected (not an
-    ``L × d`` matrix mixing the layers).
-
-  Args:
-    layer_axis: the layer axis: an index (negative counts from the end;
-      MaxText's ``param_scan_axis=1`` layout is ``layer_axis=1``), or a logical
-      axis name (``"layers"``) looked up in the names the params carry (see
-      :func:`axis_names`).
-    under: a key (or keys) of the path under which the stacked block lives
-      (``"blocks"``, ``"layers"``).  Leaves elsewhere get the default
-      treatment.  Without it, every leaf with ≥ 3 axes is a stacked kernel,
-      and a 2-D leaf is a stack of vectors when it sits under the module that
-      holds the stacked kernels and has their layer count at ``layer_axis``.
-
-  Returns:
-    A rule for ``reshape=`` of ``olr.low_rank``, every recipe and
-    ``olr.adapters.init``.
-  """
-  if isinstance(layer_axis, bool) or not isinstance(layer_axis, (int, str)):
-    raise TypeError(f"`layer_axis` must be an int or an axis name, got {layer_axis!r}")
-  if isinstance(under, str):
-    under = (under,)
-  elif under is not None:
-    under = tuple(under)
-    if not all(isinstance(u, str) for u in under):
-      raise TypeError(f"`under` must be a key name or a sequence of them, got {under!r}")
-  return Stacked(layer_axis, under)
-
-
-def _takes_params_tree(fn) -> bool:
-  """optax's form of a dimension-numbers callable: ``fn(params) -> tree``."""
-  try:
-    sig = inspect.signature(fn)
-  except (TypeError, ValueError):
-    return False
-  required = [p for p in sig.parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
-  has_varargs = any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values())
-  return len(required) == 1 and not has_varargs
-
-
-def _rules_from_tree(tree, params, what: str) -> list:
-  is_leaf = lambda x: x is None or _is_rule_value(x)
-  leaves, rules_def = jax.tree.flatten(tree, is_leaf=is_leaf)
-  params_def = jax.tree.structure(params)
-  if rules_def != params_def:
-    raise ValueError(
-        f"{what} must be a rule ({_RULE_FORMS}), a callable, or a pytree of rules (None "
-        f"where there is none) with the structure of the params; got structure\n  "
-        f"{rules_def}\nfor params\n  {params_def}"
-    )
-  return leaves
-
-
-def _resolve_reshape(reshape, params, paths_and_leaves, names) -> list:
-  """Per-leaf rules (``None``: none) from ``reshape`` and the params' axis names."""
-  n = len(paths_and_leaves)
-  if reshape is None:
-    rules = [None] * n
-  elif isinstance(reshape, Stacked):
-    rules = reshape.rules(paths_and_leaves, names)
-  elif _is_rule_value(reshape):  # one rule for every leaf with more than two axes
-    rules = [reshape if jnp.ndim(leaf) > 2 else None for _, leaf in paths_and_leaves]
-  elif callable(reshape):
-    if _takes_params_tree(reshape):  # optax's form: params -> pytree of rules
-      rules = _rules_from_tree(reshape(params), params, "the tree returned by `reshape`")
-    else:
-      rules = [reshape(path, leaf) for path, leaf in paths_and_leaves]
-  else:
-    rules = _rules_from_tree(reshape, params, "`reshape`")
-  # The layer axis where the params name it, for leaves without a rule.
-  seeds = []
-  for i, ((path, leaf), nm) in enumerate(zip(paths_and_leaves, names)):
-    axes = _layer_axes_from_names(nm, LAYER_AXIS_NAMES)
-    if rules[i] is None and axes:
-      rules[i] = stack_rule(leaf.shape, axes)
-      seeds.append((path, axes))
-  return _propagate(paths_and_leaves, rules, seeds)
-
 
 def _resolve_where(where, params, paths_and_leaves):
   """Per-leaf booleans (None means 'use the default rule')."""
@@ -663,6 +194,7 @@ _MORE_AXES_HINT = (
     "(batch_axes, row_axes, col_axes) or optax.contrib.MuonDimensionNumbers for a stack of "
     "matrices (the layers of a scanned model: `reshape=olr.stacked(layer_axis=0)`)"
 )
+
 
 
 def plan(
@@ -717,89 +249,89 @@ def plan(
     raise TypeError(
         f"`projection` must be a projection spec such as olr.svd(128), got {spec!r}"
     )
-  params_in = params
+  if axis_names is None:
+    axis_names = flat_axis_names(params)
   params = unwrap_variables(params)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  names = _flat_names(params_in, len(flat)) if axis_names is None else list(axis_names)
-  if len(names) != len(flat):
-    names = [None] * len(flat)
   paths_and_leaves = [(path_names(p), leaf) for p, leaf in flat]
+  if axis_names is None or len(axis_names) != len(flat):
+    axis_names = [None] * len(flat)
   chosen = _resolve_where(where, params, paths_and_leaves)
-  rules = _resolve_reshape(reshape, params, paths_and_leaves, names)
-  plans = []
-  for index, ((names_, leaf), pick, rule) in enumerate(zip(paths_and_leaves, chosen, rules)):
-    path = "/".join(names_) or "<root>"
-    shape = tuple(leaf.shape)
-    dtype = leaf.dtype
-    base = LeafPlan(path, index, shape, dtype)
-    ndim = len(shape)
-    explicit = pick is not None
-    batch_shape = ()
-    if rule is NO_MATRIX:
-      if pick:
-        raise ValueError(
-            f"leaf '{path}' of shape {shape} is selected by `where` but `reshape` makes it a "
-            "stack of vectors (one per layer), which no projection reduces"
-        )
-      plans.append(base)
-      continue
-    if rule is not None and spec.view != "matrix" and not _has_batch_axes(rule):
-      rule = None  # int and pair rules only say how to see a leaf as a matrix
-    if spec.view == "matrix":
-      if ndim == 2 and rule is None:
-        view, perm, ok = shape, None, True
-      elif ndim >= 2 and rule is not None:
-        batch_shape, view, perm = _normalize_rule(rule, shape, path, spec.view)
-        ok = True
-      else:
-        view, perm, ok = None, None, False
-      if pick is None:
-        pick = ok
-      elif pick and not ok:
-        what = (
-            f"has more than two axes; {_MORE_AXES_HINT}"
-            if ndim > 2
-            else f"has {ndim} axes and cannot be projected by a matrix projection"
-        )
-        raise ValueError(f"leaf '{path}' of shape {shape} is selected by `where` but {what}")
-    elif rule is not None:  # a (batch, rows, cols) triple for tucker or dense
-      batch_shape, view, perm = _normalize_rule(rule, shape, path, spec.view)
-      if pick is None:
-        pick = True
-    elif spec.view == "tensor":
-      view, perm = shape, None
-      if pick is None:
-        pick = ndim >= 2
-      elif pick and ndim < 2:
-        raise ValueError(
-            f"leaf '{path}' of shape {shape} is selected by `where` but tucker needs ≥ 2 axes"
-        )
-    else:  # vector
-      view, perm = (math.prod(shape),), None
-      if pick is None:
-        pick = ndim >= 2
-    if pick:
-      if not jnp.issubdtype(dtype, jnp.floating):
-        if not explicit:
-          plans.append(base)
-          continue
-        raise TypeError(f"leaf '{path}' of shape {shape} has non-float dtype {dtype}")
-      if 0 in view or 0 in batch_shape:
-        pick = False
-    if pick:
-      # Raises (with the leaf named) for e.g. tucker ranks of the wrong length.
-      try:
-        spec.axis_ranks(view)
-      except ValueError as e:
-        raise ValueError(f"leaf '{path}' of shape {shape}: {e}") from None
-      if not explicit and not _saves_memory(spec, tuple(view)):
-        pick = False
-    if pick:
-      plans.append(dataclasses.replace(base, spec=spec, view_shape=tuple(view), perm=perm,
-                                       batch_shape=batch_shape))
-    else:
-      plans.append(base)
+  rules = rules_lib.resolve(reshape, params, paths_and_leaves, axis_names)
+  plans = [
+      _plan_leaf(spec, LeafPlan("/".join(names) or "<root>", index, tuple(leaf.shape),
+                                leaf.dtype), pick, rule)
+      for index, ((names, leaf), pick, rule) in enumerate(zip(paths_and_leaves, chosen, rules))
+  ]
   return jax.tree.unflatten(treedef, plans)
+
+
+def _plan_leaf(spec: proj.Projection, leaf: LeafPlan, pick: bool | None, rule) -> LeafPlan:
+  """One leaf's plan: ``leaf`` (not projected) or ``leaf`` with the spec and its view.
+
+  ``pick`` is ``where``'s choice for the leaf (``None``: the default of
+  :func:`plan`), ``rule`` its ``reshape`` rule (``None``: none).
+  """
+  explicit = pick is not None
+  where = f"leaf '{leaf.path}' of shape {leaf.shape}"
+  if rule is NO_MATRIX:
+    if pick:
+      raise ValueError(
+          f"{where} is selected by `where` but `reshape` makes it a stack of vectors (one per "
+          "layer), which no projection reduces"
+      )
+    return leaf
+  seen = _spec_view(spec, leaf, rule)
+  if not explicit:
+    pick = seen is not None and len(leaf.shape) >= 2
+  elif pick and seen is None:
+    raise ValueError(f"{where} is selected by `where` but {_unseen_reason(spec, leaf.shape)}")
+  if not pick:
+    return leaf
+  if not jnp.issubdtype(leaf.dtype, jnp.floating):
+    if explicit:
+      raise TypeError(f"{where} has non-float dtype {leaf.dtype}")
+    return leaf
+  batch_shape, view, perm = seen
+  if 0 in view or 0 in batch_shape:
+    return leaf
+  try:  # raises (with the leaf named) for e.g. tucker ranks of the wrong length
+    spec.axis_ranks(view)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
+  if not explicit and not _saves_memory(spec, view):
+    return leaf
+  return dataclasses.replace(leaf, spec=spec, view_shape=view, perm=perm,
+                             batch_shape=batch_shape)
+
+
+def _spec_view(spec: proj.Projection, leaf: LeafPlan, rule):
+  """``(batch_shape, view_shape, perm)`` of the leaf as ``spec`` sees it, ``None`` if it cannot.
+
+  Matrix specs see a 2-D leaf, or a leaf of ≥ 2 axes through its rule; tucker
+  sees a leaf of ≥ 2 axes as it is; dense sees any leaf as one vector.  Only
+  rules with batch axes apply to tucker and dense (an int split or a pair says
+  how to see a leaf as a matrix).  A rule that does not fit the leaf raises,
+  whether or not the leaf is selected.
+  """
+  shape, ndim = leaf.shape, len(leaf.shape)
+  if rule is not None and spec.view != "matrix" and not rules_lib.has_batch_axes(rule):
+    rule = None
+  if rule is not None and (spec.view != "matrix" or ndim >= 2):
+    return rules_lib.normalize(rule, shape, leaf.path, spec.view)
+  if spec.view == "vector":
+    return (), (math.prod(shape),), None
+  if ndim == 2 or (spec.view == "tensor" and ndim > 2):
+    return (), shape, None
+  return None
+
+
+def _unseen_reason(spec: proj.Projection, shape: tuple[int, ...]) -> str:
+  if spec.view == "tensor":
+    return "tucker needs ≥ 2 axes"
+  if len(shape) > 2:
+    return f"has more than two axes; {_MORE_AXES_HINT}"
+  return f"has {len(shape)} axes and cannot be projected by a matrix projection"
 
 
 def is_plan(x) -> bool:
