@@ -13,9 +13,10 @@ is re-made every ``refresh_every`` steps (the first at step 0) inside a
 decides what happens to the inner statistics then (see
 :mod:`optax_lowrank.refresh`).
 
-References: Zhao et al. 2024 (GaLore, paper 003, Alg. 1); Hao et al. 2024
-(Flora); Torroba-Hennigen et al. 2025 (paper 000: the gradient map ``S`` and
-the adapter ``Θ0 + SᵀΛ`` give the same trajectory, see ``olr.adapters``).
+References: Zhao et al. 2024, GaLore, arXiv:2403.03507, Alg. 1; Hao, Cao and
+Mou 2024, Flora, arXiv:2402.03293; Torroba-Hennigen, Lang, Guo and Kim 2025,
+arXiv:2502.13811 (the gradient map ``S`` and the adapter ``Θ0 + SᵀΛ`` give the
+same trajectory, see ``olr.adapters``).
 """
 
 from __future__ import annotations
@@ -133,9 +134,9 @@ def low_rank(
       :class:`LowRankState`) and pass them to ``inner`` as its ``params``.
       Weight decay *inside* ``inner`` (``optax.add_decayed_weights``) then
       decays ``Λ``, exactly as training the adapter ``Θ0 + SᵀΛ`` with AdamW
-      would (paper 000, App. B); decay *outside* ``low_rank`` in the chain
-      decays the full weights instead.  Costs one more coefficient-sized buffer
-      per projected leaf.
+      would (Torroba-Hennigen et al. 2025, arXiv:2502.13811, App. B); decay
+      *outside* ``low_rank`` in the chain decays the full weights instead.
+      Costs one more coefficient-sized buffer per projected leaf.
     unprojected: optional transformation for the leaves that are not
       projected, instead of ``inner`` (GaLore's "parameter groups"): e.g. a
       gradient-history preconditioner only in the small space and plain Adam on
@@ -167,35 +168,22 @@ def low_rank(
   of ``L`` matrices costs ``L`` times that.
 
   Raises:
-    ValueError: at construction, for a bad ``refresh_every`` or ``on_refresh``;
-      at ``init``, for a ``where`` tree that does not match the params or a leaf
-      that cannot be projected (naming the leaf and the argument).
+    ValueError: at construction, for a bad ``refresh_every`` or ``on_refresh``,
+      ``track_coefficients`` with a ``full_rank`` rule, or a staggered or lazy
+      schedule without a stored basis and an int ``refresh_every``; at
+      ``init``, for a ``where`` or ``reshape`` that does not fit the params or a
+      leaf that cannot be projected (naming the leaf and the argument); at
+      ``update``, for gradients that do not fit the params or the state.
     TypeError: at construction, when ``projection`` is not a projection spec or
       ``seed`` is not an int.
+
+  ``init`` and ``update`` close over the checked arguments, as optax's
+  transformations do; the steps of ``update`` (which matrices refresh, the
+  refresh, the way back to full size) are named helpers of this module, so the
+  function is long only by its arguments' documentation.
   """
-  if not isinstance(projection, proj.Projection):
-    raise TypeError(
-        f"`projection` must be a projection spec such as olr.svd(128), got {projection!r}"
-    )
-  # Python values are checked here; arrays (e.g. from optax.inject_hyperparams)
-  # are accepted as they are.
-  if not isinstance(refresh_every, jax.Array) and (
-      isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1
-  ):
-    raise ValueError(f"`refresh_every` must be an int >= 1, got {refresh_every!r}")
-  refresh_lib.check_policy(on_refresh)
-  if not isinstance(seed, jax.Array) and (isinstance(seed, bool) or not isinstance(seed, int)):
-    raise TypeError(f"`seed` must be an int, got {seed!r}")
-  full_rank = full_rank_lib.check_rule(full_rank)
-  if full_rank is not None and track_coefficients:
-    raise ValueError("`track_coefficients` keeps the adapter view Λ of updates Sᵀ Δ; with a "
-                     "`full_rank` rule the updates leave the subspace, so there is none")
-  schedule = schedule_lib.as_schedule(refresh_schedule)
-  if schedule.kind != "fixed" and (isinstance(refresh_every, jax.Array) or not projection.stored):
-    raise ValueError(
-        f"`refresh_schedule={schedule.kind!r}` needs a stored basis and an int `refresh_every`; "
-        f"got {projection} (a sketch rebuilt from the key has no decomposition to spread) "
-        f"and refresh_every={refresh_every!r}")
+  full_rank, schedule = _check_arguments(projection, refresh_every, on_refresh, seed, full_rank,
+                                         track_coefficients, refresh_schedule)
   tracks = projection.tracks
   inner = optax.with_extra_args_support(inner)
   if unprojected is not None:
@@ -233,13 +221,8 @@ def low_rank(
     inner_tx = inner_for(plans)
     count = state.count
     refresh_index = count // refresh_every
-    if schedule.kind == "fixed":
-      due, key_index = None, refresh_index
-      is_refresh = count % refresh_every == 0
-    else:  # each matrix on its own steps; keys count the steps with a refresh
-      due = schedule_lib.due(schedule, plans, refresh_every, count, state.schedule)
-      key_index = state.schedule.refreshes
-      is_refresh = schedule_lib.any_due(due)
+    due, key_index, is_refresh = _refresh_points(schedule, plans, refresh_every, count,
+                                                 state.schedule)
 
     def refresh(operand):
       stored, inner_state, coefficients, sched = operand
@@ -275,20 +258,8 @@ def low_rank(
     inner_params = None if params is None else inner_params_of(plans, params, coefficients)
     inner_updates, inner_state = inner_tx.update(coeffs, inner_state, inner_params,
                                                  **extra_args)
-    # α applies to projected leaves only, in the small space (Sᵀ is linear).
-    steps = inner_updates  # unscaled: a full-rank rule measures Δ and applies α itself
-    inner_updates = map_plans(
-        lambda p, u: scale * u if p.projected else u, plans, inner_updates
-    )
-    limiter = state.limiter
-    if full_rank is None:
-      new_updates = map_plans(
-          lambda p, g, u, b: project_back(b, u).astype(g.dtype) if p.projected else u,
-          plans, updates, inner_updates, bases,
-      )
-    else:  # a full-rank rule measures the step against the coefficients it came from
-      new_updates, limiter = full_rank_lib.back_to_full(
-          full_rank, plans, updates, coeffs, steps, scale, bases, limiter)
+    new_updates, inner_updates, limiter = _to_full_size(
+        full_rank, plans, updates, coeffs, inner_updates, scale, bases, state.limiter)
     new_updates = leaves_lib.zero_frozen(plans, updates, new_updates, params)
     if track_coefficients:
       coefficients = map_plans(
@@ -307,6 +278,67 @@ def low_rank(
     return leaves_lib.rewrap_like(updates_in, new_updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_arguments(projection, refresh_every, on_refresh, seed, full_rank, track_coefficients,
+                     refresh_schedule):
+  """The checks of :func:`low_rank`'s arguments; returns ``(full_rank, schedule)``, checked."""
+  if not isinstance(projection, proj.Projection):
+    raise TypeError(
+        f"`projection` must be a projection spec such as olr.svd(128), got {projection!r}"
+    )
+  # Python values are checked here; arrays (e.g. from optax.inject_hyperparams)
+  # are accepted as they are.
+  if not isinstance(refresh_every, jax.Array) and (
+      isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1
+  ):
+    raise ValueError(f"`refresh_every` must be an int >= 1, got {refresh_every!r}")
+  refresh_lib.check_policy(on_refresh)
+  if not isinstance(seed, jax.Array) and (isinstance(seed, bool) or not isinstance(seed, int)):
+    raise TypeError(f"`seed` must be an int, got {seed!r}")
+  full_rank = full_rank_lib.check_rule(full_rank)
+  if full_rank is not None and track_coefficients:
+    raise ValueError("`track_coefficients` keeps the adapter view Λ of updates Sᵀ Δ; with a "
+                     "`full_rank` rule the updates leave the subspace, so there is none")
+  schedule = schedule_lib.as_schedule(refresh_schedule)
+  if schedule.kind != "fixed" and (isinstance(refresh_every, jax.Array) or not projection.stored):
+    raise ValueError(
+        f"`refresh_schedule={schedule.kind!r}` needs a stored basis and an int `refresh_every`; "
+        f"got {projection} (a sketch rebuilt from the key has no decomposition to spread) "
+        f"and refresh_every={refresh_every!r}")
+  return full_rank, schedule
+
+
+def _refresh_points(schedule, plans, refresh_every, count, schedule_state):
+  """``(due, key_index, is_refresh)`` of step ``count``.
+
+  The fixed schedule refreshes every matrix on ``count % refresh_every == 0``
+  (``due`` is ``None``; keys count refreshes); the others give each matrix its
+  own steps (``due``: bools per matrix; keys count the steps with a refresh).
+  """
+  if schedule.kind == "fixed":
+    return None, count // refresh_every, count % refresh_every == 0
+  due = schedule_lib.due(schedule, plans, refresh_every, count, schedule_state)
+  return due, schedule_state.refreshes, schedule_lib.any_due(due)
+
+
+def _to_full_size(full_rank, plans, updates, coeffs, steps, scale, bases, limiter):
+  """The inner steps ``Δ`` back at full size: ``(updates, α·Δ, limiter)``.
+
+  ``α`` applies to projected leaves only, in the small space (``Sᵀ`` is
+  linear); a ``full_rank`` rule measures the unscaled ``Δ`` against the
+  coefficients it came from and applies ``α`` itself.
+  """
+  scaled = map_plans(lambda p, u: scale * u if p.projected else u, plans, steps)
+  if full_rank is None:
+    back = map_plans(
+        lambda p, g, u, b: project_back(b, u).astype(g.dtype) if p.projected else u,
+        plans, updates, scaled, bases,
+    )
+    return back, scaled, limiter
+  back, limiter = full_rank_lib.back_to_full(
+      full_rank, plans, updates, coeffs, steps, scale, bases, limiter)
+  return back, scaled, limiter
 
 
 def _projected_zeros(plans: Any) -> Any:
