@@ -38,7 +38,7 @@ from flax import nnx
 
 import optax_lowrank as olr
 from examples.llama import PAPER_RANKS, STACKED_RULE, Llama, LlamaConfig, loss_fn
-from optax_lowrank import quantization
+from optax_lowrank import quantized_merge
 
 SIZES = ("60m", "130m", "350m", "1b", "7b", "13b", "tiny")  # tiny: for tests
 METHODS = ("adamw-bf16", "adamw-8bit", "galore", "galore-8bit", "adapter", "adapter-int8",
@@ -77,7 +77,7 @@ def batch_shape(config: LlamaConfig, tokens: int) -> tuple[int, int]:
 
 
 def adapter_setup(config: LlamaConfig, rank: int, base_format: str | None = None,
-                  rule: Any = quantization.DEFAULT_MERGE_RULE, abstract: bool = True,
+                  rule: Any = quantized_merge.DEFAULT_MERGE_RULE, abstract: bool = True,
                   seed: int = 0) -> tuple[nnx.Module, Any]:
   """The Llama with its block kernels as ``LowRankLinear`` (Gaussian bases), and its adapter.
 
@@ -101,7 +101,7 @@ def adapter_setup(config: LlamaConfig, rank: int, base_format: str | None = None
 
 def adapter_model(config: LlamaConfig, rank: int, base_format: str | None = None,
                   abstract: bool = True, seed: int = 0,
-                  rule: Any = quantization.DEFAULT_MERGE_RULE) -> nnx.Module:
+                  rule: Any = quantized_merge.DEFAULT_MERGE_RULE) -> nnx.Module:
   """The model of :func:`adapter_setup`."""
   return adapter_setup(config, rank, base_format, rule, abstract, seed)[0]
 

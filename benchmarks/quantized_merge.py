@@ -15,7 +15,7 @@ merge every 20 steps, 2000 steps, block size 64. The *floor* of a format is the
 loss of ``W*`` itself stored in it (nearest rounding, absmax scales): a base
 that ends at the floor lost nothing to the merges.
 
-Candidates: ``olr.quantization.MergeRule(rounding, scales, feedback_bits)``,
+Candidates: ``olr.quantized_merge.MergeRule(rounding, scales, feedback_bits)``,
 the plain re-quantization of every merge (``rule=None``: fresh scales, nearest
 rounding, what ``olr.adapters.merge`` did before rules existed), merge
 intervals that grow by 5% per merge (same first interval, about 40 merges),
@@ -47,8 +47,8 @@ class Candidate:
   span_correction: bool = True  # False: merge the residual without removing its part in S
 
 
-def candidates(q) -> list[Candidate]:
-  rule = q.MergeRule
+def candidates(qm) -> list[Candidate]:
+  rule = qm.MergeRule
   return [
       Candidate("float base (no quantization)", "float"),
       Candidate("re-quantize (fresh scales, nearest), rule=None", None),
@@ -97,6 +97,7 @@ def run(candidate: Candidate, fmt: str, seed: int, steps: int, every: int, block
 
   import optax_lowrank as olr
   from optax_lowrank import quantization as q
+  from optax_lowrank import quantized_merge as qm
 
   w0, target, x = drift_problem(seed)
   x, target_j = jnp.asarray(x), jnp.asarray(target)
@@ -131,7 +132,7 @@ def run(candidate: Candidate, fmt: str, seed: int, steps: int, every: int, block
       # the residual is carried whole: merge_tree without the bases
       new, lam0 = olr.adapters.merge(adapter, lam)
       merged = olr.adapters.materialize(adapter, lam)
-      base = q.merge_tree(adapter.base, merged)
+      base = qm.merge_tree(adapter.base, merged)
       return olr.adapters.Adapter(base, new.stored_bases, new.key, new.refresh_index,
                                   new.plans), lam0
   done = 0
@@ -155,7 +156,7 @@ def main(argv=None) -> None:
   parser.add_argument("--only", default="", help="keep candidates whose name contains this")
   args = parser.parse_args(argv)
   common.configure_threads(1)
-  from optax_lowrank import quantization as q
+  from optax_lowrank import quantized_merge as qm
 
   seeds = [int(s) for s in args.seeds.split(",")]
   start = time.perf_counter()
@@ -163,7 +164,7 @@ def main(argv=None) -> None:
   print(f"drift problem {M}x{N}, rank {RANK}, {args.steps} steps, merge every {args.every}, "
         f"block {args.block_size}, seeds {seeds}; cells: final loss / floor (median over seeds)")
   rows = []
-  for cand in candidates(q):
+  for cand in candidates(qm):
     if args.only and args.only not in cand.name:
       continue
     row = [cand.name]

@@ -554,7 +554,7 @@ register(
 # ----------------------------------------------------------------------------
 # The adapter path on a quantized frozen base (INT8 or NF4, blocks of 64): the
 # same method as ``adapter``, with Θ0 stored block-wise quantized and every
-# merge written back by olr.quantization.DEFAULT_MERGE_RULE (4-bit error
+# merge written back by olr.quantized_merge.DEFAULT_MERGE_RULE (4-bit error
 # feedback: the rounding residual is carried, so small updates accumulate
 # until they move a code). See docs/how-to/quantized-base.md.
 

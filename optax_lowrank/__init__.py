@@ -15,6 +15,7 @@ from optax_lowrank import (
     layerwise,
     memory,
     quantization,
+    quantized_merge,
     refresh_schedule,
     testing,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "eight_bit",
     "layerwise",
     "quantization",
+    "quantized_merge",
     "scale_by_adam_8bit",
     "memory",
     "nnx",

@@ -38,7 +38,7 @@ import optax
 from optax_lowrank import bases as bases_lib
 from optax_lowrank import leaves as leaves_lib
 from optax_lowrank import projections as proj
-from optax_lowrank import quantization
+from optax_lowrank import quantization, quantized_merge
 from optax_lowrank import refresh as refresh_lib
 from optax_lowrank import refresh_schedule as schedule_lib
 from optax_lowrank.bases import project_back
@@ -295,7 +295,7 @@ def _merged_base(adapter: Adapter, lam: Any, refresh_index: jax.Array) -> Any:
   """``Θ0 + SᵀΛ`` written back into the base, leaf by leaf (and layer by layer).
 
   Float leaves keep their dtype; quantized leaves follow their merge rule
-  (olr.quantization.merge_update), which needs the basis Λ lived in;
+  (olr.quantized_merge.merge_update), which needs the basis Λ lived in;
   stochastic rounding is keyed by (seed, merge index, leaf), so a resumed run
   rounds exactly as the original one.  A stacked leaf (``(L, m, n)`` kernels
   of a scanned model, one matrix basis per layer) merges layer by layer
@@ -313,7 +313,7 @@ def _merged_base(adapter: Adapter, lam: Any, refresh_index: jax.Array) -> Any:
     w0 = dequantize_leaf(w)
     merged = (w0 + (project_back(b, x) if p.projected else x).astype(w0.dtype)).astype(w0.dtype)
     if quantized:
-      return quantization.merge_update(w, merged, seed=leaf_seed, basis=b)
+      return quantized_merge.merge_update(w, merged, seed=leaf_seed, basis=b)
     return merged
 
   return map_plans(one, adapter.plans, adapter.base, lam, bases(adapter))
@@ -345,8 +345,8 @@ def _merge_layers(p, w, x, b, leaf_seed):
     if not quantized:
       return merged
     offset = jnp.asarray(i).astype(jnp.uint32) * jnp.uint32(per_layer)
-    return quantization.merge_update(w_i, merged, seed=leaf_seed, basis=basis,
-                                     element_offset=offset)
+    return quantized_merge.merge_update(w_i, merged, seed=leaf_seed, basis=basis,
+                                        element_offset=offset)
 
   at = lambda tree, i: jax.tree.map(lambda v: v[i], tree)
   if any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves((w, x, b))):
@@ -421,7 +421,7 @@ def quantize_base(
     adapter: Adapter,
     format: str = "int8",
     block_size: int = 256,
-    rule: quantization.MergeRule | None = quantization.DEFAULT_MERGE_RULE,
+    rule: quantized_merge.MergeRule | None = quantized_merge.DEFAULT_MERGE_RULE,
 ) -> Adapter:
   """Store the frozen base of every projected leaf block-wise quantized.
 
@@ -429,7 +429,7 @@ def quantize_base(
   paper 000's Table 2) or ``"nf4"`` (16 NormalFloat levels, 4 bits per element:
   error ≤ 0.152·absmax, a visible penalty there).  ``materialize`` and
   ``olr.nnx.LowRankLinear`` dequantize on the fly; ``merge`` writes the
-  merged base back by ``rule`` (a :class:`~optax_lowrank.quantization.MergeRule`:
+  merged base back by ``rule`` (a :class:`~optax_lowrank.quantized_merge.MergeRule`:
   how small updates survive the rounding; ``None`` stores plain
   :class:`~optax_lowrank.quantization.QuantizedArray` leaves that every merge
   re-quantizes from scratch); see the how-to "Training on a quantized base".
@@ -440,8 +440,12 @@ def quantize_base(
     ValueError: an unknown format, a block size ≤ 0, or non-finite values in a
       base leaf (naming the leaf path and shape).
   """
-  base = quantization.quantize_tree(adapter.base, format, block_size,
-                                    where=projected_mask(adapter), rule=rule)
+  where = projected_mask(adapter)
+  if rule is None:
+    base = quantization.quantize_tree(adapter.base, format, block_size, where=where)
+  else:
+    base = quantized_merge.quantize_base_tree(adapter.base, format, block_size, where=where,
+                                              rule=rule)
   return Adapter(base, adapter.stored_bases, adapter.key, adapter.refresh_index, adapter.plans)
 
 

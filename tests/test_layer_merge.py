@@ -7,6 +7,7 @@ import pytest
 
 import optax_lowrank as olr
 from optax_lowrank import adapters, memory, quantization
+from optax_lowrank import quantized_merge as qm
 
 L, M, N, R, BLOCK = 3, 64, 96, 8, 64
 STACKED = ((0,), (1,), (2,))
@@ -29,14 +30,14 @@ def _whole_leaf_merge(a, lam):
   """The merge as one whole-leaf computation: materialize, then the merge rule per leaf."""
   merged = adapters.materialize(a, lam)
   seed = quantization.mix_seed(a.key, a.refresh_index + 1)
-  return quantization.merge_tree(a.base, merged, bases=adapters.bases(a), seed=seed)
+  return qm.merge_tree(a.base, merged, bases=adapters.bases(a), seed=seed)
 
 
 @pytest.mark.parametrize(("fmt", "rule", "jit"), [
     (None, None, True),
-    ("nf4", quantization.DEFAULT_MERGE_RULE, True),
-    ("nf4", quantization.DEFAULT_MERGE_RULE, False),  # eagerly: a Python loop over layers
-    ("int8", quantization.MergeRule(rounding="stochastic", scales="keep", feedback_bits=2), True),
+    ("nf4", qm.DEFAULT_MERGE_RULE, True),
+    ("nf4", qm.DEFAULT_MERGE_RULE, False),  # eagerly: a Python loop over layers
+    ("int8", qm.MergeRule(rounding="stochastic", scales="keep", feedback_bits=2), True),
 ])
 def test_layer_by_layer_merge_is_bit_identical_to_the_whole_leaf_merge(fmt, rule, jit):
   with jax.enable_x64(False):
@@ -49,7 +50,7 @@ def test_layer_by_layer_merge_is_bit_identical_to_the_whole_leaf_merge(fmt, rule
 
 def test_a_stacked_merge_holds_one_layer_not_the_stack():
   with jax.enable_x64(False):
-    a, lam = _adapter("nf4", quantization.DEFAULT_MERGE_RULE)
+    a, lam = _adapter("nf4", qm.DEFAULT_MERGE_RULE)
     a = jax.eval_shape(lambda: a)
     layered = memory.plan_function(adapters.merge, a, lam, donate_argnums=(0, 1))
     whole = memory.plan_function(_whole_leaf_merge, a, lam, donate_argnums=(0, 1))

@@ -85,29 +85,6 @@ def test_worst_case_error_over_scales(fmt):
   assert 0.5 * q.max_abs_error_factor(fmt) < worst <= q.max_abs_error_factor(fmt) + REL_SLACK
 
 
-def test_documented_error_factors():
-  assert q.max_abs_error_factor("int8") == pytest.approx(1 / 254, rel=1e-12)
-  assert q.max_abs_error_factor("nf4") == pytest.approx((1 - 0.6961928009986877) / 2)
-  assert q.max_abs_error_factor("dynamic8") == pytest.approx(0.9 / 128)
-  assert q.max_abs_error_factor("dynamic8_unsigned") == pytest.approx(0.9 / 256)
-
-
-def test_nf4_levels_match_quantile_definition():
-  np.testing.assert_allclose(q.nf4_levels_from_definition(), q.NF4_LEVELS, atol=1e-6, rtol=0)
-  assert q.NF4_LEVELS.shape == (16,) and q.NF4_LEVELS.dtype == np.float32
-  assert q.NF4_LEVELS[7] == 0.0 and q.NF4_LEVELS[0] == -1.0 and q.NF4_LEVELS[-1] == 1.0
-
-
-def test_dynamic_tree_levels():
-  signed, unsigned = q.DYNAMIC8_LEVELS, q.DYNAMIC8_UNSIGNED_LEVELS
-  assert signed.shape == (255,) and unsigned.shape == (256,)
-  for levels in (signed, unsigned):
-    assert np.all(np.diff(levels) > 0) and levels[-1] == 1.0 and 0.0 in levels
-  np.testing.assert_array_equal(signed, -signed[::-1])
-  assert np.min(signed[signed > 0]) == pytest.approx(1e-6)
-  assert np.min(unsigned[unsigned > 0]) == pytest.approx(1e-7)
-
-
 def test_codes_are_nearest_levels_including_ties_and_extremes():
   """The O(1) rank formula agrees with a brute-force search over the table."""
   rng = np.random.default_rng(0)
@@ -226,16 +203,8 @@ def test_stochastic_rounding_is_unbiased(fmt):
   assert np.max(np.abs(nearest - x)) > tol
 
 
-def test_mix_seed():
-  step, leaf, moment = (a.ravel() for a in np.meshgrid(range(20), range(5), range(2)))
-  seeds = jax.jit(jax.vmap(lambda *w: q.mix_seed(0, *w)))(step, leaf, moment)
-  assert len(set(np.asarray(seeds).tolist())) == 200  # distinct per (step, leaf, moment)
-  assert q.mix_seed(3, 4).dtype == jnp.uint32
-  assert int(q.mix_seed(3, 4)) == int(jax.jit(q.mix_seed)(jnp.int32(3), jnp.int32(4)))
-  assert int(q.mix_seed(2**32 + 5)) == int(q.mix_seed(5))  # Python ints mod 2^32
+def test_stochastic_rounding_takes_a_key_and_the_seed_changes_the_rounding():
   key = jax.random.key(1)
-  assert int(q.mix_seed(key)) != int(q.mix_seed(jax.random.key(2)))
-  # Stochastic rounding accepts a key too, and the seed changes the rounding.
   x = _sample(7, (512,), 1.0, "int8")
   codes = [np.asarray(q.quantize(x, "int8", 256, seed=s).codes) for s in (key, 1, 2)]
   assert np.mean(codes[1] != codes[2]) > 0.2 and np.mean(codes[0] != codes[1]) > 0.2
@@ -362,3 +331,36 @@ def test_tie_keeps_every_code_for_any_value_of_t(fmt, t):
 def test_tie_to_an_empty_array_returns_q_itself():
   qa = q.quantize(jnp.ones(10), "int8", 4)
   assert q.tie(qa, jnp.zeros((0, 3))) is qa
+
+
+def test_tie_on_arrays_keeps_every_value():
+  # Float arrays get an exact zero added, integer arrays one OR'ed in.
+  t = jnp.asarray([np.nan, 1.0], jnp.float32)
+  for x in (jnp.asarray([[1.5, -2.0], [np.inf, 0.25]], jnp.bfloat16), jnp.arange(-3, 3)):
+    for tied in (q.tie(x, t), jax.jit(q.tie)(x, t)):
+      assert tied.dtype == x.dtype and tied.shape == x.shape
+      np.testing.assert_array_equal(tied, x)
+
+
+@pytest.mark.parametrize(("fmt", "block_size", "splits"), [
+    ("int8", 64, True), ("nf4", 64, True), ("int8", 100, False), ("nf4", 40, False)])
+def test_layer_slices_are_the_per_layer_quantizations(fmt, block_size, splits):
+  # 4 layers of 8 × 24 = 192 elements, quantized as one flat leaf.
+  x = np.random.default_rng(0).standard_normal((4, 8, 24)).astype(np.float32)
+  flat = q.quantize(x, fmt, block_size)
+  assert q.splits_into_layers(flat, 4) is splits
+  assert not q.splits_into_layers(flat, 5) and not q.splits_into_layers(flat, 0)
+  if not splits:
+    return
+  stack = q.layer_slices(flat, 4, (8, 24))
+  assert stack.codes.shape[0] == 4 and stack.shape == (8, 24)
+  for i in range(4):
+    one = jax.tree.map(lambda a, i=i: a[i], stack)
+    np.testing.assert_array_equal(q.dequantize(one),
+                                  q.dequantize(q.quantize(x[i], fmt, block_size)))
+  two_axes = q.layer_slices(flat, (2, 2), (8, 24))
+  assert two_axes.scales.shape == (2, 2, 192 // block_size)
+  back = q.join_layers(stack, x.shape)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(flat), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert back.shape == flat.shape
