@@ -37,7 +37,6 @@ model, batch))``.  ``olr.nnx.merge`` is the former name of ``refresh_adapter``
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -201,27 +200,10 @@ def _delta(left, lam, right, dtype):
   return d
 
 
-def _tie(a: jax.Array, t: jax.Array) -> jax.Array:
-  """``a`` plus an exact zero computed from ``t`` (see ``quantization.tie``).
-
-  Makes the weight formed from ``a`` depend on the forward input or the
-  backward cotangent, so XLA neither computes it before that exists nor merges
-  (CSE) the forward and the backward formation into one buffer kept alive
-  from the forward to the backward pass.
-  """
-  if t.size == 0:
-    return a
-  first = t.reshape(-1)[:1]
-  bits = first.dtype.itemsize * 8
-  word = jax.lax.bitcast_convert_type(first, jnp.dtype(f"uint{bits}"))
-  zero = ((word >> (bits - 1)) >> 1).astype(a.dtype)[0]
-  return a + zero
-
-
 def _weight(base, left, lam, right, dtype, tie_to):
   """``W0 + U Λ Vᵀ`` in ``dtype``, formed after ``tie_to`` exists (not shared)."""
   ct = jnp.promote_types(dtype, lam.dtype)
-  lam = _tie(lam, tie_to)
+  lam = quantization.tie(lam, tie_to)  # Λ too: the weight is formed after tie_to exists
   if isinstance(base, quantization.QuantizedArray):
     base = quantization.dequantize(quantization.tie(base, tie_to))
   return (base.astype(ct) + _delta(left, lam, right, ct)).astype(dtype)
@@ -354,32 +336,20 @@ def _layer_major(base: Any, plan) -> Any:
   """
   if not plan.batch_shape or not isinstance(base, quantization.QuantizedArray):
     return base
-  layers = math.prod(plan.batch_shape)
-  per_layer = math.prod(plan.shape) // layers
-  arrays = _array_fields(base)
-  if per_layer % base.block_size or any(a.size % layers for a in arrays.values()):
+  if not quantization.splits_into_layers(base, math.prod(plan.batch_shape)):
+    per_layer = math.prod(plan.shape) // math.prod(plan.batch_shape)
     raise ValueError(
         f"leaf '{plan.path}' of shape {plan.shape}: a stacked quantized base needs each "
         f"layer's {per_layer} elements to fill whole blocks of block_size {base.block_size}"
     )
-  return dataclasses.replace(
-      base, shape=plan.shape[len(plan.batch_shape):],
-      **{k: a.reshape(plan.batch_shape + (a.size // layers,)) for k, a in arrays.items()},
-  )
+  return quantization.layer_slices(base, plan.batch_shape, plan.shape[len(plan.batch_shape):])
 
 
 def _flat(base: Any, plan) -> Any:
   """Inverse of :func:`_layer_major`: the adapter's flat storage of a stacked base."""
   if not plan.batch_shape or not isinstance(base, quantization.QuantizedArray):
     return base
-  return dataclasses.replace(base, shape=plan.shape,
-                             **{k: a.reshape(-1) for k, a in _array_fields(base).items()})
-
-
-def _array_fields(q: quantization.QuantizedArray) -> dict[str, jax.Array]:
-  """The array fields of a quantized leaf (codes, scales, packed residuals...)."""
-  return {f.name: getattr(q, f.name) for f in dataclasses.fields(q)
-          if isinstance(getattr(q, f.name), jax.Array)}
+  return quantization.join_layers(base, plan.shape)
 
 
 def _layers(model: nnx.Module) -> dict[str, LowRankLinear]:
