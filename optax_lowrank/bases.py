@@ -8,15 +8,17 @@ view may carry a factor ``U_i ∈ R^{n_i × r_i}``:
 * ``project``:       ``C = G ×_1 U_1ᵀ ×_2 U_2ᵀ …``   (axes without a factor stay)
 * ``project_back``:  ``Δ = C ×_1 U_1 ×_2 U_2 …``     (the transpose map, Sᵀ)
 
-So, with ``G ∈ R^{m×n}`` (paper 000, §3):
+So, with ``G ∈ R^{m×n}`` (Torroba-Hennigen, Lang, Guo and Kim 2025, arXiv:2502.13811,
+§3):
 
 * left one-sided (GaLore on the left, ``P = U_1ᵀ ∈ R^{r×m}``): ``C = P G``,
   back ``Pᵀ Δ``;
 * right one-sided (``Q = U_2 ∈ R^{n×r}``): ``C = G Q``, back ``Δ Qᵀ``;
 * two-sided Kronecker ``S = Rᵀ ⊗ L`` (``L = U_1ᵀ``, ``R = U_2``):
   ``C = L G R``, back ``Lᵀ Δ Rᵀ``;
-* Tucker (paper 002): one factor per mode of an N-d tensor;
-* dense (Theorem 1 in full generality): the view is ``vec(W)`` (row-major) and
+* Tucker (Tucker 1966; the gradient projection of Natural GaLore, Das 2024,
+  arXiv:2410.16029, §2.1.1): one factor per mode of an N-d tensor;
+* dense (the same paper's Theorem 1 in full generality): the view is ``vec(W)`` (row-major) and
   the single factor is ``Sᵀ ∈ R^{mn×k}``.
 
 The same :class:`Basis` object serves the gradient path (``olr.low_rank``) and
@@ -104,7 +106,9 @@ def over_batch(fn, batch_ndim: int):
   """``fn`` mapped over ``batch_ndim`` leading axes of all its arguments (nested vmap).
 
   A stacked leaf's matrices are handled by one batched operation (a batched
-  GEMM, one batched SVD or QR), not a Python loop over layers.
+  GEMM in :func:`project`, a batched pseudo-inverse in
+  :func:`transport_matrices`), not a Python loop over layers.  Decompositions
+  at a refresh are not batched this way (see ``Projection.basis``).
   """
   for _ in range(batch_ndim):
     fn = jax.vmap(fn)
@@ -204,8 +208,9 @@ def project(basis: Basis, g: Array) -> Array:
   Returns:
     An array of shape ``basis.coefficient_shape`` (``r×n`` for a left
     projection of an ``m×n`` leaf, ``m×r`` for a right one, ``r_l×r_r`` two-sided,
-    ``(k,)`` dense), in ``g``'s dtype promoted to the basis dtype (low-precision
-    inputs are accumulated and returned in float32).
+    ``r_1×…×r_N`` Tucker, ``(k,)`` dense; a stacked leaf's ``batch_shape`` in
+    front), in ``g``'s dtype promoted to the basis dtype (low-precision inputs
+    are accumulated and returned in float32).
 
   Cost: ``2·m·n·r`` FLOPs for a one-sided basis (per matrix of a stacked leaf,
   computed as one batched product).

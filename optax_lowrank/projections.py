@@ -211,12 +211,17 @@ def tracked_range_flops(m: int, n: int, r: int, iters: int, align: bool) -> int:
 class Projection:
   """Base class of projection specs.
 
-  A spec answers three questions about a leaf, all from static shapes:
+  A spec answers four questions about a leaf, all from static shapes:
   ``view`` (how the leaf is seen: ``"matrix"``, ``"tensor"`` or ``"vector"``),
   ``axis_ranks(view_shape)`` (the clamped rank of each view axis, ``None`` where the
-  axis is not reduced), and ``stored`` (whether the basis lives in the state).
-  ``make(view_shape, key, grad)`` builds the factors; ``grad`` is the leaf's
-  gradient in the view, in float32 or wider (``None`` when not needed).
+  axis is not reduced), ``stored`` (whether the basis lives in the state) and
+  ``needs_grad`` (whether it is made from the gradient).
+  ``make(view_shape, key, grad, dtype)`` builds the factors of one matrix (or
+  tensor, or vector) in ``dtype`` (float32 or wider); ``grad`` is its gradient
+  in the view, already cast to ``dtype`` (``None`` when not needed).  A spec
+  that ``tracks`` makes later factors from the previous ones (``track``);
+  ``refresh_flops`` estimates a refresh's work.  :meth:`basis` and
+  :meth:`refreshed` build a whole leaf's :class:`Basis`, stacks included.
   """
 
   view = "matrix"
@@ -523,7 +528,10 @@ class RandomSketch(_OneSided):
 
 @dataclasses.dataclass(frozen=True)
 class TwoSided(Projection):
-  """``S = Rᵀ ⊗ L``: ``C = L G R`` with ``L ∈ R^{r_l×m}``, ``R ∈ R^{n×r_r}`` (paper 000 Prop. 2)."""
+  """``S = Rᵀ ⊗ L``: ``C = L G R`` with ``L ∈ R^{r_l×m}``, ``R ∈ R^{n×r_r}``.
+
+  Torroba-Hennigen, Lang, Guo and Kim 2025, arXiv:2502.13811, Prop. 2.
+  """
 
   left_rank: int
   right_rank: int
@@ -564,7 +572,7 @@ class TwoSided(Projection):
 
 @dataclasses.dataclass(frozen=True)
 class Tucker(Projection):
-  """One orthonormal factor per mode from the gradient's HOSVD (paper 002).
+  """One orthonormal factor per mode from the gradient's HOSVD (see :func:`tucker`).
 
   ``ranks`` is one int per mode of the leaf (or a single int for every mode).
   """
@@ -645,7 +653,8 @@ def svd(rank: int, side: Side = "auto") -> Projection:
 
   Computed (``jnp.linalg.svd`` in float32 or wider) only at a refresh, from the
   gradient of that step; stored in the state (``n·r`` floats per leaf, ``n`` the
-  projected dimension).  Orthonormal: ``P Pᵀ = I_r``.  Paper 003, Alg. 1.
+  projected dimension).  Orthonormal: ``P Pᵀ = I_r``.  Zhao et al. 2024, GaLore,
+  arXiv:2403.03507, Alg. 1.
   """
   return SVD(rank, side)
 
@@ -695,7 +704,7 @@ def subspace_iteration(
   span to be as close to the old ``U`` as possible, so the inner optimizer's
   coordinates move no more than the subspace does.  This is the online-PCA /
   subspace-tracking view of the refresh that SubTrack++ (Rajabi et al. 2025,
-  arXiv 2502.01586) takes with a Grassmannian step; here it is the classical
+  arXiv:2502.01586) takes with a Grassmannian step; here it is the classical
   warm-started orthogonal iteration.
 
   Cost of a refresh of an ``m × n`` matrix projected on its ``m``-side, rank
@@ -714,10 +723,11 @@ def subspace_iteration(
 
 
 def gaussian(rank: int, side: Side = "auto") -> Projection:
-  """A Gaussian sketch with ``N(0, 1/rank)`` entries, so ``E[SᵀS] = I`` (Flora).
+  """A Gaussian sketch with ``N(0, 1/rank)`` entries, so ``E[SᵀS] = I``.
 
   Rebuilt from ``(seed, refresh index, leaf index)`` on every step and never
-  stored: the optimizer state holds only a PRNG key.
+  stored: the optimizer state holds only a PRNG key (Flora: Hao, Cao and Mou
+  2024, arXiv:2402.03293).
   """
   return RandomSketch(rank, side, "gaussian")
 
@@ -741,17 +751,22 @@ def two_sided(left_rank: int, right_rank: int, kind: str = "gaussian") -> Projec
 
   ``kind="gaussian"``: both sides Gaussian sketches rebuilt from the key (not
   stored); ``kind="svd"``: top singular vectors on both sides, stored.  The
-  adapter form is ``W0 + Lᵀ Λ Rᵀ`` (MoRA / LoRA-XS).  Paper 000, Prop. 2.
+  adapter form is ``W0 + Lᵀ Λ Rᵀ``, the form of MoRA (Jiang et al. 2024,
+  arXiv:2405.12130) and LoRA-XS (Bałazy et al. 2024, arXiv:2405.17604)
+  (Torroba-Hennigen, Lang, Guo and Kim 2025, arXiv:2502.13811, Prop. 2).
   """
   return TwoSided(left_rank, right_rank, kind)
 
 
 def tucker(ranks: Sequence[int] | int) -> Projection:
-  """Tucker projection of N-d leaves: ``C = G ×_1 U_1ᵀ … ×_N U_Nᵀ`` (paper 002).
+  """Tucker projection of N-d leaves: ``C = G ×_1 U_1ᵀ … ×_N U_Nᵀ``.
 
   Each ``U_i`` holds the top ``ranks[i]`` left singular vectors of the mode-``i``
-  unfolding of the gradient at a refresh (HOSVD); stored,
-  ``Σ_i n_i r_i`` floats per leaf.
+  unfolding of the gradient at a refresh (HOSVD: De Lathauwer, De Moor and
+  Vandewalle 2000); stored, ``Σ_i n_i r_i`` floats per leaf.  ``ranks``: one
+  int per mode, or one int for every mode; each is clamped to the rank of its
+  unfolding, ``min(n_i, size / n_i)``.  The gradient projection of Natural
+  GaLore (Das 2024, arXiv:2410.16029, §2.1.1) after Tucker (1966).
   """
   if isinstance(ranks, int) and not isinstance(ranks, bool):
     return Tucker(ranks)
@@ -759,7 +774,10 @@ def tucker(ranks: Sequence[int] | int) -> Projection:
 
 
 def dense(rank: int, kind: str = "gaussian") -> Projection:
-  """A general linear map ``S ∈ R^{k×mn}`` on ``vec(W)`` (paper 000, Theorem 1).
+  """A general linear map ``S ∈ R^{k×mn}`` on ``vec(W)``.
+
+  The general case of the duality (Torroba-Hennigen, Lang, Guo and Kim 2025,
+  arXiv:2502.13811, Theorem 1).
 
   ``k = rank`` outputs; the factor has ``mn·k`` entries, so use it for small
   leaves.  ``kind`` as for one-sided random sketches.

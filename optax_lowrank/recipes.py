@@ -242,12 +242,13 @@ def flora(
     reshape: Any = None,
     mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """Adam in a random subspace re-drawn every ``refresh_every`` steps (Flora, Hao et al. 2024).
+  """Flora: Adam in a random subspace re-drawn every ``refresh_every`` steps.
 
-  The sketch (``kind``: ``"gaussian"`` or ``"rademacher"``) is rebuilt from a
-  PRNG key on every step and never stored: the state is Adam's moments on the
-  coefficients and one key.  At a refresh the moments are transported into the
-  new sketch (``on_refresh="transport"``), as Flora does with its momentum.
+  Hao, Cao and Mou 2024, arXiv:2402.03293.  The sketch (``kind``:
+  ``"gaussian"`` or ``"rademacher"``) is rebuilt from a PRNG key on every step
+  and never stored: the state is Adam's moments on the coefficients and one
+  key.  At a refresh the moments are transported into the new sketch
+  (``on_refresh="transport"``), as Flora does with its momentum.
   """
   rank = _static_int("rank", rank, "flora")
   if kind not in ("gaussian", "rademacher"):
@@ -375,7 +376,10 @@ def apollo(
     reshape: Any = None,
     mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """APOLLO (Zhu et al. 2025, "APOLLO: SGD-like Memory, AdamW-level Performance", arXiv 2412.05270).
+  """APOLLO: the full gradient, scaled channel-wise by what Adam does in a random sketch.
+
+  Zhu et al. 2025, "APOLLO: SGD-like Memory, AdamW-level Performance",
+  arXiv:2412.05270.
 
   Adam runs on the coefficients ``R = P G`` of a random sketch ``P ∈ R^{r×m}``
   (``kind``: ``"gaussian"``, entries ``N(0, 1/r)``, or ``"rademacher"``),
@@ -443,7 +447,7 @@ def apollo_mini(
     reshape: Any = None,
     mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """APOLLO-Mini (Zhu et al. 2025, arXiv 2412.05270): :func:`apollo` at rank 1, tensor-wise.
+  """APOLLO-Mini (Zhu et al. 2025, arXiv:2412.05270): :func:`apollo` at rank 1, tensor-wise.
 
   One Gaussian row ``p ∈ R^{1×m}`` per matrix, Adam on ``p G`` (``max(m, n)``
   coefficients), one scaling factor ``s = ‖R̃‖/‖R‖`` per matrix, and
@@ -480,8 +484,10 @@ def fira(
     reshape: Any = None,
     mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """Fira (Chen et al. 2024, "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
-  Constraint?", arXiv 2410.01623): GaLore plus the scaled residual.
+  """Fira: GaLore plus the scaled residual.
+
+  Chen et al. 2024, "Fira: Can We Achieve Full-rank Training of LLMs Under
+  Low-rank Constraint?", arXiv:2410.01623.
 
   GaLore's SVD projector ``P`` (refreshed every ``refresh_every`` steps) and
   Adam on ``R = Pᵀ G``, whose step ``ψ(R)`` is applied as in GaLore; the part
