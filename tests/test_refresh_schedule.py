@@ -128,7 +128,7 @@ def test_a_matrix_not_due_keeps_its_statistics_under_reset():
 
 def test_lazy_intervals_double_while_stable_and_halve_when_moving():
   T = 2
-  sched = rs.lazy(max_every=8, grow_above=0.99, shrink_below=0.5)
+  sched = rs.lazy(max_every=8, grow_above=0.99, shrink_below=0.5, smoothing=0.0)
   tx = olr.low_rank(optax.sgd(1e-2), olr.svd(2), refresh_every=T, refresh_schedule=sched)
   params = {"w": jnp.zeros((10, 6), jnp.float64)}
   g = jax.random.normal(jax.random.PRNGKey(0), (10, 6), jnp.float64)
@@ -147,6 +147,91 @@ def test_lazy_intervals_double_while_stable_and_halve_when_moving():
                       state)
   assert int(state.schedule.interval["w"]) == T
   assert float(state.schedule.overlap["w"]) < 0.5
+
+
+def _noisy_planted(key, u, m, n, noise):
+  """A minibatch-like gradient: a fixed rank-``r`` signal in ``span(u)`` plus fresh noise."""
+  k1, k2 = jax.random.split(key)
+  r = u.shape[1]
+  signal = (u * jnp.geomspace(4.0, 2.0, r)) @ jax.random.normal(k1, (r, n), jnp.float64)
+  return signal / np.sqrt(n) + noise * jax.random.normal(k2, (m, n), jnp.float64) / np.sqrt(n)
+
+
+@pytest.mark.parametrize("spec", [olr.svd(4), olr.subspace_iteration(4)], ids=["svd", "tracking"])
+def test_lazy_defaults_grow_on_a_noisy_stable_subspace_and_shrink_when_it_moves(spec):
+  """The default rule on gradients like training's: ``ρ`` well below 1 yet far above chance."""
+  T, m, n = 2, 24, 40
+  tx = olr.low_rank(optax.sgd(1e-2), spec, refresh_every=T, refresh_schedule="lazy")
+  params = {"w": jnp.zeros((m, n), jnp.float64)}
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  u = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(1), (m, 4), jnp.float64))[0]
+  raw = []
+  for t in range(80):
+    _, state = update({"w": _noisy_planted(jax.random.PRNGKey(t), u, m, n, 1.0)}, state)
+    raw.append(float(state.schedule.overlap["w"]))
+  assert int(state.schedule.interval["w"]) == 8 * T  # the default cap
+  assert 0.3 < np.median(raw[T:]) < 0.95  # noisy: the old rule (ρ >= 0.9) would not grow
+  # A new subspace at every step.  Low noise: one warm-started tracking step from the
+  # old basis barely moves under strong isotropic noise (its overlap then stays high
+  # whatever the signal does); a clean jump moves it as far as the SVD's.
+  for t in range(80, 200):
+    u = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(10_000 + t), (m, 4), jnp.float64))[0]
+    _, state = update({"w": _noisy_planted(jax.random.PRNGKey(t), u, m, n, 0.1)}, state)
+  assert int(state.schedule.interval["w"]) == T
+  assert float(state.schedule.score["w"]) < rs.lazy().shrink_below
+
+
+@given(m=st.integers(4, 30), n=st.integers(4, 30), rank=st.integers(1, 3),
+       side=st.sampled_from(["left", "right"]))
+def test_chance_overlap_is_the_overlap_of_random_subspaces(m, n, rank, side):
+  plans = leaves.plan({"w": jax.ShapeDtypeStruct((m, n), jnp.float32)},
+                      olr.svd(rank, side=side), where=True)
+  p = plans["w"]
+  dim = m if side == "left" else n
+  r = min(rank, dim)
+  if r >= dim:
+    assert rs.chance_overlap(p) == 1.0
+    return
+  assert rs.chance_overlap(p) == pytest.approx(r / dim)
+  rng = np.random.default_rng(m * 100 + n)
+  draws = [np.sum((np.linalg.qr(rng.normal(size=(dim, r)))[0].T
+                   @ np.linalg.qr(rng.normal(size=(dim, r)))[0]) ** 2) / r for _ in range(400)]
+  assert np.mean(draws) == pytest.approx(r / dim, abs=4 * np.std(draws) / 20 + 1e-9)
+  kappa = rs.stability(p, jnp.asarray([r / dim, 1.0]))
+  np.testing.assert_allclose(kappa, [0.0, 1.0], atol=1e-6)
+
+
+@given(T=st.sampled_from([1, 2, 4]), cap=st.integers(1, 40),
+       beta=st.sampled_from([0.0, 0.5, 0.8]),
+       rho=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=12),
+       due=st.lists(st.booleans(), min_size=12, max_size=12))
+def test_lazy_score_and_interval_follow_the_rule(T, cap, beta, rho, due):
+  """``advance`` against a NumPy transcription of the rule, for any overlaps."""
+  params = {"stack": jax.ShapeDtypeStruct((2, 12, 8), jnp.float32)}
+  plans = leaves.plan(params, olr.svd(2), None, _reshape)
+  sched = rs.lazy(max_every=cap, smoothing=beta)
+  longest = sched.longest(T)
+  c = rs.chance_overlap(plans["stack"])
+  state = rs.init(sched, plans, T)
+  s_ref, every_ref = np.zeros(2), np.full(2, T)
+  for t, (o, d) in enumerate(zip(rho, due), start=1):
+    d_tree = {"stack": jnp.asarray([d, True])}
+    state = rs.advance(sched, plans, T, state, t, d_tree,
+                       {"stack": jnp.asarray([o, 1.0 - o], jnp.float32)})
+    for j, (oj, dj) in enumerate(zip([o, 1.0 - o], [d, True])):
+      if not dj:
+        continue
+      s_ref[j] = beta * s_ref[j] + (1 - beta) * (oj - c) / (1 - c)
+      if s_ref[j] >= sched.grow_above:
+        every_ref[j] = min(2 * every_ref[j], longest)
+      elif s_ref[j] < sched.shrink_below:
+        every_ref[j] = max(every_ref[j] // 2, T)
+    np.testing.assert_allclose(state.score["stack"], s_ref, rtol=1e-5, atol=1e-5)
+    got = np.asarray(state.interval["stack"])
+    np.testing.assert_array_equal(got, every_ref)
+    assert np.all((T <= got) & (got <= max(longest, T)))
+    assert np.all(np.log2(got / T) % 1 == 0)  # a power-of-two multiple of T
 
 
 @given(T=st.sampled_from([1, 2, 4, 8]), k=st.lists(st.integers(0, 3), min_size=5, max_size=5),
@@ -353,6 +438,7 @@ def test_tracking_costs_a_fraction_of_an_svd():
      "`refresh_schedule` must be one of"),
     (lambda: rs.lazy(grow_above=0.2, shrink_below=0.5), "shrink_below <= grow_above"),
     (lambda: rs.lazy(max_every=0), "`max_every`"),
+    (lambda: rs.lazy(smoothing=1.0), "smoothing"),
     (lambda: olr.subspace_iteration(4, iters=0), "`iters`"),
     (lambda: olr.subspace_iteration(4, init="qr"), "`init`"),
 ])
