@@ -516,6 +516,10 @@ def scale_by_adamem(
       ``init``, for a ``where``/``reshape`` that does not fit a leaf (naming
       the leaf path and shape).
     TypeError: an argument of the wrong type (e.g. a non-integer ``rank``).
+
+  (Long because ``init`` and ``update`` are closures over the checked
+  hyper-parameters, as in optax's own transformations; one matrix's step is a
+  function of its own.)
   """
   spec = proj.svd(rank, side)
   # Python values are checked here; arrays (``optax.inject_hyperparams`` turns

@@ -492,6 +492,10 @@ def make_diloco(
       (before tracing) a leaf with ``rank × K`` above its projected dimension;
       at ``round`` (before tracing) batches whose leading axes are not
       ``(local_steps, multiple of K)``.
+
+  (Long because the jitted, shard-mapped ``init`` and ``round`` close over the
+  mesh and the worker transformation; one round's computation is
+  :func:`diloco_round`.)
   """
   num_workers = _num_workers(mesh, axis_name, scheme, local_steps)
   outer = default_outer() if outer is None else outer

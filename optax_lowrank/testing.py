@@ -105,6 +105,9 @@ def run_dual(
 
   Returns:
     A :class:`DualResult`.
+
+  (Long because it runs both paths side by side, step for step, in one place,
+  so that what is compared is visible at once.)
   """
   views = (decay_view, decay_view) if isinstance(decay_view, str) else tuple(decay_view)
   if len(views) != 2 or any(v not in _VIEWS for v in views):

@@ -355,6 +355,10 @@ def woodbury_precondition(
   Raises:
     ValueError: ``history`` not an int ``≥ 1``; ``damping`` not a finite
       number ``> 0``.
+
+  (Long because ``init`` and ``update`` are closures over ``history``,
+  ``damping`` and ``batch_ndim``, as in optax's own transformations; the solve
+  is :func:`woodbury_solve`.)
   """
   s = _check_history(history)
   _check_damping(damping)
