@@ -1,10 +1,11 @@
 """The dual path: train only ``Λ`` in the linear adapter ``Θ = Θ0 + SᵀΛ``.
 
-Paper 000 (Theorem 1): for a linear map ``S`` on a leaf, training the
-full-size weight with gradient map ``g ↦ Sᵀ inner(S g)`` and training only the
-coefficients ``Λ`` of ``Θ0 + SᵀΛ`` with ``inner`` give the same weights at
-every step, because ``∂L/∂Λ = S ∂L/∂Θ`` (chain rule).  Kronecker maps give
-``W0 + Lᵀ Λ Rᵀ`` (Prop. 2, MoRA / LoRA-XS), one-sided maps give one-sided LoRA
+Torroba-Hennigen, Lang, Guo and Kim 2025 (arXiv:2502.13811, Theorem 1): for
+a linear map ``S`` on a leaf, training the full-size weight with gradient map
+``g ↦ Sᵀ inner(S g)`` and training only the coefficients ``Λ`` of
+``Θ0 + SᵀΛ`` with ``inner`` give the same weights at every step, because
+``∂L/∂Λ = S ∂L/∂Θ`` (chain rule).  Kronecker maps give ``W0 + Lᵀ Λ Rᵀ``
+(Prop. 2, MoRA / LoRA-XS), one-sided maps give one-sided LoRA
 ``W0 + Pᵀ Λ`` / ``W0 + Λ Qᵀ`` with the other factor frozen (Cor. 3/4: GaLore ==
 one-sided LoRA), and a refresh of the basis is ``merge``: fold ``SᵀΛ`` into
 ``W0``, take a new ``S``, restart from ``Λ = 0`` (ReLoRA with a frozen side).
@@ -21,7 +22,8 @@ Use :func:`optimizer` to build the adapter-path twin of a ``low_rank`` chain
 and :mod:`optax_lowrank.testing` to check the equivalence on your own model.
 
 Memory: ``Λ`` and its optimizer state are coefficient-sized; the frozen base
-``Θ0`` is full-size (and can be quantized, see ``olr.quantization``); no
+``Θ0`` is full-size (and can be quantized, see ``olr.quantization`` and
+``olr.quantized_merge``); no
 full-size gradient of a projected leaf is needed if the forward pass is
 written through the factors (``olr.nnx.LowRankLinear``).
 """
@@ -426,8 +428,9 @@ def quantize_base(
   """Store the frozen base of every projected leaf block-wise quantized.
 
   ``"int8"`` (absmax per block: error ≤ absmax/254 per element, almost free in
-  paper 000's Table 2) or ``"nf4"`` (16 NormalFloat levels, 4 bits per element:
-  error ≤ 0.152·absmax, a visible penalty there).  ``materialize`` and
+  Table 2 of Torroba-Hennigen et al. 2025, arXiv:2502.13811) or ``"nf4"`` (16
+  NormalFloat levels, 4 bits per element: error ≤ 0.152·absmax, a visible
+  penalty there).  ``materialize`` and
   ``olr.nnx.LowRankLinear`` dequantize on the fly; ``merge`` writes the
   merged base back by ``rule`` (a :class:`~optax_lowrank.quantized_merge.MergeRule`:
   how small updates survive the rounding; ``None`` stores plain
@@ -457,7 +460,7 @@ def decay_base(adapter: Adapter, lam: Any, rate: float | jax.Array) -> Adapter:
   effective weight ``Θ = Θ0 + SᵀΛ``; on the adapter path it can only act on the
   frozen base.  Apply it with the *pre-update* ``Λ`` of the step, then apply
   the ``Λ`` update: the weights then match the gradient path exactly
-  (paper 000, App. B).
+  (Torroba-Hennigen et al. 2025, arXiv:2502.13811, App. B).
   """
   if _has_quantized(adapter.base):
     raise ValueError("decay_base needs an unquantized base (it rewrites Θ0 every step)")
