@@ -240,7 +240,10 @@ def init(schedule: Schedule, plans: Any, refresh_every: int) -> ScheduleState | 
       plans)
   overlap = map_plans(
       lambda p: jnp.zeros(p.batch_shape, jnp.float32) if p.projected else None, plans)
-  score = overlap if schedule.kind == "lazy" else None
+  # A buffer of its own (not ``overlap``'s): a donated state must not hold one array twice.
+  score = map_plans(
+      lambda p: jnp.zeros(p.batch_shape, jnp.float32) if p.projected else None, plans
+  ) if schedule.kind == "lazy" else None
   return ScheduleState(jnp.zeros([], jnp.int32), interval, overlap, score)
 
 
