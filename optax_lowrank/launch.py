@@ -237,17 +237,7 @@ def launch_local(
       others are stopped at once), or ``timeout`` passed.  Every process and
       the process groups they lead are gone when it is raised.
   """
-  command = [os.fspath(c) for c in command]
-  if not command:
-    raise ValueError("`command` is empty: give the program and its arguments as a list")
-  for name, value in (("num_processes", num_processes),
-                      ("devices_per_process", devices_per_process)):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
-  if not timeout > 0:
-    raise ValueError(f"`timeout` must be > 0 seconds, got {timeout!r}")
-  if not grace >= 0:
-    raise ValueError(f"`grace` must be >= 0 seconds, got {grace!r}")
+  command = _checked_launch(command, num_processes, devices_per_process, timeout, grace)
 
   address = f"{LOOPBACK}:{free_port()}"
   base = {**os.environ, **(env or {})}
@@ -292,18 +282,40 @@ def launch_local(
         if f is not None:
           f.close()
   if failure is not None:
-    lines = [f"launch_local({command[:3]}{' …' if len(command) > 3 else ''}): {failure}."]
-    for r in results:
-      lines.append(f"  process {r.process_id}: {_describe(r.returncode)}")
-    first = next((r for r in results if r.returncode not in (0, None)), None)
-    if first is not None and first.stderr:
-      lines.append(f"end of process {first.process_id}'s stderr:\n{first.stderr[-_TAIL:]}")
-    elif capture:
-      for r in results:
-        if r.stderr:
-          lines.append(f"end of process {r.process_id}'s stderr:\n{r.stderr[-_TAIL:]}")
-    raise LaunchError("\n".join(lines), results)
+    raise _launch_error(command, failure, results, capture)
   return results
+
+
+def _checked_launch(command, num_processes, devices_per_process, timeout, grace) -> list[str]:
+  """:func:`launch_local`'s arguments checked (before anything starts); the command as strings."""
+  command = [os.fspath(c) for c in command]
+  if not command:
+    raise ValueError("`command` is empty: give the program and its arguments as a list")
+  for name, value in (("num_processes", num_processes),
+                      ("devices_per_process", devices_per_process)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
+  if not timeout > 0:
+    raise ValueError(f"`timeout` must be > 0 seconds, got {timeout!r}")
+  if not grace >= 0:
+    raise ValueError(f"`grace` must be >= 0 seconds, got {grace!r}")
+  return command
+
+
+def _launch_error(command: list[str], failure: str, results: list[ProcessResult],
+                  capture: bool) -> LaunchError:
+  """The error of a failed launch: every process's exit, then the failing one's stderr."""
+  lines = [f"launch_local({command[:3]}{' …' if len(command) > 3 else ''}): {failure}."]
+  for r in results:
+    lines.append(f"  process {r.process_id}: {_describe(r.returncode)}")
+  first = next((r for r in results if r.returncode not in (0, None)), None)
+  if first is not None and first.stderr:
+    lines.append(f"end of process {first.process_id}'s stderr:\n{first.stderr[-_TAIL:]}")
+  elif capture:
+    for r in results:
+      if r.stderr:
+        lines.append(f"end of process {r.process_id}'s stderr:\n{r.stderr[-_TAIL:]}")
+  return LaunchError("\n".join(lines), results)
 
 
 def _gloo_host() -> str:
