@@ -1,21 +1,15 @@
 """The level tables of the block quantization formats, and positions in them.
 
 A format codes ``y = x / s_b`` (``s_b`` the scale of the block of ``x``) as the
-index of a level ``ell(c)`` in a sorted table in ``[-1, 1]``:
-
-``"int8"``
-  ``ell(c) = c / 127`` for ``c = -127..127`` (255 levels; the scale is
-  ``a_b / 127`` and ``y`` is in code units).
-``"nf4"``
-  The 16 NormalFloat levels of QLoRA (Dettmers et al. 2023): quantiles of
-  ``N(0, 1)`` rescaled to ``[-1, 1]`` with an exact zero, :data:`NF4_LEVELS`.
-``"dynamic8"``
-  The signed 8-bit dynamic tree code (Dettmers 2016; Dettmers et al. 2022):
-  ``0`` and ``±10^{-e} (0.1 + 0.9 j / 2^{6-e})`` for ``e = 0..6``,
-  ``j = 1..2^{6-e}`` (255 levels, smallest non-zero magnitude ``1e-6``).
-``"dynamic8_unsigned"``
-  The same for non-negative data with the sign bit as an extra fraction bit:
-  ``0`` and ``10^{-e} (0.1 + 0.9 j / 2^{7-e})``, ``e = 0..7`` (256 levels).
+index of a level in a sorted table in ``[-1, 1]``: ``c / 127`` for ``"int8"``,
+the 16 NormalFloat levels for ``"nf4"`` (:data:`NF4_LEVELS`, quantiles of
+``N(0, 1)`` with an exact zero; Dettmers, Pagnoni, Holtzman and Zettlemoyer
+2023, arXiv:2305.14314), and the dynamic tree codes, a decimal exponent and a
+linear fraction per code, for ``"dynamic8"`` and ``"dynamic8_unsigned"``
+(:data:`DYNAMIC8_LEVELS`, :data:`DYNAMIC8_UNSIGNED_LEVELS`; Dettmers 2016,
+arXiv:1511.04561, and Dettmers, Lewis, Shleifer and Zettlemoyer 2022,
+arXiv:2110.02861).  :mod:`optax_lowrank.quantization` documents each format's
+error bound and storage.
 
 Rounding works in *rank units*: :func:`rank` is the continuous position of
 ``y`` in the table (an integer at each level, linear in between), so rounding
@@ -23,14 +17,6 @@ the rank to the nearest integer rounds ``y`` to the nearest level, and rounding
 it up with probability equal to its fractional part is unbiased in ``y``;
 :func:`level_value` is its inverse.  Both are evaluated element-wise with a few
 comparisons (no table search, no logarithm).
-
-References:
-  Dettmers, "8-Bit Approximations for Parallelism in Deep Learning", ICLR 2016.
-  https://arxiv.org/abs/1511.04561
-  Dettmers, Lewis, Shleifer, Zettlemoyer, "8-bit Optimizers via Block-wise
-  Quantization", ICLR 2022. https://arxiv.org/abs/2110.02861
-  Dettmers, Pagnoni, Holtzman, Zettlemoyer, "QLoRA: Efficient Finetuning of
-  Quantized LLMs", NeurIPS 2023. https://arxiv.org/abs/2305.14314
 """
 
 from __future__ import annotations

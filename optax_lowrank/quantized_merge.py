@@ -6,27 +6,21 @@ the sum back on the format's grid, and round-to-nearest sends every element
 whose update is below half a grid step back to its old code: late in training,
 when the updates are small, the base stops moving.
 
-A :class:`QuantizedBase` is a :class:`QuantizedArray`
-(the codes and scales the forward pass dequantizes) plus ``b`` bits per element
-of rounding residual and a :class:`MergeRule`; :func:`merge_update` adds the
-update to the *kept* weight (codes plus residual) and encodes the sum again, so
-updates below half a level gap accumulate in the residual until a code moves.
-The kept weight is then within ``2^{-b-1}`` of a level gap of the exact sum
-instead of ``1/2``.  Given the basis ``S`` of ``Λ``, a merge also removes from
-the update the part of the residual inside the span of ``Sᵀ`` (the optimizer
-has already answered it).  Formats ``"int8"`` and ``"nf4"``.
+A :class:`QuantizedBase` is a :class:`QuantizedArray` (the codes and scales
+the forward pass dequantizes) plus ``b`` bits per element of rounding residual
+and a :class:`MergeRule`; :func:`merge_update` adds the update to the *kept*
+weight (codes plus residual) and encodes the sum again, so updates below half a
+level gap accumulate in the residual until a code moves (error feedback, as in
+the 1-bit SGD of Seide, Fu, Droppo, Li and Yu 2014, Interspeech).  The kept
+weight is then within ``2^{-b-1}`` of a level gap of the exact sum instead of
+``1/2``.  Given the basis ``S`` of ``Λ``, a merge also removes from the update
+the part of the residual inside the span of ``Sᵀ`` (the optimizer has already
+answered it).  Formats ``"int8"`` and ``"nf4"``.
 
 Memory: :func:`optax_lowrank.quantization.nbytes` of the format plus
 ``ceil(n_blocks * block_size * b / 8)`` bytes of residual (``b = 4`` by
 default: half a byte per weight); :func:`drop_residual` gives the plain
 quantization back once training is over.
-
-References:
-  Seide, Fu, Droppo, Li, Yu, "1-Bit Stochastic Gradient Descent and its
-  Application to Data-Parallel Distributed Training of Speech DNNs",
-  Interspeech 2014 (error feedback).
-  Dettmers, Pagnoni, Holtzman, Zettlemoyer, "QLoRA: Efficient Finetuning of
-  Quantized LLMs", NeurIPS 2023. https://arxiv.org/abs/2305.14314
 """
 
 from __future__ import annotations
