@@ -157,3 +157,33 @@ def test_empty_batch():
   g = jax.grad(lambda x: jnp.sum(quantized.fc1(x)))(x)
   assert g.shape == (0, 300)
 
+
+
+class _Stack(nnx.Module):
+  """Two stacked 6 × 4 layers (kernel (2, 6, 4): 24 elements a layer)."""
+
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=2)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return nnx.Linear(6, 4, use_bias=False, rngs=rngs)
+
+    self.layers = make(rngs)
+
+
+@pytest.mark.parametrize(("block_size", "fits"), [(8, True), (12, True), (16, False)])
+def test_a_stacked_quantized_base_is_sliced_by_layer_or_refused(block_size, fits):
+  model = _Stack(nnx.Rngs(0))
+  adapter = adapters.init(nnx.state(model, nnx.Param), olr.gaussian(2), where=is_kernel,
+                          reshape=((0,), (1,), (2,)))
+  adapter = adapters.quantize_base(adapter, "nf4", block_size)
+  if not fits:
+    with pytest.raises(ValueError, match="24 elements to fill whole blocks of block_size 16"):
+      olr.nnx.to_low_rank(model, adapter)
+    return
+  olr.nnx.to_low_rank(model, adapter)
+  base = model.layers.base.get_value()
+  assert base.shape == (6, 4) and base.codes.shape == (2, 12) and base.scales.shape[0] == 2
+  flat = adapter.base["layers"]["kernel"]
+  w = olr.nnx.dense_weight(model.layers)  # Λ = 0: the dequantized base, layer by layer
+  np.testing.assert_array_equal(w, quantization.dequantize(flat))
