@@ -4,6 +4,7 @@ Usage::
 
     python -m benchmarks.refresh_time                  # 60M block kernels, rank 128, T = 8
     python -m benchmarks.refresh_time --layers 2 --dim 64 --hidden 176 --rank 16   # seconds
+    python -m benchmarks.refresh_time --overlaps       # subspace overlaps in real training
 
 The block kernels of a 60M-shaped scanned Llama (``--layers`` stacked layers:
 ``(L, dim, dim)`` ×4 for attention, ``(L, dim, hidden)`` ×2 and
@@ -23,6 +24,16 @@ today's steps that refresh nothing: the projection and Adam cost the same
 for every candidate), and the amortized refresh FLOPs (``spec.refresh_flops``
 of every matrix due on every measured step, from the schedule itself), both
 relative to today's (``svd``, ``"fixed"``).
+
+``--overlaps`` instead trains the example Llama (``examples.train``'s data
+and step, ``--size small`` scanned: one basis per layer, ``--train-steps``
+steps, ``--train-refresh-every`` T = 50 by default) with a staggered schedule and
+logs, at every refresh of every matrix, the overlap of its old and new
+subspaces ``ρ = ‖U_oldᵀ U_new‖²_F / r``, the chance-corrected ``κ = (ρ − c) /
+(1 − c)`` (``c = r/n``, the overlap of random subspaces) that
+``refresh_schedule.lazy`` smooths, and the cosine of the first columns
+(Q-GaLore's statistic; a singular vector for SVD bases only).  One row per
+kernel, one column per window of ``--window`` steps: what the lazy defaults are set from.
 """
 
 from __future__ import annotations
@@ -69,7 +80,18 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--drift", type=float, default=0.02, help="θ, radians per step")
   parser.add_argument("--only", default="", help="comma-separated 'spec/schedule' candidates")
   parser.add_argument("--threads", type=int, default=1)
+  parser.add_argument("--overlaps", action="store_true",
+                      help="log subspace overlaps in training instead (see the module)")
+  parser.add_argument("--size", default="small", help="--overlaps: examples.llama preset")
+  parser.add_argument("--train-steps", type=int, default=400, help="--overlaps: steps")
+  parser.add_argument("--window", type=int, default=100, help="--overlaps: steps per column")
+  parser.add_argument("--train-refresh-every", type=int, default=50, help="--overlaps: T")
+  parser.add_argument("--methods", default="galore_staggered,galore_tracking",
+                      help="--overlaps: examples.methods names with a staggered schedule")
   args = parser.parse_args(argv)
+  if args.overlaps:
+    overlaps_in_training(args)
+    return
   common.configure_threads(args.threads)
   clock = common.default_clock(args.threads)
 
@@ -158,6 +180,99 @@ def main(argv: list[str] | None = None) -> None:
   if base_ordinary is not None:
     print()
     print(f"today's median step without any refresh: {common.fmt_ms(base_ordinary, 1)} ms")
+  print()
+  common.print_machine()
+
+
+def overlaps_in_training(args: argparse.Namespace) -> list[dict]:
+  """Trains with each of ``args.methods`` and prints the overlaps of every refresh."""
+  common.configure_threads(args.threads)
+  import jax
+
+  from examples import train as train_lib
+
+  T = args.train_refresh_every
+  rows = []
+  for name in [m for m in args.methods.split(",") if m]:
+    job = train_lib._prepare(train_lib.build_parser().parse_args(
+        ["--methods", name, "--steps", str(args.train_steps), "--refresh-every", str(T),
+         "--size", args.size, "--scan-layers", "--no-progress"]))
+    method, settings = job.methods[0], job.settings
+    graphdef, params = train_lib.init_params(job.model_config, settings.seed)
+    tx = method.make_tx(settings.lr_for(method), settings.steps, settings.method_config)
+    state = train_lib.init_state(method, tx, params, settings.method_config)
+    step = jax.jit(train_lib.make_train_step(graphdef, tx, method))
+    batches = train_lib._train_batches(job.corpus, settings, 0)
+    for t in range(args.train_steps):
+      before = _low_rank_state(state)
+      state, _ = step(state, next(batches))
+      after = _low_rank_state(state)
+      if t == 0:
+        continue
+      old = jax.tree_util.tree_leaves_with_path(before.bases, is_leaf=_is_basis)
+      new = jax.tree.leaves(after.bases, is_leaf=_is_basis)
+      rho = jax.tree.leaves(after.schedule.overlap)
+      for (path, b_old), b_new, o in zip(old, new, rho):
+        f_old = np.asarray(next(f for f in b_old.factors if f is not None))
+        f_new = np.asarray(next(f for f in b_new.factors if f is not None))
+        n, r = f_old.shape[-2:]
+        for layer in range(f_old.shape[0]):
+          if np.array_equal(f_old[layer], f_new[layer]):
+            continue  # not due
+          c = r / n
+          rho_l = float(np.asarray(o)[layer])
+          rows.append(dict(method=name, step=t, kernel=_kernel_name(path), layer=layer,
+                           rho=rho_l, kappa=(rho_l - c) / (1 - c), chance=c, cos1=float(
+                               abs(f_old[layer][:, 0] @ f_new[layer][:, 0]))))
+  _print_overlaps(rows, args.window, T, args)
+  return rows
+
+
+def _low_rank_state(train_state):
+  from optax_lowrank.low_rank import LowRankState
+
+  is_state = lambda x: isinstance(x, LowRankState)
+  import jax
+
+  return next(x for x in jax.tree.leaves(train_state.opt_state, is_leaf=is_state) if is_state(x))
+
+
+def _is_basis(x) -> bool:
+  return hasattr(x, "factors")
+
+
+def _kernel_name(path) -> str:
+  keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+  keys = [k for k in keys if k not in ("kernel", "layers", "value")]
+  return "/".join(keys[-2:])
+
+
+def _print_overlaps(rows: list[dict], window: int, T: int, args: argparse.Namespace) -> None:
+  print()
+  print(f"## subspace overlap at each refresh, examples.train --size {args.size} --scan-layers, "
+        f"T = {T}, {args.train_steps} steps (means over the layers and refreshes of a window)")
+  for name in dict.fromkeys(r["method"] for r in rows):
+    mine = [r for r in rows if r["method"] == name]
+    windows = sorted({r["step"] // window for r in mine})
+    kernels = list(dict.fromkeys(r["kernel"] for r in mine))
+    header = ["kernel", "c = r/n"] + [
+        f"ρ {w * window}-{(w + 1) * window}" for w in windows] + [
+        f"κ {windows[-1] * window}-", f"cos₁ {windows[-1] * window}-"]
+    table = []
+    for k in kernels:
+      ks = [r for r in mine if r["kernel"] == k]
+      last = [r for r in ks if r["step"] // window == windows[-1]]
+      table.append([k, f"{ks[0]['chance']:.3f}"] + [
+          f"{np.mean([r['rho'] for r in ks if r['step'] // window == w]):.2f}"
+          if any(r["step"] // window == w for r in ks) else "" for w in windows] + [
+          f"{np.mean([r['kappa'] for r in last]):.2f}",
+          f"{np.mean([r['cos1'] for r in last]):.2f}"])
+    print()
+    print(f"### {name}: {len(mine)} refreshes; ρ quantiles (0, .1, .5, .9, 1): "
+          + ", ".join(f"{q:.3f}" for q in np.quantile([r["rho"] for r in mine],
+                                                      [0, .1, .5, .9, 1])))
+    print()
+    print(common.markdown_table(header, table))
   print()
   common.print_machine()
 
