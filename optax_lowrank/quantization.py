@@ -265,13 +265,10 @@ def quantize(
   increments, e.g. an exponential moving average with decay close to 1, where
   nearest rounding would discard every increment smaller than half a gap.
 
-  The rounding noise of element ``i`` is ``u_i = H(H(i + c) xor seed) / 2^32``
-  with ``H`` the MurmurHash3 32-bit finalizer (an invertible integer mix with
-  full avalanche): a counter-based generator that costs a few integer ops per
-  element, fuses with the rounding (nothing is materialized) and compiles to a
-  handful of instructions, where :mod:`jax.random` bits cost tens of times more on
-  CPU.
-  Use a different seed at every call (e.g. ``mix_seed(run_seed, step, leaf)``).
+  The rounding noise is :func:`optax_lowrank.hashing.uniform`: a counter-based
+  integer hash that costs a few integer ops per element and fuses with the
+  rounding (nothing is materialized), where :mod:`jax.random` bits cost tens of
+  times more on CPU.  Use a different seed at every call (e.g. ``mix_seed(run_seed, step, leaf)``).
 
   Args:
     x: array of any shape and floating dtype. It is flattened (row-major) and the
