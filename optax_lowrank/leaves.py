@@ -164,7 +164,6 @@ class LeafPlan:
     return Basis(factors, self.shape, self.view_shape, self.perm, self.batch_shape)
 
 
-
 def _resolve_where(where, params, paths_and_leaves):
   """Per-leaf booleans (None means 'use the default rule')."""
   n = len(paths_and_leaves)
@@ -194,7 +193,6 @@ _MORE_AXES_HINT = (
     "(batch_axes, row_axes, col_axes) or optax.contrib.MuonDimensionNumbers for a stack of "
     "matrices (the layers of a scanned model: `reshape=olr.stacked(layer_axis=0)`)"
 )
-
 
 
 def plan(
