@@ -46,7 +46,11 @@ METHODS = ("adamw-bf16", "adamw-8bit", "galore", "galore-8bit", "adapter", "adap
 # Full-rank updates from low-rank statistics (issue 25), planned when asked for
 # (--methods apollo apollo-mini fira); APOLLO-Mini is rank 1 by definition.
 FULL_RANK = ("apollo", "apollo-mini", "fira")
-RANKED = frozenset(METHODS[2:]) | {"apollo", "fira"}
+# The adapter path with bases made from the gradient (olr.svd), planned when
+# asked for (--methods adapter-svd adapter-nf4-8bit-svd): their refresh needs
+# the full weight gradient, which the adapter's step never forms.
+SVD_ADAPTERS = ("adapter-svd", "adapter-nf4-8bit-svd")
+RANKED = frozenset(METHODS[2:]) | {"apollo", "fira"} | set(SVD_ADAPTERS)
 LR = 1e-3
 SCALE = 0.25
 BLOCK_SIZE = 256
@@ -78,19 +82,22 @@ def batch_shape(config: LlamaConfig, tokens: int) -> tuple[int, int]:
 
 def adapter_setup(config: LlamaConfig, rank: int, base_format: str | None = None,
                   rule: Any = quantized_merge.DEFAULT_MERGE_RULE, abstract: bool = True,
-                  seed: int = 0) -> tuple[nnx.Module, Any]:
+                  seed: int = 0, svd: bool = False) -> tuple[nnx.Module, Any]:
   """The Llama with its block kernels as ``LowRankLinear`` (Gaussian bases), and its adapter.
 
   ``base_format``: ``None`` (BF16 base) or ``"int8"``/``"nf4"``, quantized by
   ``olr.adapters.quantize_base`` with the merge ``rule`` (the default rule
   keeps a 4-bit residual per element for the merges; ``None``: plain codes).
   A stacked kernel's quantization is its layers' (whole blocks per layer).
+  ``svd``: bases by ``olr.svd(rank)`` (stored), the first made from a gradient
+  shaped like the weights.
   """
   def build():
     model = Llama(config, rngs=nnx.Rngs(seed))
     params = nnx.state(model, nnx.Param)
-    adapter = olr.adapters.init(params, olr.gaussian(rank), seed=seed, where=is_block_kernel,
-                                reshape=STACKED_RULE)
+    projection = olr.svd(rank) if svd else olr.gaussian(rank)
+    adapter = olr.adapters.init(params, projection, seed=seed, where=is_block_kernel,
+                                grads=params if svd else None, reshape=STACKED_RULE)
     if base_format is not None:
       adapter = olr.adapters.quantize_base(adapter, base_format, BLOCK_SIZE, rule=rule)
     olr.nnx.to_low_rank(model, adapter)
@@ -141,10 +148,12 @@ def method_parts(method: str, config: LlamaConfig, rank: int | None, abstract: b
       tx = olr.low_rank(olr.adam_8bit(LR), olr.svd(rank), scale=SCALE, where=is_block_kernel,
                         reshape=STACKED_RULE, refresh_every=REFRESH_EVERY)
   else:
-    fmt = {"adapter": None, "adapter-int8": "int8", "adapter-nf4-8bit": "nf4"}[method]
+    svd = method in SVD_ADAPTERS
+    fmt = {"adapter": None, "adapter-int8": "int8", "adapter-nf4-8bit": "nf4"}[
+        method.removesuffix("-svd")]
     if model is None:
-      model, adapter = adapter_setup(config, rank, fmt, abstract=abstract)
-    inner = olr.adam_8bit(LR) if method.endswith("8bit") else optax.adam(LR)
+      model, adapter = adapter_setup(config, rank, fmt, abstract=abstract, svd=svd)
+    inner = olr.adam_8bit(LR) if "8bit" in method else optax.adam(LR)
     tx = olr.nnx.optimizer(inner, SCALE)
   graphdef, trainable, frozen = nnx.split(model, nnx.Param, ...)
 
@@ -152,6 +161,8 @@ def method_parts(method: str, config: LlamaConfig, rank: int | None, abstract: b
     # fresh Variables at the caller's trace level (nnx.scan checks every one)
     frozen = jax.tree.map(lambda x: x, frozen)
     return loss_fn(nnx.merge(graphdef, trainable, frozen), batch)
+
+  loss.graphdef = graphdef  # for plan_adapter_refresh
 
   return loss, tx, trainable, frozen, adapter
 
@@ -161,8 +172,10 @@ def step_kinds(method: str) -> tuple[str, ...]:
   refresh (the ``lax.cond`` branch: SVD of every projected gradient); the
   adapter path a merge (``W0 ← W0 + SᵀΛ``, re-quantized by the merge rule;
   with Gaussian bases this merge is the whole refresh: the next basis comes
-  from the key, no gradient is needed)."""
-  if method.startswith("galore") or method in FULL_RANK:
+  from the key, no gradient is needed); the adapter path with SVD bases a
+  refresh instead (:func:`plan_adapter_refresh`: the full weight gradient,
+  then the merge with the next bases made from it)."""
+  if method.startswith("galore") or method in FULL_RANK or method in SVD_ADAPTERS:
     return ("ordinary", "refresh")
   if method.startswith("adapter"):
     return ("ordinary", "merge")
@@ -176,6 +189,57 @@ def plan_merge(adapter: Any, donate: bool = True) -> olr.memory.CompiledPlan:
   return olr.memory.plan_compiled(
       jax.jit(merge, donate_argnums=(0, 1) if donate else ()).lower(adapter, lam),
       accelerator=None)
+
+
+def plan_adapter_refresh(loss: Callable[..., jax.Array], adapter: Any, trainable: Any,
+                         frozen: Any, batch: Any, donate: bool = True
+                         ) -> olr.memory.CompiledPlan:
+  """The compiled refresh of the adapter path with bases made from the gradient.
+
+  What a training loop runs every ``refresh_every`` steps::
+
+      grads = olr.nnx.full_weight_grad(loss_fn, model, batch)   # W0 + SᵀΛ, a backward pass
+      adapter = olr.nnx.refresh_adapter(model, adapter, grads)  # merge, SVD of every grads leaf
+
+  ``full_weight_grad`` differentiates :func:`olr.nnx.to_dense` of the model:
+  it forms every block kernel's float weight and its full ``m×n`` gradient,
+  which the adapter's ordinary step never does.  Arguments, donated: the
+  model's state (``trainable``: Λ and the unprojected weights; ``frozen``: the
+  base and the factors) and the adapter's own leaves that the model does not
+  hold (key, refresh index, the unprojected leaves' base); the adapter's
+  stored bases *are* the model's factors (``to_low_rank`` stores the basis
+  arrays themselves), so they are read from the model, not held twice.
+  """
+  graphdef, plans = loss.graphdef, adapter.plans
+  mark = jax.ShapeDtypeStruct((), jnp.uint8)  # a projected leaf's base: the model holds it
+  rest = (olr.leaves.map_plans(lambda p, w: mark if p.projected else w, plans, adapter.base),
+          adapter.key, adapter.refresh_index)
+  stored = adapter.stored_bases  # structure only: the arrays come from the model
+
+  def refresh(trainable, frozen, rest, batch):
+    base, key, index = rest
+    model = nnx.merge(graphdef, trainable, jax.tree.map(lambda x: x, frozen))
+    layers = {m.path: m for _, m in nnx.iter_modules(model)
+              if isinstance(m, olr.nnx.LowRankLinear)}
+
+    def from_layer(p, b):
+      if b is None or p.path not in layers:
+        return b
+      factors = [f.get_value() for f in (layers[p.path].left, layers[p.path].right)
+                 if f is not None]
+      return jax.tree.unflatten(jax.tree.structure(b), factors)
+
+    current = olr.adapters.Adapter(base, olr.leaves.map_plans(from_layer, plans, stored), key,
+                                   index, plans)
+    grads = olr.nnx.full_weight_grad(loss_fn, model, batch)
+    new = olr.nnx.refresh_adapter(model, current, grads)
+    _, trainable, frozen = nnx.split(model, nnx.Param, ...)
+    base = olr.leaves.map_plans(lambda p, w: jnp.zeros((), jnp.uint8) if p.projected else w,
+                                plans, new.base)
+    return trainable, frozen, (base, new.key, new.refresh_index)
+
+  return olr.memory.plan_function(refresh, trainable, frozen, rest, batch,
+                                  donate_argnums=(0, 1, 2) if donate else ())
 
 
 def row_name(method: str, rank: int | None) -> str:
@@ -193,17 +257,18 @@ def _figures(p: olr.memory.CompiledPlan) -> dict:
 
 def plan_row(size: str, tokens: int, method: str, rank: int | None, donated: bool,
              config: LlamaConfig | None = None, accelerator: bool | None = None,
-             kinds: tuple[str, ...] | None = None) -> dict:
+             kinds: tuple[str, ...] | None = None, parts: tuple | None = None) -> dict:
   """One JSON-ready row: every step kind of one (method, rank, donation).
 
   The row keeps the ordinary step's figures at the top level (``peak_bytes``,
   ``argument_bytes``...), one sub-dict per kind planned (``row[kind]``), the
   kinds (``step_kinds``) and ``accelerator_peak_bytes``: the maximum of the
-  kinds' accelerator figures.
+  kinds' accelerator figures.  ``parts``: :func:`method_parts`'s tuple, when
+  already built (the rows of one method and rank share it).
   """
   config = config or config_for(size)
   batch = jax.ShapeDtypeStruct(batch_shape(config, tokens), jnp.int32)
-  loss, tx, trainable, frozen, adapter = method_parts(method, config, rank)
+  loss, tx, trainable, frozen, adapter = parts or method_parts(method, config, rank)
   kinds = tuple(k for k in (kinds or step_kinds(method)) if k in step_kinds(method))
   row = {"method": row_name(method, rank), "rank": rank, "size": size, "tokens": tokens,
          "donated": donated, "step_kinds": list(kinds)}
@@ -211,6 +276,10 @@ def plan_row(size: str, tokens: int, method: str, rank: int | None, donated: boo
   for kind in kinds:
     if kind == "merge":
       row[kind] = _figures(plan_merge(adapter, donated))
+      continue
+    if kind == "refresh" and method in SVD_ADAPTERS:
+      row[kind] = _figures(plan_adapter_refresh(loss, adapter, trainable, frozen, batch,
+                                                donated))
       continue
     # ordinary: step 1 (no refresh); refresh: step REFRESH_EVERY (the cond taken)
     p = olr.memory.plan_train_step(loss, tx, trainable, batch, frozen, donate=donated,
@@ -229,9 +298,27 @@ def plan_row(size: str, tokens: int, method: str, rank: int | None, donated: boo
   return row
 
 
-def _row_job(args: tuple) -> dict:
-  size, tokens, method, rank, donated, accelerator, kinds, config = args
-  return plan_row(size, tokens, method, rank, donated, config, accelerator, kinds)
+def _process_seconds() -> float:
+  """CPU time of this process and of its finished children (XLA's compile children)."""
+  import resource
+
+  own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+  return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _rows_job(args: tuple) -> list[dict]:
+  """The rows of one (method, rank): its model, optimizer and adapter built once."""
+  size, tokens, method, rank, accelerator, config, plans = args
+  t0, c0 = time.perf_counter(), _process_seconds()
+  parts = method_parts(method, config, rank)
+  rows = []
+  for donated, kinds in plans:
+    rows.append(plan_row(size, tokens, method, rank, donated, config, accelerator, kinds, parts))
+    # the shared set-up is counted in the first row's time
+    t1, c1 = time.perf_counter(), _process_seconds()
+    rows[-1].update(plan_wall_s=round(t1 - t0, 2), plan_cpu_s=round(c1 - c0, 2))
+    t0, c0 = t1, c1
+  return rows
 
 
 def plan_rows(size: str, tokens: int = 256, methods: tuple[str, ...] = METHODS,
@@ -244,38 +331,50 @@ def plan_rows(size: str, tokens: int = 256, methods: tuple[str, ...] = METHODS,
 
   ``undonated_kinds``: the kinds also planned without donation (a merge or a
   refresh without donation holds two copies of what it rewrites; nobody runs
-  one that way).  ``workers > 1`` plans rows in that many processes.
+  one that way).  ``workers > 1`` plans in that many processes, one job per
+  (method, rank) (its rows share the model and optimizer), the jobs with the
+  most compilations first.  Each row carries ``plan_wall_s`` and
+  ``plan_cpu_s`` (its worker's CPU time, XLA's compile children included).
   """
   config = config or config_for(size)
   ranks = ranks or tuple(dict.fromkeys((PAPER_RANKS.get(size, 128), 128)))
   jobs = []
   for method in methods:
     for rank in (ranks if method in RANKED else (None,)):
+      plans = []
       for donated in donation:
         planned = tuple(k for k in step_kinds(method) if k in kinds
                         and (donated or k in undonated_kinds))
         if planned:
-          jobs.append((size, tokens, method, rank, donated, accelerator, planned, config))
-  if workers > 1:
+          plans.append((donated, planned))
+      if plans:
+        jobs.append((size, tokens, method, rank, accelerator, config, tuple(plans)))
+
+  def report(rows):
+    if log:
+      for row in rows:
+        log(f"  {row['method']} ({'donated' if row['donated'] else 'not donated'}): "
+            f"{', '.join(row['step_kinds'])}: {row['plan_wall_s']:.1f} s wall, "
+            f"{row['plan_cpu_s']:.1f} s CPU")
+
+  if workers > 1 and len(jobs) > 1:
     import concurrent.futures
     import multiprocessing
 
+    cost = lambda job: sum(len(k) for _, k in job[-1])
+    order = sorted(range(len(jobs)), key=lambda i: -cost(jobs[i]))
     ctx = multiprocessing.get_context("spawn")
+    done: dict[int, list[dict]] = {}
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-      rows = []
-      for job, row in zip(jobs, pool.map(_row_job, jobs)):
-        rows.append(row)
-        if log:
-          log(f"  {row['method']} ({'donated' if job[4] else 'not donated'}): "
-              f"{', '.join(row['step_kinds'])}")
-      return rows
+      futures = {pool.submit(_rows_job, jobs[i]): i for i in order}
+      for future in concurrent.futures.as_completed(futures):
+        done[futures[future]] = future.result()
+        report(done[futures[future]])
+    return [row for i in range(len(jobs)) for row in done[i]]
   rows = []
   for job in jobs:
-    t0 = time.perf_counter()
-    rows.append(_row_job(job))
-    if log:
-      log(f"  {rows[-1]['method']} ({'donated' if job[4] else 'not donated'}): "
-          f"{time.perf_counter() - t0:.1f} s")
+    rows += _rows_job(job)
+    report(rows[-len(job[-1]):])
   return rows
 
 
@@ -300,20 +399,12 @@ def format_rows(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def _cpu_seconds() -> float:
-  """CPU time of this process and of its finished children (the workers)."""
-  import resource
-
-  own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-  return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--size", default="7b", choices=SIZES)
   parser.add_argument("--tokens", type=int, default=256, help="token batch (sequences × 256)")
   parser.add_argument("--methods", nargs="+", default=list(METHODS),
-                      choices=(*METHODS, *FULL_RANK))
+                      choices=(*METHODS, *FULL_RANK, *SVD_ADAPTERS))
   parser.add_argument("--ranks", type=int, nargs="+", default=None,
                       help="default: the GaLore paper's rank for the size, and 128")
   parser.add_argument("--donation", choices=("both", "yes", "no"), default="both")
@@ -329,7 +420,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   donation = {"both": (True, False), "yes": (True,), "no": (False,)}[args.donation]
   config = config_for(args.size)
-  start, cpu_start = time.perf_counter(), _cpu_seconds()
+  start, cpu_start = time.perf_counter(), _process_seconds()
   print(f"LLaMA {args.size} (dim {config.dim}, {config.n_layers} layers, vocab "
         f"{config.vocab_size}), token batch {args.tokens}, bf16, remat; jax {jax.__version__}, "
         f"backend {jax.default_backend()}, {args.workers} worker(s)")
@@ -352,7 +443,7 @@ def main(argv=None) -> None:
           "columns are the accelerator figure (olr.memory.cpu_only_buffers: the buffer "
           "assignment without the CPU's bf16 upcasts, plus LAPACK's SVD workspace).")
   print(f"\nplanned in {time.perf_counter() - start:.0f} s of wall time, "
-        f"{_cpu_seconds() - cpu_start:.0f} s of CPU time (this process and its workers)")
+        f"{_process_seconds() - cpu_start:.0f} s of CPU time (this process and its workers)")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)

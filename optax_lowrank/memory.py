@@ -57,6 +57,9 @@ __all__ = [
     "plan_compiled",
     "plan_function",
     "plan_train_step",
+    "lower_train_step",
+    "PeakBuffer",
+    "peak_buffers",
     "saved_residual_bytes",
     "CpuOnlyBuffers",
     "cpu_only_buffers",
@@ -239,7 +242,10 @@ def step_memory(fn: Callable[..., Any], *args: Any,
     donate_argnums: arguments whose buffers the step may reuse for its outputs
       (params and optimizer state in a typical train step).
   """
-  return _memory_of(jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile())
+  lowered = jax.jit(fn, donate_argnums=donate_argnums).lower(*args)
+  # nothing runs: on the CPU, skip LLVM's optimizations (same buffer assignment)
+  options = dict(_PLAN_ONLY) if _target_platform() == "cpu" else {}
+  return _memory_of(lowered.compile(compiler_options=options))
 
 
 def format_table(rows: Mapping[str, StateBytes | StepMemory], unit: str = "MiB") -> str:
@@ -312,7 +318,8 @@ class CompiledPlan:
     return self.accelerator.peak + self.lapack_workspace
 
 
-def plan_compiled(lowered: jax.stages.Lowered, accelerator: bool | None = None) -> CompiledPlan:
+def plan_compiled(lowered: jax.stages.Lowered, accelerator: bool | None = None, *,
+                  assignment_only: bool | None = None) -> CompiledPlan:
   """Compile ``lowered`` (``jax.jit(f).lower(...)``) and plan its memory.
 
   Args:
@@ -320,6 +327,14 @@ def plan_compiled(lowered: jax.stages.Lowered, accelerator: bool | None = None) 
     accelerator: also read the buffer assignment and remove what only an
       upcasting backend holds (:func:`cpu_only_buffers`); ``None``: when this
       backend upcasts bf16 products and an argument or result is bf16/f16.
+    assignment_only: on the CPU, compile in a child process that is stopped
+      once XLA has written the buffer assignment (before code generation,
+      about 70 % of an XLA:CPU compile, which a plan never uses); the
+      figures are read from that assignment, byte-identical to the
+      in-process compile's (``tests/test_plan.py``).  Falls back to an
+      in-process compile when no child can run.  ``None``: on the CPU, for
+      a program whose StableHLO text exceeds 256 KiB (a model's step: there
+      the compile costs seconds, the child's start about one).
   """
   on_cpu = _target_platform() == "cpu"
   if accelerator is None:
@@ -330,17 +345,26 @@ def plan_compiled(lowered: jax.stages.Lowered, accelerator: bool | None = None) 
   # assignment is made before code generation; the same bytes, half the time).
   options = dict(_PLAN_ONLY) if on_cpu else {}
   cpu_only = None
-  if accelerator and on_cpu:
+  dumps = None
+  if on_cpu and assignment_only is not False:
+    dumps = _assignment_in_child(lowered, options, None if assignment_only else _LARGE)
+  if dumps is not None:
+    text, assignment, live_ranges = dumps
+    memory = _memory_from_assignment(assignment)
+    if accelerator:
+      cpu_only = cpu_only_buffers(text, assignment, live_ranges)
+  elif accelerator and on_cpu:
     with tempfile.TemporaryDirectory(prefix="olr-plan-") as tmp:
       compiled = lowered.compile(compiler_options={**options, "xla_dump_to": tmp})
       text = compiled.as_text()
       cpu_only = cpu_only_buffers(
           text, _read_dump(tmp, "cpu_after_optimizations-buffer-assignment.txt"),
           _read_dump(tmp, "cpu_after_optimizations-live-range.txt"))
+    memory = _memory_of(compiled)
   else:
     compiled = lowered.compile(compiler_options=options)
     text = compiled.as_text()
-  memory = _memory_of(compiled)
+    memory = _memory_of(compiled)
   accel = memory
   if cpu_only is not None and cpu_only.saved:
     temporaries = memory.temporaries - cpu_only.saved
@@ -348,6 +372,103 @@ def plan_compiled(lowered: jax.stages.Lowered, accelerator: bool | None = None) 
                                 peak=memory.peak - cpu_only.saved)
   return CompiledPlan(memory, accel, cpu_only, lapack_workspace_bytes(text),
                       jax.default_backend())
+
+
+# The child of ``_assignment_in_child``: XLA:CPU compiles the lowered module
+# with the options ``jax.jit`` uses for one device (public ``jax.extend``).
+_CHILD = """
+import json, sys
+import numpy as np
+from jax.extend import backend
+client = backend.get_backend("cpu")
+device = client.local_devices()[0]
+options = backend.get_compile_options(1, 1, device_assignment=np.array([[device]]),
+                                      env_options_overrides=json.loads(sys.argv[2]),
+                                      backend=client)
+options.parameter_is_tupled_arguments = False
+options.executable_build_options.allow_spmd_sharding_propagation_to_parameters = [False]
+options.executable_build_options.allow_spmd_sharding_propagation_to_output = [False]
+with open(sys.argv[1]) as f:
+  client.compile_and_load(f.read(), [device], options)
+"""
+_DUMPS = ("cpu_after_optimizations.txt", "cpu_after_optimizations-buffer-assignment.txt",
+          "cpu_after_optimizations-live-range.txt")
+_DUMPED = "cpu_after_optimizations-memory-usage-report.txt"  # written after the live ranges
+
+
+_LARGE = 256 * 1024  # characters of StableHLO text
+
+
+def _assignment_in_child(lowered: jax.stages.Lowered, options: Mapping[str, Any],
+                         min_size: int | None = None) -> tuple[str, str, str] | None:
+  """``(optimized HLO, buffer assignment, live ranges)`` of ``lowered`` on XLA:CPU, or ``None``.
+
+  A child process compiles the module with ``xla_dump_to`` and is killed as
+  soon as the dumps of the buffer assignment are written, before XLA:CPU
+  generates code.  ``None`` when the child cannot run or fails, or the
+  module's text is shorter than ``min_size``.
+  """
+  import json
+  import subprocess
+  import sys
+  import time
+
+  try:
+    module = lowered.as_text(debug_info=True)
+  except Exception:  # noqa: BLE001 - a lowering this path cannot serialize: compile here
+    return None
+  if min_size is not None and len(module) < min_size:
+    return None
+  head = re.search(r"^module @\S+ attributes \{([^}]*)\}", module, re.M)
+  sizes = re.findall(r"mhlo\.num_(?:partitions|replicas) = (\d+)", head.group(1) if head else "")
+  if len(sizes) != 2 or sizes != ["1", "1"]:
+    return None  # a program over several devices: compiled by jax itself
+  with tempfile.TemporaryDirectory(prefix="olr-plan-") as tmp:
+    path = os.path.join(tmp, "module.mlir")
+    with open(path, "w") as f:
+      f.write(module)
+    dump = os.path.join(tmp, "dump")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    try:
+      child = subprocess.Popen(
+          [sys.executable, "-c", _CHILD, path, json.dumps({**options, "xla_dump_to": dump})],
+          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:
+      return None
+    try:
+      delay = 0.005
+      while True:
+        if os.path.isdir(dump) and any(n.endswith(_DUMPED) for n in os.listdir(dump)):
+          break
+        if child.poll() is not None:
+          return None
+        time.sleep(delay)
+        delay = min(2 * delay, 0.05)
+    finally:
+      child.kill()
+      child.wait()
+    try:
+      return tuple(_read_dump(dump, suffix) for suffix in _DUMPS)
+    except RuntimeError:
+      return None
+
+
+def _memory_from_assignment(assignment: str) -> StepMemory:
+  """:class:`StepMemory` from a ``*-buffer-assignment.txt`` dump (as ``memory_analysis``)."""
+  arguments = outputs = temporaries = aliased = 0
+  for line in assignment.splitlines():
+    m = _ALLOC.match(line)
+    if not m:
+      continue
+    size, flags = int(m.group(1)), m.group(2)
+    parameter = re.match(r"parameter \d+", flags) is not None
+    live_out = "maybe-live-out" in flags
+    arguments += size if parameter else 0
+    outputs += size if live_out else 0
+    aliased += size if parameter and live_out else 0
+    temporaries += size if "preallocated-temp" in flags else 0
+  return StepMemory(arguments, outputs, temporaries, aliased,
+                    arguments + outputs + temporaries - aliased)
 
 
 def plan_function(fn: Callable[..., Any], *args: Any, donate_argnums: int | Sequence[int] = (),
@@ -547,6 +668,35 @@ def plan_train_step(
     ValueError: if ``loss_fn`` does not return a scalar.
   """
   trainable, frozen, batch = _abstract(trainable), _abstract(frozen), _abstract(batch)
+  lowered = lower_train_step(loss_fn, tx, trainable, batch, frozen, donate=donate, count=count)
+  if accelerator is None:
+    low = any(x.dtype in _LOW_FLOATS for x in jax.tree.leaves((trainable, frozen)))
+    accelerator = backend_upcasts_low_precision() and low
+  plan = plan_compiled(lowered, accelerator)
+  return StepPlan(
+      **{f.name: getattr(plan, f.name) for f in dataclasses.fields(CompiledPlan)},
+      upcasts_low_precision=backend_upcasts_low_precision(),
+      weights=_tree_bytes(trainable) + _tree_bytes(frozen),
+      optimizer_state=_tree_bytes(jax.eval_shape(tx.init, trainable)),
+      gradients=_tree_bytes(trainable),
+      activations=saved_residual_bytes(loss_fn, trainable, frozen, batch),
+      count=count,
+  )
+
+
+def lower_train_step(loss_fn: Callable[[Any, Any, Any], jax.Array],
+                     tx: optax.GradientTransformation, trainable: Any, batch: Any,
+                     frozen: Any = None, *, donate: bool = True,
+                     count: int | None = None) -> jax.stages.Lowered:
+  """The lowered train step that :func:`plan_train_step` compiles (same arguments).
+
+  Every argument is kept (``keep_unused``); for :func:`plan_compiled` or
+  :func:`peak_buffers`.
+
+  Raises:
+    ValueError: if ``loss_fn`` does not return a scalar.
+  """
+  trainable, frozen, batch = _abstract(trainable), _abstract(frozen), _abstract(batch)
   opt_state = jax.eval_shape(tx.init, trainable)
   out = jax.eval_shape(loss_fn, trainable, frozen, batch)
   if getattr(out, "shape", None) != ():
@@ -560,20 +710,76 @@ def plan_train_step(
     updates, opt_state = tx.update(grads, rebuild(opt_state), trainable)
     return optax.apply_updates(trainable, updates), opt_state
 
-  if accelerator is None:
-    low = any(x.dtype in _LOW_FLOATS for x in jax.tree.leaves((trainable, frozen)))
-    accelerator = backend_upcasts_low_precision() and low
-  plan = plan_function(step, trainable, opt_state, frozen, batch,
-                       donate_argnums=(0, 1) if donate else (), accelerator=accelerator)
-  return StepPlan(
-      **{f.name: getattr(plan, f.name) for f in dataclasses.fields(CompiledPlan)},
-      upcasts_low_precision=backend_upcasts_low_precision(),
-      weights=_tree_bytes(trainable) + _tree_bytes(frozen),
-      optimizer_state=_tree_bytes(jax.eval_shape(tx.init, trainable)),
-      gradients=_tree_bytes(trainable),
-      activations=saved_residual_bytes(loss_fn, trainable, frozen, batch),
-      count=count,
-  )
+  return jax.jit(step, donate_argnums=(0, 1) if donate else (), keep_unused=True).lower(
+      trainable, opt_state, frozen, batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeakBuffer:
+  """One temporary live at the temporaries' peak (see :func:`peak_buffers`).
+
+  Attributes:
+    name: the HLO value (instruction and tuple index).
+    bytes: its bytes there (on the accelerator figure: a CPU-only buffer is
+      0 and an f32 carrier of a bf16 value half).
+    shape: its HLO shape, e.g. ``f32[32,4096,11008]``.
+    op: its opcode (``fusion``, ``dot``, ``custom-call``...).
+    source: the program's ``op_name`` metadata (which jax operation made it),
+      or ``""`` for a value a compiler pass inserted.
+  """
+
+  name: str
+  bytes: int
+  shape: str
+  op: str
+  source: str
+
+
+def peak_buffers(lowered: jax.stages.Lowered, top: int = 20,
+                 accelerator: bool = True) -> list[PeakBuffer]:
+  """The largest temporaries live at once at the peak of an XLA:CPU compile, largest first.
+
+  Reads the buffer assignment and live ranges (as :func:`cpu_only_buffers`),
+  finds the moment the temporaries cover the most bytes (``accelerator``:
+  without the CPU-only buffers) and lists the values live then — what a
+  plan's temporaries are made of.  Values sharing an offset (aliases) are
+  listed once.  CPU only.
+  """
+  dumps = _assignment_in_child(lowered, dict(_PLAN_ONLY))
+  if dumps is None:
+    with tempfile.TemporaryDirectory(prefix="olr-plan-") as tmp:
+      compiled = lowered.compile(compiler_options={**_PLAN_ONLY, "xla_dump_to": tmp})
+      dumps = (compiled.as_text(), *(_read_dump(tmp, suffix) for suffix in _DUMPS[1:]))
+  text, assignment, live_ranges = dumps
+  values, share = _values_and_shares(text, assignment, live_ranges)
+  if not accelerator:
+    share = {}
+  kept = [(k, start, end, off, int(size * share.get(k, 1.0)))
+          for k, _, size, off, start, end in values if share.get(k, 1.0) > 0]
+  import numpy as np
+
+  r = np.asarray([(s0, e0, off, off + n) for _, s0, e0, off, n in kept] or [(0, 0, 0, 0)],
+                 dtype=np.int64)
+  best_t, best = 0, -1
+  for t in np.unique(r[:, 0]):
+    live = r[(r[:, 0] <= t) & (r[:, 1] >= t)]
+    covered = _union_length(live[:, 2], live[:, 3])
+    if covered > best:
+      best_t, best = int(t), covered
+  info = {}
+  for line in text.splitlines():
+    m = _INSTR.match(line)
+    if m:
+      shape, tail = _split_shape(line[m.end():])
+      src = re.search(r'op_name="([^"]*)"', tail)
+      info[m.group(1)] = (shape, tail.partition("(")[0].strip(), src.group(1) if src else "")
+  live, seen = [], set()
+  for k, start, end, off, n in sorted(kept, key=lambda v: -v[4]):
+    if start <= best_t <= end and (off, n) not in seen:
+      seen.add((off, n))
+      shape, op, src = info.get(k.split("{", 1)[0], ("", "", ""))
+      live.append(PeakBuffer(k, n, shape, op, src))
+  return live[:top]
 
 
 def _memory_of(compiled) -> StepMemory:
@@ -766,13 +972,19 @@ def _peak_of_union(rects) -> int:
   best = 0
   for t in np.unique(r[:, 0]):
     live = r[(r[:, 0] <= t) & (r[:, 1] >= t)]
-    order = np.argsort(live[:, 2])
-    lo, hi = live[order, 2], np.maximum.accumulate(live[order, 3])
-    # covered length of the union of [lo, hi): gaps where lo exceeds the running max
-    prev = np.concatenate([[lo[0]], hi[:-1]])
-    covered = int(hi[-1] - lo[0] - np.maximum(lo - prev, 0).sum())
-    best = max(best, covered)
+    best = max(best, _union_length(live[:, 2], live[:, 3]))
   return best
+
+
+def _union_length(lo, hi) -> int:
+  """Length of the union of the intervals ``[lo, hi)`` (NumPy arrays, one or more)."""
+  import numpy as np
+
+  order = np.argsort(lo)
+  lo, hi = lo[order], np.maximum.accumulate(hi[order])
+  # covered length: the span less the gaps where lo exceeds the running max
+  prev = np.concatenate([[lo[0]], hi[:-1]])
+  return int(hi[-1] - lo[0] - np.maximum(lo - prev, 0).sum())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -809,6 +1021,15 @@ def cpu_only_buffers(hlo_text: str, assignment: str, live_ranges: str) -> CpuOnl
   Values that alias a CPU-only buffer (loop-carried copies at the same offset
   and size whose live range touches it) are CPU-only too.
   """
+  values, share = _values_and_shares(hlo_text, assignment, live_ranges)
+  full = [(start, end, off, off + size) for _, _, size, off, start, end in values]
+  kept = [(start, end, off, off + int(size * share.get(k, 1.0)))
+          for k, _, size, off, start, end in values if share.get(k, 1.0) > 0]
+  return CpuOnlyBuffers(_peak_of_union(full), _peak_of_union(kept), len(share))
+
+
+def _values_and_shares(hlo_text: str, assignment: str, live_ranges: str):
+  """The temporaries ``(key, is_phi, size, offset, start, end)`` and their CPU-only shares."""
   comps, roots = _parse_hlo(hlo_text)
   shares = _cpu_only_shares(comps, roots)
   ranges = {}
@@ -838,7 +1059,4 @@ def cpu_only_buffers(hlo_text: str, assignment: str, live_ranges: str) -> CpuOnl
           share[k] = sh
           changed = True
           break
-  full = [(start, end, off, off + size) for _, _, size, off, start, end in values]
-  kept = [(start, end, off, off + int(size * share.get(k, 1.0)))
-          for k, _, size, off, start, end in values if share.get(k, 1.0) > 0]
-  return CpuOnlyBuffers(_peak_of_union(full), _peak_of_union(kept), len(share))
+  return values, share
