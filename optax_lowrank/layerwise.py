@@ -48,6 +48,7 @@ LLaMA-7B on one 24 GB card.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -240,11 +241,9 @@ def check_separable(tx: optax.GradientTransformation, layer: Any) -> None:
         )
 
 
-_check_separable = check_separable  # make_step's argument of the same name shadows it
-
 
 # ----------------------------------------------------------------------------
-# The step.
+# The step: tree helpers.
 
 
 def _split_float(tree: Any) -> tuple[list, list, Any]:
@@ -269,7 +268,9 @@ def _sumsq(tree: Any, dtype: Any) -> jax.Array:
              jnp.zeros([], dtype))
 
 
-def _scaled(tree: Any, factor: jax.Array) -> Any:
+def _scaled(tree: Any, factor: jax.Array | None) -> Any:
+  if factor is None:
+    return tree
   return jax.tree.map(lambda g: (g * factor.astype(g.dtype)), tree)
 
 
@@ -277,7 +278,7 @@ def _clip_factor(norm: jax.Array, clip_norm: float) -> jax.Array:
   return jnp.where(norm > clip_norm, clip_norm / jnp.where(norm > 0, norm, 1.0), 1.0)
 
 
-def _index(tree: Any, i: jax.Array) -> Any:
+def _index(tree: Any, i: jax.Array | int) -> Any:
   return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
 
 
@@ -286,7 +287,79 @@ def _write(tree: Any, new: Any, i: jax.Array) -> Any:
                       tree, new)
 
 
+def _apply(tx: optax.GradientTransformation, grads: Any, state: Any, params: Any) -> tuple:
+  """``tx``'s update applied: ``(new params, new state)``."""
+  updates, state = tx.update(grads, state, params)
+  return optax.apply_updates(params, updates), state
+
+
+# ----------------------------------------------------------------------------
+# The step: micro-batches.
+
+
+def _split_microbatches(batch: Any, k: int) -> Any:
+  """Every leaf of ``batch`` reshaped ``(B, ...) -> (k, B/k, ...)``; ``batch`` itself for k = 1."""
+  if k == 1:
+    return batch
+
+  def split(path, x):
+    if jnp.ndim(x) == 0 or x.shape[0] % k:
+      raise ValueError(
+          f"`microbatches={k}` needs every batch leaf's leading axis divisible by {k}: "
+          f"batch{jax.tree_util.keystr(path)} has shape {tuple(jnp.shape(x))}"
+      )
+    return x.reshape((k, x.shape[0] // k) + x.shape[1:])
+
+  return jax.tree_util.tree_map_with_path(split, batch)
+
+
+def _per_micro(f: Callable[..., Any], k: int, *xs: Any) -> Any:
+  """``f`` on every micro-batch slice of ``xs`` (results stacked); ``f(*xs)`` for k = 1."""
+  if k == 1:
+    return f(*xs)
+  return jax.lax.map(lambda a: f(*a), xs)
+
+
+def _micro_sum(f: Callable[[Any], tuple[Any, Any]], xs: Any, k: int, start: Any) -> tuple:
+  """``(start + Σ_m g_m, y)`` for ``(g_m, y_m) = f(xs_m)`` over the ``k`` micro-batches.
+
+  ``y`` stacks the ``y_m`` on a leading micro-batch axis; for k = 1, ``xs`` is
+  one batch (no micro-batch axis) and ``y = f(xs)[1]``.  The sum is a scan
+  carry: one tree like ``g`` is alive, whatever ``k``.
+  """
+  if k == 1:
+    g, y = f(xs)
+    return jax.tree.map(jnp.add, start, g), y
+
+  def step(acc, xs_m):
+    g, y = f(xs_m)
+    return jax.tree.map(jnp.add, acc, g), y
+
+  return jax.lax.scan(step, start, xs)
+
+
+def _zeros(tree: Any) -> Any:
+  return jax.tree.map(jnp.zeros_like, tree)
+
+
+# ----------------------------------------------------------------------------
+# The step: checks.
+
+
+def _check_arguments(clip: str | None, clip_norm: float | None, microbatches: int) -> None:
+  if clip is not None and clip not in CLIP_MODES:
+    raise ValueError(f"`clip` must be None or one of {CLIP_MODES}, got {clip!r}")
+  if clip is not None and (clip_norm is None or not clip_norm > 0):
+    raise ValueError(f"`clip={clip!r}` needs `clip_norm` > 0, got {clip_norm!r}")
+  if clip is None and clip_norm is not None:
+    raise ValueError("`clip_norm` was given without `clip`: pass clip=\"layer\", \"previous\" "
+                     "or \"two_pass\"")
+  if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+    raise ValueError(f"`microbatches` must be an int >= 1, got {microbatches!r}")
+
+
 def _leading_axis(layers: Any) -> int:
+  """The number of layers: the leading axis every leaf of ``layers`` shares."""
   flat = jax.tree_util.tree_flatten_with_path(layers)[0]
   if not flat:
     raise ValueError("`layers` has no leaves: nothing to scan over")
@@ -303,6 +376,242 @@ def _leading_axis(layers: Any) -> int:
           f"{jax.tree_util.keystr(first_path)} has shape {tuple(first.shape)} ({n} layers)"
       )
   return n
+
+
+class _Model(NamedTuple):
+  """:func:`make_step`'s three functions in one calling convention."""
+
+  embed: Callable[..., Any]  # (outer, batch) -> (h, context)
+  block: Callable[..., Any]  # (layer, h, context) -> h
+  vjp_block: Callable[..., Any]  # the block as the reverse pass differentiates it
+  head: Callable[..., Any]  # (outer, h, batch) -> (loss, aux)
+  k: int  # micro-batches
+
+
+def _model(embed_fn, block_fn, head_fn, *, with_context: bool, has_aux: bool,
+           remat_policy: Callable[..., Any] | None, microbatches: int) -> _Model:
+  def embed(outer, batch):
+    out = embed_fn(outer, batch)
+    return out if with_context else (out, ())
+
+  def block(layer, h, context):
+    return block_fn(layer, h, context) if with_context else block_fn(layer, h)
+
+  def head(outer, h, batch):
+    out = head_fn(outer, h, batch)
+    return out if has_aux else (out, ())
+
+  vjp_block = block if remat_policy is None else jax.checkpoint(block, policy=remat_policy)
+  return _Model(embed, block, vjp_block, head, microbatches)
+
+
+def _check_block_shapes(model: _Model, outer: Any, layers: Any, batch: Any) -> None:
+  """Python-time check that a block maps h to an h of the same shape and dtype."""
+  micro = jax.eval_shape(lambda b: _split_microbatches(b, model.k), batch)
+  if model.k > 1:
+    micro = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), micro)
+  h, context = jax.eval_shape(model.embed, outer, micro)
+  out = jax.eval_shape(model.block, jax.eval_shape(_index, layers, 0), h, context)
+  h_flat, h_def = jax.tree_util.tree_flatten_with_path(h)
+  out_flat, out_def = jax.tree_util.tree_flatten_with_path(out)
+  if h_def != out_def:
+    raise ValueError(f"`block_fn` must return a tree like its input h: got {out_def}, "
+                     f"expected {h_def}")
+  for (path, a), (_, b) in zip(h_flat, out_flat):
+    if a.shape != b.shape or a.dtype != b.dtype:
+      raise ValueError(
+          f"`block_fn` changes h{jax.tree_util.keystr(path)}: input "
+          f"{tuple(a.shape)} {a.dtype}, output {tuple(b.shape)} {b.dtype}; a scanned "
+          "block must return h with the shape and dtype of its input"
+      )
+
+
+# ----------------------------------------------------------------------------
+# The step: forward, head, reverse pass, embed.
+
+
+def _forward(model: _Model, outer: Any, layers: Any, batch: Any) -> tuple:
+  """``embed``, then a scan over the layers saving each block's input.
+
+  Returns ``(h_L, hs, context)``: ``hs`` stacks ``h_0 … h_{L-1}`` on a
+  leading layer axis (then, for k > 1, the micro-batch axis).
+  """
+  h0, context = _per_micro(lambda b: model.embed(outer, b), model.k, batch)
+
+  def step(h, layer):
+    return _per_micro(lambda h_m, c_m: model.block(layer, h_m, c_m), model.k, h, context), h
+
+  h_last, hs = jax.lax.scan(step, h0, layers)
+  return h_last, hs, context
+
+
+def _head_vjp(model: _Model, outer: Any, h_last: Any, batch: Any) -> tuple:
+  """``(loss, aux, ∂L/∂outer from the head, ∂L/∂h_L)``.
+
+  ``L`` is the mean of the micro-batch losses, so each micro-batch's VJP
+  starts from ``1/k``; ``aux`` is stacked over micro-batches when k > 1.
+  """
+  def one(xs):
+    h_m, b_m = xs
+    loss, vjp, aux = jax.vjp(lambda o, h: model.head(o, h, b_m), outer, h_m, has_aux=True)
+    g_outer, g_h = vjp(jnp.ones_like(loss) / model.k)
+    return g_outer, (loss, aux, g_h)
+
+  g_outer, (losses, aux, g_h) = _micro_sum(one, (h_last, batch), model.k, _zeros(outer))
+  return jnp.mean(losses), aux, g_outer, g_h
+
+
+def _block_vjp(model: _Model, layer: Any, h: Any, g_h: Any, context: tuple) -> tuple:
+  """``(G_l, (∂L/∂h_l, ∂L/∂context floats))`` of one block from its saved input ``h``.
+
+  The block's forward is recomputed here (its VJP); ``G_l`` is summed over
+  micro-batches, the other two stay per micro-batch.  ``context`` is
+  :func:`_split_float`'s triple: only its inexact leaves are differentiated.
+  """
+  floats, others, treedef = context
+
+  def one(xs):
+    g_h_m, h_m, floats_m, others_m = xs
+
+    def f(layer, h, floats):
+      return model.vjp_block(layer, h, _merge_float(floats, others_m, treedef))
+
+    _, vjp = jax.vjp(f, layer, h_m, floats_m)
+    g_layer, g_h_in, g_floats = vjp(g_h_m)
+    return g_layer, (g_h_in, g_floats)
+
+  return _micro_sum(one, (g_h, h, floats, others), model.k, _zeros(layer))
+
+
+def _layer_updater(tx: optax.GradientTransformation, scale: Callable[..., Any],
+                   n_layers: int) -> Callable[..., tuple]:
+  """``update(i, G_l, ‖G_l‖², state_l, layer_l) -> (layer_l, state_l)``: ``tx`` on one layer."""
+  def update(i, grads, sumsq, state, layer):
+    grads = _scaled(grads, scale(sumsq))
+    # The update runs inside a cond that is always taken: its results are
+    # then buffers of one layer's size, written back after every read of
+    # the stacks.  Fused into the in-place writes instead, the old slices
+    # would be read after the stack is overwritten, and XLA copies whole
+    # stacks (params and moments) at every layer to allow it.
+    return jax.lax.cond(i < n_layers, lambda op: _apply(tx, *op), lambda op: op[2:0:-1],
+                        (grads, state, layer))
+
+  return update
+
+
+def _reverse_pass(model: _Model, hs: Any, context: Any, g_h: Any, layers: Any, layer_states: Any,
+                  norm_dtype: Any, update_layer: Callable[..., tuple] | None) -> tuple:
+  """The reverse scan over layers ``L-1 … 0``, from ``∂L/∂h_L`` to ``∂L/∂h_0``.
+
+  At layer ``l``: :func:`_block_vjp`, then (with ``update_layer``, see
+  :func:`_layer_updater`) the new params and state of layer ``l`` written
+  into the stacks in place.  Without it, only the gradients flow.
+
+  Returns:
+    ``(∂L/∂h_0, ∂L/∂context floats, layers, layer_states, Σ_l ‖G_l‖²)``.
+  """
+  n_layers = jax.tree.leaves(hs)[0].shape[0]
+  context = _split_float(context)
+
+  def body(carry, i):
+    g_h, g_ctx, layers, layer_states, sumsq = carry
+    layer = _index(layers, i)
+    g_layer, (g_h, g_ctx_l) = _block_vjp(model, layer, _index(hs, i), g_h, context)
+    g_ctx = [None if a is None else a + b for a, b in zip(g_ctx, g_ctx_l)]
+    layer_sumsq = _sumsq(g_layer, norm_dtype)
+    if update_layer is not None:
+      new_layer, new_state = update_layer(i, g_layer, layer_sumsq, _index(layer_states, i), layer)
+      layers, layer_states = _write(layers, new_layer, i), _write(layer_states, new_state, i)
+    return (g_h, g_ctx, layers, layer_states, sumsq + layer_sumsq), None
+
+  g_ctx = [None if f is None else jnp.zeros_like(f) for f in context[0]]
+  carry = (g_h, g_ctx, layers, layer_states, jnp.zeros([], norm_dtype))
+  carry, _ = jax.lax.scan(body, carry, jnp.arange(n_layers, dtype=jnp.int32), reverse=True)
+  return carry
+
+
+def _embed_vjp(model: _Model, outer: Any, batch: Any, g_h0: Any, g_ctx: list,
+               g_outer: Any) -> Any:
+  """``g_outer`` plus ``embed``'s VJP of ``(∂L/∂h_0, ∂L/∂context floats)``."""
+  def one(xs):
+    b_m, g_h_m, g_ctx_m = xs
+
+    def f(o):
+      h, ctx = model.embed(o, b_m)
+      floats, others, _ = _split_float(ctx)
+      return (h, floats), others
+
+    _, vjp, _ = jax.vjp(f, outer, has_aux=True)
+    (g,) = vjp((g_h_m, g_ctx_m))
+    return g, None
+
+  return _micro_sum(one, (batch, g_h0, g_ctx), model.k, g_outer)[0]
+
+
+def _gradient_scale(clip: str | None, clip_norm: float | None,
+                    global_norm: jax.Array) -> Callable[[jax.Array], jax.Array | None]:
+  """``scale(‖G‖²) -> factor``: what a tree's gradient ``G`` is multiplied by.
+
+  ``None`` (no clipping); ``"layer"``: from the tree's own norm; otherwise
+  (``"previous"``, ``"two_pass"``) from ``global_norm``, the same for every tree.
+  """
+  if clip is None:
+    return lambda sumsq: None
+  if clip == "layer":
+    return lambda sumsq: _clip_factor(jnp.sqrt(sumsq), clip_norm)
+  factor = _clip_factor(global_norm, clip_norm)
+  return lambda sumsq: factor
+
+
+# ----------------------------------------------------------------------------
+# The step: init and update.
+
+
+def _init(model: _Model, tx: optax.GradientTransformation, outer: Any, layers: Any, batch: Any,
+          *, separable: bool, fold_keys: bool) -> LayerwiseState:
+  n_layers = _leading_axis(layers)
+  if separable:
+    check_separable(tx, jax.eval_shape(_index, layers, 0))
+  if batch is not None:
+    _check_block_shapes(model, outer, layers, batch)
+  if fold_keys:
+    layer_states = jax.vmap(functools.partial(layer_state, tx))(
+        layers, jnp.arange(n_layers, dtype=jnp.int32))
+  else:
+    layer_states = jax.vmap(tx.init)(layers)
+  return LayerwiseState(outer=tx.init(outer), layers=layer_states,
+                        grad_norm=jnp.zeros([], _norm_dtype((outer, layers))))
+
+
+def _update(model: _Model, tx: optax.GradientTransformation, clip: str | None,
+            clip_norm: float | None, outer: Any, layers: Any, state: LayerwiseState,
+            batch: Any) -> tuple:
+  """One step (the module docstring's 1-3); returns ``(outer, layers, state, loss, aux)``."""
+  n_layers = _leading_axis(layers)
+  _check_block_shapes(model, outer, layers, batch)
+  batch = _split_microbatches(batch, model.k)
+  norm_dtype = state.grad_norm.dtype
+  h_last, hs, context = _forward(model, outer, layers, batch)
+  loss, aux, g_outer, g_h = _head_vjp(model, outer, h_last, batch)
+
+  def reverse(update_layer):
+    return _reverse_pass(model, hs, context, g_h, layers, state.layers, norm_dtype, update_layer)
+
+  global_norm = state.grad_norm  # "previous"
+  if clip == "two_pass":  # a first reverse pass that only sums ‖G_l‖² (and gives G_outer)
+    g_h0, g_ctx, _, _, layer_sumsq = reverse(None)
+    g_outer = _embed_vjp(model, outer, batch, g_h0, g_ctx, g_outer)
+    global_norm = jnp.sqrt(_sumsq(g_outer, norm_dtype) + layer_sumsq)
+  scale = _gradient_scale(clip, clip_norm, global_norm)
+  g_h0, g_ctx, layers, layer_states, layer_sumsq = reverse(_layer_updater(tx, scale, n_layers))
+  if clip != "two_pass":
+    g_outer = _embed_vjp(model, outer, batch, g_h0, g_ctx, g_outer)
+
+  outer_sumsq = _sumsq(g_outer, norm_dtype)
+  outer, outer_state = _apply(tx, _scaled(g_outer, scale(outer_sumsq)), state.outer, outer)
+  state = LayerwiseState(outer=outer_state, layers=layer_states,
+                         grad_norm=jnp.sqrt(outer_sumsq + layer_sumsq))
+  return outer, layers, state, loss, aux
 
 
 def make_step(
@@ -388,222 +697,17 @@ def make_step(
       ``block_fn`` whose output differs from its input in shape or dtype —
       each naming the leaf path and shape.
   """
-  if clip is not None and clip not in CLIP_MODES:
-    raise ValueError(f"`clip` must be None or one of {CLIP_MODES}, got {clip!r}")
-  if clip is not None and (clip_norm is None or not clip_norm > 0):
-    raise ValueError(f"`clip={clip!r}` needs `clip_norm` > 0, got {clip_norm!r}")
-  if clip is None and clip_norm is not None:
-    raise ValueError("`clip_norm` was given without `clip`: pass clip=\"layer\", \"previous\" "
-                     "or \"two_pass\"")
-  if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
-    raise ValueError(f"`microbatches` must be an int >= 1, got {microbatches!r}")
-  k = microbatches
-
-  def embed(outer, batch):
-    out = embed_fn(outer, batch)
-    return out if with_context else (out, ())
-
-  def block(layer, h, context):
-    return block_fn(layer, h, context) if with_context else block_fn(layer, h)
-
-  if remat_policy is not None:
-    vjp_block = jax.checkpoint(block, policy=remat_policy)
-  else:
-    vjp_block = block
-
-  def head(outer, h, batch):
-    out = head_fn(outer, h, batch)
-    return out if has_aux else (out, ())
-
-  def check_shapes(outer, layers, batch):
-    """Python-time check that a block maps h to an h of the same shape and dtype."""
-    micro = jax.eval_shape(
-        lambda b: jax.tree.map(lambda x: x[0], _microbatch(b)) if k > 1 else b, batch)
-    h, context = jax.eval_shape(embed, outer, micro)
-    one = jax.eval_shape(lambda ls: _index(ls, 0), layers)
-    out = jax.eval_shape(block, one, h, context)
-    h_flat, h_def = jax.tree_util.tree_flatten_with_path(h)
-    out_flat, out_def = jax.tree_util.tree_flatten_with_path(out)
-    if h_def != out_def:
-      raise ValueError(f"`block_fn` must return a tree like its input h: got {out_def}, "
-                       f"expected {h_def}")
-    for (path, a), (_, b) in zip(h_flat, out_flat):
-      if a.shape != b.shape or a.dtype != b.dtype:
-        raise ValueError(
-            f"`block_fn` changes h{jax.tree_util.keystr(path)}: input "
-            f"{tuple(a.shape)} {a.dtype}, output {tuple(b.shape)} {b.dtype}; a scanned "
-            "block must return h with the shape and dtype of its input"
-        )
-
-  def _microbatch(batch):
-    def split(path, x):
-      if jnp.ndim(x) == 0 or x.shape[0] % k:
-        raise ValueError(
-            f"`microbatches={k}` needs every batch leaf's leading axis divisible by {k}: "
-            f"batch{jax.tree_util.keystr(path)} has shape {tuple(jnp.shape(x))}"
-        )
-      return x.reshape((k, x.shape[0] // k) + x.shape[1:])
-
-    return jax.tree_util.tree_map_with_path(split, batch)
+  _check_arguments(clip, clip_norm, microbatches)
+  model = _model(embed_fn, block_fn, head_fn, with_context=with_context, has_aux=has_aux,
+                 remat_policy=remat_policy, microbatches=microbatches)
 
   def init(outer, layers, batch=None):
-    n_layers = _leading_axis(layers)
-    if check_separable:
-      _check_separable(tx, jax.eval_shape(lambda ls: _index(ls, 0), layers))
-    if batch is not None:
-      check_shapes(outer, layers, batch)
-    if fold_keys:
-      layer_states = jax.vmap(lambda p, i: layer_state(tx, p, i))(
-          layers, jnp.arange(n_layers, dtype=jnp.int32))
-    else:
-      layer_states = jax.vmap(tx.init)(layers)
-    return LayerwiseState(outer=tx.init(outer), layers=layer_states,
-                          grad_norm=jnp.zeros([], _norm_dtype((outer, layers))))
-
-  def per_micro(f, *xs):
-    """``f`` on every micro-batch slice of ``xs`` (stacked results), or on ``xs`` when k = 1."""
-    if k == 1:
-      return f(*xs)
-    return jax.lax.map(lambda a: f(*a), xs)
-
-  def reverse_pass(layers, layer_states, hs, contexts, g_h, update, factor):
-    """The reverse scan over layers; with ``update``, tx runs on every layer's gradient."""
-    n_layers = jax.tree.leaves(hs)[0].shape[0]
-    ctx_floats, ctx_others, ctx_def = _split_float(contexts)
-    g_ctx0 = [None if f is None else jnp.zeros_like(f) for f in ctx_floats]
-    norm_dtype = _norm_dtype(layers)
-
-    def body(carry, i):
-      g_h, g_ctx, layers, layer_states, sumsq = carry
-      layer = _index(layers, i)
-      if update:
-        lstate = _index(layer_states, i)
-      h_in = _index(hs, i)
-
-      def one(g_h_m, h_m, floats_m, others_m):
-        def f(layer, h, floats):
-          return vjp_block(layer, h, _merge_float(floats, others_m, ctx_def))
-
-        _, vjp = jax.vjp(f, layer, h_m, floats_m)
-        return vjp(g_h_m)
-
-      if k == 1:
-        g_layer, g_h, g_ctx_step = one(g_h, h_in, ctx_floats, ctx_others)
-      else:
-        def micro(acc, xs):
-          g_layer_m, g_hin_m, g_ctx_m = one(*xs)
-          return jax.tree.map(jnp.add, acc, g_layer_m), (g_hin_m, g_ctx_m)
-
-        zeros = jax.tree.map(jnp.zeros_like, layer)
-        g_layer, (g_h, g_ctx_step) = jax.lax.scan(
-            micro, zeros, (g_h, h_in, ctx_floats, ctx_others))
-      g_ctx = [None if a is None else a + b for a, b in zip(g_ctx, g_ctx_step)]
-      layer_sumsq = _sumsq(g_layer, norm_dtype)
-      sumsq = sumsq + layer_sumsq
-      if update:
-        if clip == "layer":
-          factor_l = _clip_factor(jnp.sqrt(layer_sumsq), clip_norm)
-        else:
-          factor_l = factor
-        if factor_l is not None:
-          g_layer = _scaled(g_layer, factor_l)
-
-        def layer_update(operand):
-          g_layer, lstate, layer = operand
-          upd, lstate = tx.update(g_layer, lstate, layer)
-          return optax.apply_updates(layer, upd), lstate
-
-        # The update runs inside a cond that is always taken: its results are
-        # then buffers of one layer's size, written back after every read of
-        # the stacks.  Fused into the in-place writes instead, the old slices
-        # would be read after the stack is overwritten, and XLA copies whole
-        # stacks (params and moments) at every layer to allow it.
-        new_layer, lstate = jax.lax.cond(
-            i < n_layers, layer_update, lambda operand: operand[2:0:-1],
-            (g_layer, lstate, layer))
-        layers = _write(layers, new_layer, i)
-        layer_states = _write(layer_states, lstate, i)
-      return (g_h, g_ctx, layers, layer_states, sumsq), None
-
-    carry = (g_h, g_ctx0, layers, layer_states, jnp.zeros([], norm_dtype))
-    (g_h, g_ctx, layers, layer_states, sumsq), _ = jax.lax.scan(
-        body, carry, jnp.arange(n_layers, dtype=jnp.int32), reverse=True)
-    return g_h, g_ctx, layers, layer_states, sumsq
+    return _init(model, tx, outer, layers, batch, separable=check_separable, fold_keys=fold_keys)
 
   def update(outer, layers, state, batch):
-    _leading_axis(layers)
-    check_shapes(outer, layers, batch)
-    micro_batch = _microbatch(batch) if k > 1 else batch
-
-    # Forward: embed, then a scan over layers saving each block's input.
-    h0, contexts = per_micro(lambda b: embed(outer, b), micro_batch)
-
-    def forward(h, layer):
-      return per_micro(lambda h_m, c_m: block(layer, h_m, c_m), h, contexts), h
-
-    h_last, hs = jax.lax.scan(forward, h0, layers)
-
-    # Head: loss and its VJP per micro-batch, the outer gradient summed.
-    def head_grads(h_m, b_m):
-      loss, vjp, aux = jax.vjp(lambda o, h: head(o, h, b_m), outer, h_m, has_aux=True)
-      g_outer, g_h = vjp(jnp.ones_like(loss) / k)
-      return loss, aux, g_outer, g_h
-
-    if k == 1:
-      loss, aux, g_outer, g_h = head_grads(h_last, micro_batch)
-    else:
-      def micro_head(acc, xs):
-        loss, aux, g_outer, g_h = head_grads(*xs)
-        return jax.tree.map(jnp.add, acc, g_outer), (loss, aux, g_h)
-
-      g_outer, (losses, aux, g_h) = jax.lax.scan(
-          micro_head, jax.tree.map(jnp.zeros_like, outer), (h_last, micro_batch))
-      loss = jnp.mean(losses)
-
-    def embed_grads(g_outer, g_h0, g_ctx):
-      """Add embed's VJP of (∂L/∂h_0, ∂L/∂context) to the outer gradient."""
-      def micro_embed(acc, xs):
-        b_m, g_h_m, g_ctx_m = xs
-
-        def f(o):
-          h, ctx = embed(o, b_m)
-          floats, others, _ = _split_float(ctx)
-          return (h, floats), others
-
-        _, vjp, _ = jax.vjp(f, outer, has_aux=True)
-        (g,) = vjp((g_h_m, g_ctx_m))
-        return jax.tree.map(jnp.add, acc, g), None
-
-      if k == 1:
-        return micro_embed(g_outer, (micro_batch, g_h0, g_ctx))[0]
-      return jax.lax.scan(micro_embed, g_outer, (micro_batch, g_h0, g_ctx))[0]
-
-    norm_dtype = _norm_dtype(outer)
-    factor = None
-    if clip == "two_pass":
-      g_h0, g_ctx, _, _, layer_sumsq = reverse_pass(
-          layers, state.layers, hs, contexts, g_h, update=False, factor=None)
-      g_outer = embed_grads(g_outer, g_h0, g_ctx)
-      sumsq = _sumsq(g_outer, norm_dtype) + layer_sumsq.astype(norm_dtype)
-      factor = _clip_factor(jnp.sqrt(sumsq), clip_norm)
-    elif clip == "previous":
-      factor = _clip_factor(state.grad_norm, clip_norm)
-
-    g_h0, g_ctx, layers, layer_states, layer_sumsq = reverse_pass(
-        layers, state.layers, hs, contexts, g_h, update=True, factor=factor)
-    if clip != "two_pass":
-      g_outer = embed_grads(g_outer, g_h0, g_ctx)
-    outer_sumsq = _sumsq(g_outer, norm_dtype)
-    grad_norm = jnp.sqrt(outer_sumsq + layer_sumsq.astype(norm_dtype))
-    if clip == "layer":
-      g_outer = _scaled(g_outer, _clip_factor(jnp.sqrt(outer_sumsq), clip_norm))
-    elif factor is not None:
-      g_outer = _scaled(g_outer, factor)
-    upd, outer_state = tx.update(g_outer, state.outer, outer)
-    outer = optax.apply_updates(outer, upd)
-    new_state = LayerwiseState(outer=outer_state, layers=layer_states,
-                               grad_norm=grad_norm.astype(state.grad_norm.dtype))
-    return outer, layers, new_state, ((loss, aux) if has_aux else loss)
+    outer, layers, state, loss, aux = _update(model, tx, clip, clip_norm, outer, layers, state,
+                                              batch)
+    return outer, layers, state, ((loss, aux) if has_aux else loss)
 
   return LayerwiseStep(init=init, update=update)
 
