@@ -192,8 +192,8 @@ def plan_merge(adapter: Any, donate: bool = True) -> olr.memory.CompiledPlan:
 
 
 def plan_adapter_refresh(loss: Callable[..., jax.Array], adapter: Any, trainable: Any,
-                         frozen: Any, batch: Any, donate: bool = True
-                         ) -> olr.memory.CompiledPlan:
+                         frozen: Any, batch: Any, donate: bool = True,
+                         lower_only: bool = False) -> olr.memory.CompiledPlan:
   """The compiled refresh of the adapter path with bases made from the gradient.
 
   What a training loop runs every ``refresh_every`` steps::
@@ -209,6 +209,7 @@ def plan_adapter_refresh(loss: Callable[..., jax.Array], adapter: Any, trainable
   hold (key, refresh index, the unprojected leaves' base); the adapter's
   stored bases *are* the model's factors (``to_low_rank`` stores the basis
   arrays themselves), so they are read from the model, not held twice.
+  ``lower_only``: return the lowered function (for ``olr.memory.peak_buffers``).
   """
   graphdef, plans = loss.graphdef, adapter.plans
   mark = jax.ShapeDtypeStruct((), jnp.uint8)  # a projected leaf's base: the model holds it
@@ -238,8 +239,9 @@ def plan_adapter_refresh(loss: Callable[..., jax.Array], adapter: Any, trainable
                                 plans, new.base)
     return trainable, frozen, (base, new.key, new.refresh_index)
 
-  return olr.memory.plan_function(refresh, trainable, frozen, rest, batch,
-                                  donate_argnums=(0, 1, 2) if donate else ())
+  lowered = jax.jit(refresh, donate_argnums=(0, 1, 2) if donate else (),
+                    keep_unused=True).lower(trainable, frozen, rest, batch)
+  return lowered if lower_only else olr.memory.plan_compiled(lowered)
 
 
 def row_name(method: str, rank: int | None) -> str:
