@@ -259,13 +259,12 @@ def _merge_float(floats: list, others: list, treedef: Any) -> Any:
 
 
 def _norm_dtype(tree: Any) -> Any:
-  dtypes = [jnp.promote_types(x.dtype, jnp.float32) for x in jax.tree.leaves(tree)]
-  return jnp.result_type(*dtypes) if dtypes else jnp.float32
+  """The dtype gradient norms are summed in: at least float32."""
+  return jnp.promote_types(optax.tree.dtype(tree, "promote"), jnp.float32)
 
 
 def _sumsq(tree: Any, dtype: Any) -> jax.Array:
-  return sum((jnp.sum(jnp.square(x.astype(dtype))) for x in jax.tree.leaves(tree)),
-             jnp.zeros([], dtype))
+  return optax.tree.norm(optax.tree.cast(tree, dtype), squared=True)
 
 
 def _scaled(tree: Any, factor: jax.Array | None) -> Any:
@@ -338,10 +337,6 @@ def _micro_sum(f: Callable[[Any], tuple[Any, Any]], xs: Any, k: int, start: Any)
   return jax.lax.scan(step, start, xs)
 
 
-def _zeros(tree: Any) -> Any:
-  return jax.tree.map(jnp.zeros_like, tree)
-
-
 # ----------------------------------------------------------------------------
 # The step: checks.
 
@@ -385,6 +380,7 @@ class _Model(NamedTuple):
   block: Callable[..., Any]  # (layer, h, context) -> h
   vjp_block: Callable[..., Any]  # the block as the reverse pass differentiates it
   head: Callable[..., Any]  # (outer, h, batch) -> (loss, aux)
+  has_aux: bool  # update returns (loss, aux), not loss
   k: int  # micro-batches
 
 
@@ -402,7 +398,7 @@ def _model(embed_fn, block_fn, head_fn, *, with_context: bool, has_aux: bool,
     return out if has_aux else (out, ())
 
   vjp_block = block if remat_policy is None else jax.checkpoint(block, policy=remat_policy)
-  return _Model(embed, block, vjp_block, head, microbatches)
+  return _Model(embed, block, vjp_block, head, has_aux, microbatches)
 
 
 def _check_block_shapes(model: _Model, outer: Any, layers: Any, batch: Any) -> None:
@@ -457,7 +453,8 @@ def _head_vjp(model: _Model, outer: Any, h_last: Any, batch: Any) -> tuple:
     g_outer, g_h = vjp(jnp.ones_like(loss) / model.k)
     return g_outer, (loss, aux, g_h)
 
-  g_outer, (losses, aux, g_h) = _micro_sum(one, (h_last, batch), model.k, _zeros(outer))
+  zeros = jax.tree.map(jnp.zeros_like, outer)
+  g_outer, (losses, aux, g_h) = _micro_sum(one, (h_last, batch), model.k, zeros)
   return jnp.mean(losses), aux, g_outer, g_h
 
 
@@ -480,7 +477,7 @@ def _block_vjp(model: _Model, layer: Any, h: Any, g_h: Any, context: tuple) -> t
     g_layer, g_h_in, g_floats = vjp(g_h_m)
     return g_layer, (g_h_in, g_floats)
 
-  return _micro_sum(one, (g_h, h, floats, others), model.k, _zeros(layer))
+  return _micro_sum(one, (g_h, h, floats, others), model.k, jax.tree.map(jnp.zeros_like, layer))
 
 
 def _layer_updater(tx: optax.GradientTransformation, scale: Callable[..., Any],
@@ -586,7 +583,7 @@ def _init(model: _Model, tx: optax.GradientTransformation, outer: Any, layers: A
 def _update(model: _Model, tx: optax.GradientTransformation, clip: str | None,
             clip_norm: float | None, outer: Any, layers: Any, state: LayerwiseState,
             batch: Any) -> tuple:
-  """One step (the module docstring's 1-3); returns ``(outer, layers, state, loss, aux)``."""
+  """One step (the module docstring's 1-3): ``(outer, layers, state, loss)``."""
   n_layers = _leading_axis(layers)
   _check_block_shapes(model, outer, layers, batch)
   batch = _split_microbatches(batch, model.k)
@@ -611,7 +608,7 @@ def _update(model: _Model, tx: optax.GradientTransformation, clip: str | None,
   outer, outer_state = _apply(tx, _scaled(g_outer, scale(outer_sumsq)), state.outer, outer)
   state = LayerwiseState(outer=outer_state, layers=layer_states,
                          grad_norm=jnp.sqrt(outer_sumsq + layer_sumsq))
-  return outer, layers, state, loss, aux
+  return outer, layers, state, ((loss, aux) if model.has_aux else loss)
 
 
 def make_step(
@@ -705,9 +702,7 @@ def make_step(
     return _init(model, tx, outer, layers, batch, separable=check_separable, fold_keys=fold_keys)
 
   def update(outer, layers, state, batch):
-    outer, layers, state, loss, aux = _update(model, tx, clip, clip_norm, outer, layers, state,
-                                              batch)
-    return outer, layers, state, ((loss, aux) if has_aux else loss)
+    return _update(model, tx, clip, clip_norm, outer, layers, state, batch)
 
   return LayerwiseStep(init=init, update=update)
 
