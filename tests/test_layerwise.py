@@ -204,6 +204,46 @@ def test_microbatches_equal_the_one_batch_step_on_their_concatenation():
   assert_close(s4, s1)
 
 
+@pytest.mark.parametrize("mode", ["two_pass", "layer"])
+def test_clipping_with_microbatches_equals_the_one_batch_step(mode):
+  """The two-pass norm (embed's part added after the first reverse pass) and the
+  per-layer norms are of the summed micro-batch gradients."""
+  kwargs = dict(clip=mode, clip_norm=0.5)
+  outer, layers = make_params()
+  one = olr.layerwise.make_step(embed_fn, block_fn, head_fn, optax.adam(1e-2), **kwargs)
+  two = olr.layerwise.make_step(embed_fn, block_fn, head_fn, optax.adam(1e-2), microbatches=2,
+                                **kwargs)
+  s1 = s2 = one.init(outer, layers)
+  p1 = p2 = (outer, layers)
+  for t in range(2):
+    *p1, s1, l1 = jax.jit(one.update)(*p1, s1, make_batch(t))
+    *p2, s2, l2 = jax.jit(two.update)(*p2, s2, make_batch(t))
+    np.testing.assert_allclose(l2, l1, rtol=1e-12)
+    np.testing.assert_allclose(s2.grad_norm, s1.grad_norm, rtol=1e-12)
+  assert_close(p2, p1)
+
+
+def test_the_global_norm_is_summed_in_the_state_dtype_without_outer_params():
+  """No ``outer`` params (an empty tree): the layers' float64 norm stays float64."""
+  _, layers = make_params()
+  table = make_params(seed=1)[0]["emb"]
+
+  def embed(outer, batch):
+    return table[batch[:, :-1]]
+
+  def head(outer, h, batch):
+    return jnp.mean(jnp.square(h))
+
+  step = olr.layerwise.make_step(embed, block_fn, head, optax.adam(1e-2))
+  state = step.init({}, layers)
+  assert state.grad_norm.dtype == jnp.float64
+  batch = make_batch(0)
+  _, _, state, _ = jax.jit(step.update)({}, layers, state, batch)
+  loss = lambda layer_list: ordinary_loss({}, layer_list, batch, embed=embed, head=head)
+  np.testing.assert_allclose(state.grad_norm, optax.tree.norm(jax.grad(loss)(unstack(layers))),
+                             rtol=1e-12)
+
+
 def test_context_aux_and_remat_policy():
   """Positions (int) and a learned table (float, from outer) reach every block."""
   outer, layers = make_params()
