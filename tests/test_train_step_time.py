@@ -26,7 +26,8 @@ def test_train_step_time_prints_one_row_per_candidate():
   for row in rows:
     median, p99, worst, ratio, wall, wall_ratio = map(float, row[1:])
     assert 0 < median <= p99 <= worst
-    assert abs(ratio - worst / median) <= 0.01 * ratio + 0.01  # rounded in the table
+    # the table rounds times to 0.1 ms and the ratio (of the unrounded times) to 0.01
+    assert abs(ratio - worst / median) <= ratio * (0.05 / median + 0.05 / worst) + 0.005
     assert wall > 0 and wall_ratio >= 1
   assert "## whole train step" in proc.stdout and "tiny scanned (2 layers" in proc.stdout
   assert "T = 2, 2×T measured steps" in proc.stdout
