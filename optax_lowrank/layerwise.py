@@ -324,7 +324,7 @@ def _micro_sum(f: Callable[[Any], tuple[Any, Any]], xs: Any, k: int, start: Any)
 
   ``y`` stacks the ``y_m`` on a leading micro-batch axis; for k = 1, ``xs`` is
   one batch (no micro-batch axis) and ``y = f(xs)[1]``.  The sum is a scan
-  carry: one tree like ``g`` is alive, whatever ``k``.
+  carry (one tree like ``g``), never ``k`` stacked gradients.
   """
   if k == 1:
     g, y = f(xs)
