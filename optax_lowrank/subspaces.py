@@ -102,24 +102,32 @@ def tracked_range(g: Array, u: Array, iters: int, align: bool) -> Array:
   """``u`` (``m × r``, orthonormal) moved towards the top-``r`` column space of ``g`` (``m × n``).
 
   ``iters`` steps of subspace (orthogonal) iteration warm-started from ``u``,
-  ``U ← qr(G (Gᵀ U))`` (Golub & Van Loan 2013, §8.2.4; Stewart 1976): each step
+  ``U ← qr(G (Gᵀ U))`` with the signs of the QR chosen so that ``R`` has a
+  non-negative diagonal (Golub & Van Loan 2013, §7.3.1, §8.2.4): each step
   shrinks the tangent of every principal angle to the top-``r`` subspace by
   ``(σ_{r+1}/σ_r)²``, so a basis that was already close — the previous
   refresh's, when the gradient's subspace drifts slowly — needs one or two steps
-  where a decomposition from scratch needs the whole spectrum.  With ``align``
-  the result is rotated within its span by the orthogonal Procrustes solution
-  ``R = A Bᵀ`` of ``Uⁿᵉʷᵀ Uᵒˡᵈ = A Σ Bᵀ``, the rotation that brings it closest
-  to ``Uᵒˡᵈ`` (``‖Uⁿᵉʷ R − Uᵒˡᵈ‖_F`` minimal): the coordinates of the
-  coefficient space then change as little as the subspace allows, which is what
-  ``on_refresh="keep"`` wants (an SVD's order and signs are arbitrary).  A zero
-  gradient leaves ``u`` as it is.
+  where a decomposition from scratch needs the whole spectrum.
+
+  Coordinates.  Without ``align`` the iteration is the unshifted QR algorithm
+  on ``UᵀGGᵀU``: repeated refreshes turn the columns towards the singular
+  vectors of ``G`` in order (column ``j`` towards ``u_j``, at a rate set by
+  ``σ_{j+1}/σ_j``), and the sign choice keeps column ``j`` next to its previous
+  value, so a converged basis is a fixed point and the inner optimizer's
+  coordinates are the gradient's principal axes, as after GaLore's SVD.  With
+  ``align`` the result is instead rotated within its span by the orthogonal
+  Procrustes solution ``R = A Bᵀ`` of ``Uⁿᵉʷᵀ Uᵒˡᵈ = A Σ Bᵀ``, the rotation
+  closest to ``Uᵒˡᵈ``: every basis of a stable span is then a fixed point, so
+  the coordinates stay those of the first basis, whatever the gradient's axes.
+  A zero gradient leaves ``u`` as it is.
 
   Cost per step: two products with ``G`` (``4·m·n·r`` FLOPs) and a QR of
   ``m × r``; the alignment adds ``4·m·r²`` and an ``r × r`` SVD.
   """
   q = u
   for _ in range(iters):
-    q, _ = jnp.linalg.qr(g @ (g.T @ q))
+    q, r = jnp.linalg.qr(g @ (g.T @ q))
+    q = q * jnp.where(jnp.diagonal(r) < 0, -1, 1).astype(q.dtype)
   if align:
     a, _, bt = jnp.linalg.svd(q.T @ u)
     q = q @ (a @ bt)

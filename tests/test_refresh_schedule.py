@@ -404,24 +404,39 @@ def test_tracking_converges_to_the_top_subspace_of_a_fixed_gradient(m, n, rank, 
 
 
 def test_tracking_keeps_coordinates_when_the_subspace_does_not_move():
-  """With ``align`` a converged basis is a fixed point, so "keep" statistics stay meaningful."""
+  """On a fixed gradient a converged basis is a fixed point: "keep" statistics stay meaningful.
+
+  By default the columns converge to the singular vectors in order (the QR
+  algorithm; the QR's signs keep each column next to its previous value); with
+  ``align`` any basis of the span is kept, here a rotated one.
+  """
   rng = np.random.default_rng(0)
   g = jnp.asarray(_planted(rng, 30, 20, 4, gap=3.0))
-  tx = olr.low_rank(optax.sgd(0.0), olr.subspace_iteration(4, init="svd"), refresh_every=1)
-  update = jax.jit(tx.update)
-  state = tx.init({"w": g})
-  for _ in range(30):
-    _, state = update({"w": g}, state)
-  before = state.bases["w"].factors[1]
-  _, state = update({"w": g}, state)
-  np.testing.assert_allclose(state.bases["w"].factors[1], before, atol=1e-9)
-  # Without alignment the QR fixes only the span, not the coordinates.
-  tx = olr.low_rank(optax.sgd(0.0), olr.subspace_iteration(4, init="svd", align=False),
-                    refresh_every=1)
-  state = tx.init({"w": g})
-  _, state = jax.jit(tx.update)({"w": g}, state)
-  _, s2 = jax.jit(tx.update)({"w": g}, state)
-  assert not np.allclose(s2.bases["w"].factors[1], state.bases["w"].factors[1], atol=1e-3)
+  u_top = np.linalg.svd(np.asarray(g))[0][:, :4]
+  rotated = u_top @ np.linalg.qr(rng.normal(size=(4, 4)))[0]   # the top span, other axes
+
+  def refreshed(align, steps):
+    tx = olr.low_rank(optax.sgd(0.0), olr.subspace_iteration(4, "left", align=align),
+                      refresh_every=1)
+    state = tx.init({"w": g})
+    leaves, treedef = jax.tree.flatten(state.bases["w"])
+    assert leaves[0].shape == rotated.shape          # the left factor, all zeros until made
+    state = state._replace(bases={"w": jax.tree.unflatten(
+        treedef, [jnp.asarray(rotated), *leaves[1:]])})
+    update = jax.jit(tx.update)
+    out = []
+    for _ in range(steps):
+      _, state = update({"w": g}, state)
+      out.append(np.asarray(state.bases["w"].factors[0]))
+    return out
+
+  default = refreshed(False, 60)
+  np.testing.assert_allclose(np.abs(np.sum(default[-1] * u_top, axis=0)), 1.0, atol=1e-8)
+  np.testing.assert_allclose(default[-1], default[-2], atol=1e-10)
+  aligned = refreshed(True, 3)
+  np.testing.assert_allclose(aligned[-1], rotated, atol=1e-9)
+  # Unaligned, the rotated start is not kept: its columns turn towards the axes.
+  assert not np.allclose(default[0], rotated, atol=1e-3)
 
 
 def test_tracking_costs_a_fraction_of_an_svd():

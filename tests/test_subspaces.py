@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from optax_lowrank import projections, subspaces
 
@@ -70,3 +72,19 @@ def test_flop_counts():
   assert subspaces.randomized_range_flops(400, 200, 8, 8, 2) < subspaces.svd_flops(400, 200)
   assert subspaces.tracked_range_flops(64, 96, 8, 2, False) == 2 * (
       4 * 64 * 96 * 8 + subspaces.qr_flops(64, 8))
+
+
+@settings(max_examples=20)
+@given(signs=st.lists(st.sampled_from([-1.0, 1.0]), min_size=4, max_size=4),
+       iters=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_tracked_range_follows_the_signs_of_its_start(signs, iters, seed):
+  """Flipping a starting column flips that column of the result (the QR's signs are fixed).
+
+  So a column that did not move stays where it was; a raw Householder QR picks its
+  signs from the data instead and flips columns whenever the gradient's entries change sign.
+  """
+  g, _ = _planted(jax.random.PRNGKey(seed), 20, 30, 4)
+  u = _orthonormal(jax.random.PRNGKey(seed + 1), 20, 4)
+  d = jnp.asarray(signs)
+  np.testing.assert_allclose(subspaces.tracked_range(g, u * d, iters, False),
+                             subspaces.tracked_range(g, u, iters, False) * d, atol=1e-12)
