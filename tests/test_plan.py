@@ -61,30 +61,6 @@ def test_activations_are_the_saved_residuals():
 
 upcasting = pytest.mark.skipif(not memory.backend_upcasts_low_precision(),
                                reason="this backend computes bf16 products natively")
-N = 128
-
-
-@upcasting
-def test_a_bf16_product_holds_no_temporaries_on_the_accelerator():
-  # XLA:CPU converts both operands to f32, multiplies in f32 and rounds the
-  # result back: three f32 temporaries that a bf16-native device never makes.
-  a = jax.ShapeDtypeStruct((N, N), jnp.bfloat16)
-  p = memory.plan_function(lambda x, w: x @ w, a, a)
-  assert p.memory.temporaries >= 3 * N * N * 4
-  assert p.cpu_only.buffers == 3
-  assert p.accelerator.temporaries == 0
-  assert p.accelerator_peak == 3 * N * N * 2  # two arguments and the result, in bf16
-
-
-@upcasting
-def test_the_accelerator_keeps_a_computed_bf16_intermediate():
-  # tanh(x·w)·w: the device holds tanh(x·w) in bf16 between the two products.
-  a = jax.ShapeDtypeStruct((N, N), jnp.bfloat16)
-  p = memory.plan_function(lambda x, w: jnp.tanh(x @ w) @ w, a, a)
-  assert p.accelerator.temporaries == N * N * 2
-  # the same program in float32 holds it in f32: nothing to remove there
-  f = jax.ShapeDtypeStruct((N, N), jnp.float32)
-  assert memory.plan_function(lambda x, w: jnp.tanh(x @ w) @ w, f, f).cpu_only is None
 
 
 @upcasting
@@ -160,42 +136,6 @@ def test_plan_cli_writes_rows_for_every_method(tmp_path, capsys):
   nf4 = by["adapter-nf4-8bit-r8"]
   assert nf4["merge"]["argument_bytes"] >= nf4["weights_bytes"] - nf4["gradient_bytes"] * 8
   assert "adapter-nf4-8bit-r8" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("count", [3, 10])
-def test_the_assignment_read_in_a_child_is_the_in_process_compile(count):
-  # plan_compiled(assignment_only=True) stops a child compile after the buffer
-  # assignment; its figures must be the in-process compile's, byte for byte
-  import optax_lowrank as olr
-
-  params = {"w": jax.ShapeDtypeStruct((L, D, 3 * D), jnp.bfloat16)}
-  batch = jax.ShapeDtypeStruct((B, D), jnp.bfloat16)
-
-  def loss(p, f, b):
-    del f
-    h = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w[:, :D]), None), b, p["w"])[0]
-    return jnp.mean(h.astype(jnp.float32) ** 2)
-
-  tx = olr.galore(1e-3, rank=8, refresh_every=10, reshape=olr.stacked())
-  lowered = memory.lower_train_step(loss, tx, params, batch, count=count)
-  assert memory._assignment_in_child(lowered, {}) is not None  # the child path ran
-  child = memory.plan_compiled(lowered, assignment_only=True)
-  here = memory.plan_compiled(lowered, assignment_only=False)
-  assert child == here
-  assert child.cpu_only is not None and child.cpu_only.saved > 0
-  assert (child.lapack_workspace > 0) == (count == 10)  # the refresh branch: SVDs
-
-
-@upcasting
-def test_peak_buffers_lists_what_the_temporaries_hold():
-  a = jax.ShapeDtypeStruct((N, N), jnp.bfloat16)
-  lowered = jax.jit(lambda x, w: jnp.tanh(x @ w) @ w).lower(a, a)
-  accel = memory.peak_buffers(lowered)
-  # on the accelerator figure: only tanh(x·w), in bf16
-  assert sum(b.bytes for b in accel) == N * N * 2
-  cpu = memory.peak_buffers(lowered, accelerator=False)
-  assert sum(b.bytes for b in cpu) >= 2 * N * N * 4  # the CPU's f32 operands of the product
-  assert all(b.shape and b.op for b in cpu)
 
 
 def test_adapter_svd_refresh_is_planned_with_the_full_weight_gradient(tmp_path):
