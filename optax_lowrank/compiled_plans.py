@@ -15,9 +15,9 @@ is allocated or run) and reads what XLA decided:
   upcasts make.  On the CPU a large program is compiled in a child process
   stopped once the buffer assignment is written (before code generation).
 * :func:`lapack_workspace_bytes`: the ``work``/``iwork`` arrays LAPACK's
-  ``?gesdd`` allocates outside XLA's buffers for ``jnp.linalg.svd`` (thin
-  factors of an ``m×n`` float32 matrix, ``m ≤ n``: ``4m² + 7m`` floats and
-  ``8m`` int32).
+  ``?gesdd`` allocates outside XLA's buffers for ``jnp.linalg.svd`` (LAPACK's
+  own workspace query; for the thin factors of a wide ``m×n`` float32 matrix
+  ``4m² + 7m`` floats and ``8m`` int32).
 * :func:`peak_buffers`: the temporaries live at that peak, largest first.
 
 All figures are bytes.  Train steps are planned with

@@ -83,7 +83,10 @@ def test_the_assignment_read_in_a_child_is_the_in_process_compile(count):
   child = compiled_plans.plan_compiled(lowered, assignment_only=True)
   here = compiled_plans.plan_compiled(lowered, assignment_only=False)
   assert child == here
-  assert child.cpu_only is not None and child.cpu_only.saved > 0
+  # the accelerator analysis ran on the child's dumps too (a refresh may have
+  # nothing CPU-only at its peak once the projections slice bf16 stacks natively)
+  assert child.cpu_only is not None and child.cpu_only.buffers > 0
+  assert child.cpu_only.saved > 0 or count == 10
   assert (child.lapack_workspace > 0) == (count == 10)  # the refresh branch: SVDs
 
 
