@@ -295,10 +295,6 @@ def test_global_norm_clipping_inside_tx_is_refused_at_init():
   # The same chain without the coupling, the clipping made explicit, is accepted.
   olr.layerwise.make_step(embed_fn, block_fn, head_fn, optax.adam(1e-2), clip="two_pass",
                           clip_norm=1.0).init(outer, layers)
-  # 8-bit Adam orders its leaves through an integer data dependency (each leaf's
-  # decoding tied to the previous leaf's codes): not a coupling of the values.
-  olr.layerwise.check_separable(
-      olr.low_rank(olr.adam_8bit(1e-2, chunk_size=64), olr.svd(2)), unstack(layers)[0])
 
 
 def test_layer_leaves_that_disagree_on_the_leading_axis_are_named():
