@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import jax
@@ -220,34 +220,13 @@ class Projection:
     else:
       prev_flat = None if prev is None else tuple(flat(f) for f in prev)
       due_flat = None if due is None else jnp.broadcast_to(due, batch_shape).reshape(count)
-      bits, restore = _as_bits(flat(grad))
-      factors, overlap = jax.lax.map(lambda a: one(a[0], restore(a[1]), *a[2:]),
-                                     (keys, bits, prev_flat, due_flat))
+      factors, overlap = jax.lax.map(lambda a: one(*a), (keys, flat(grad), prev_flat, due_flat))
     factors = tuple(
         None if f is None else f.reshape(batch_shape + f.shape[1:]) for f in factors
     )
     if overlap is not None:
       overlap = overlap.reshape(batch_shape)
     return Basis(factors, tuple(shape), view_shape, perm, batch_shape), overlap
-
-
-def _as_bits(x: Array | None) -> tuple[Array | None, Callable[[Array | None], Array | None]]:
-  """A low-precision float stack as unsigned integers of its width, and the way back.
-
-  ``lax.map`` slices its inputs with a ``dynamic-slice`` in the loop body.
-  XLA:CPU's float normalization computes a bf16 ``dynamic-slice`` in float32
-  by converting its operand, the whole stack, and loop-invariant code motion
-  then hoists that convert out of the loop: a refresh held a float32 copy of
-  every gradient stack at once (24 GiB for GaLore at LLaMA-7B), which the
-  projection after the refresh then shared.  Integers are sliced natively;
-  the bitcasts are free and exact, so the loop body sees the same bf16 matrix
-  and casts that one slice (``None`` and 32-bit or wider arrays pass as they are).
-  """
-  if x is None or not jnp.issubdtype(x.dtype, jnp.floating) or jnp.finfo(x.dtype).bits >= 32:
-    return x, lambda b: b
-  dtype = x.dtype
-  bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{jnp.finfo(dtype).bits}"))
-  return bits, lambda b: None if b is None else jax.lax.bitcast_convert_type(b, dtype)
 
 
 @dataclasses.dataclass(frozen=True)

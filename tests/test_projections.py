@@ -195,29 +195,3 @@ def test_basis_dtype_is_at_least_float32():
   assert projections.basis_dtype(jnp.bfloat16) == jnp.float32
   assert projections.basis_dtype(jnp.float16) == jnp.float32
   assert projections.basis_dtype(jnp.float64) == jnp.float64
-
-
-@pytest.mark.parametrize("tracked", [False, True])
-def test_bf16_stack_refresh_slices_each_matrix_in_its_own_dtype(tracked):
-  # The map over a stack's matrices sees each bf16 matrix exactly (the SVD of
-  # its float32 cast), and the compiled refresh holds no float32 copy of the
-  # whole stack: XLA:CPU would widen a bf16 dynamic-slice's whole operand and
-  # hoist that convert out of the loop (projections._as_bits).
-  spec = olr.svd(3) if not tracked else olr.subspace_iteration(3)
-  stack = jnp.asarray(np.random.default_rng(1).normal(size=(4, 12, 20)), jnp.bfloat16)
-  key = jax.random.PRNGKey(0)
-  prev = None
-  if tracked:
-    prev = spec.basis((4, 12, 20), (12, 20), None, key, stack.astype(jnp.float32), jnp.float32,
-                      batch_shape=(4,))
-
-  def refresh(g):
-    return spec.refreshed((4, 12, 20), (12, 20), None, key, g, jnp.float32, (4,), prev)[0]
-
-  got = refresh(stack).factors
-  want = refresh(stack.astype(jnp.float32)).factors
-  for a, b in zip(got, want):
-    if a is not None:
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  hlo = jax.jit(refresh).lower(stack).compile().as_text()
-  assert "f32[4,12,20]" not in hlo
