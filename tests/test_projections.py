@@ -1,5 +1,9 @@
 """Projection specs: shapes, ranks, sides, scaling, subspace accuracy, bad input."""
 
+import importlib.util
+import math
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -195,3 +199,31 @@ def test_basis_dtype_is_at_least_float32():
   assert projections.basis_dtype(jnp.bfloat16) == jnp.float32
   assert projections.basis_dtype(jnp.float16) == jnp.float32
   assert projections.basis_dtype(jnp.float64) == jnp.float64
+
+
+@pytest.mark.tpu
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_bf16_stack_refresh_holds_no_float32_stack_on_a_bf16_native_compiler(monkeypatch):
+  # Projection.refreshed casts each matrix inside the lax.map.  XLA:CPU widens
+  # the map's bf16 dynamic-slice and hoists a float32 copy of the whole stack
+  # out of the loop (docs/scale.md, GaLore's refresh buffer by buffer); the
+  # TPU compiler (deviceless) must hold no such copy for the refresh and the
+  # projection after it: its temporaries stay below the bf16 stack's bytes
+  # (an f32 copy would be twice them).
+  from jax.experimental import topologies
+
+  # no TPU here: skip libtpu's probe of workers and metadata (as test_tpu does)
+  for name, value in (("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_ACCELERATOR_TYPE", "v5p-8"),
+                      ("TPU_SKIP_MDS_QUERY", "1"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+    monkeypatch.setenv(name, os.environ.get(name, value))
+  shape, spec = (8, 256, 512), olr.svd(8)
+  device = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[0]
+
+  def refresh(g):
+    b = spec.refreshed(shape, shape[1:], None, jax.random.PRNGKey(0), g, jnp.float32, shape[:1])[0]
+    return olr.bases.project(b, g)
+
+  with jax.enable_x64(False), jax.default_device(device):
+    compiled = jax.jit(refresh).lower(jax.ShapeDtypeStruct(shape, jnp.bfloat16)).compile()
+  assert "f32[8,256,512]" not in compiled.as_text()
+  assert compiled.memory_analysis().temp_size_in_bytes < math.prod(shape) * 2
