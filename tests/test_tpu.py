@@ -14,7 +14,7 @@ are consistent; the figures are printed at the end (``-s`` or the CI log).
 
 Skipped when ``libtpu`` is not installed.  CI installs it and runs::
 
-    JAX_PLATFORMS=cpu python -m pytest -m tpu tests/test_tpu.py
+    JAX_PLATFORMS=cpu python -m pytest -n auto -m tpu
 
 ``JAX_PLATFORMS=cpu`` keeps the default backend on the CPU (the topology API
 does not need the TPU backend); the steps are compiled with float64 off,
