@@ -56,8 +56,9 @@ subspace's overlap instead: the first singular vector of a flat spectrum
 swaps with the next one while the subspace stays (in the run above, from
 step 150, its cosine averages 0.23-0.60 per kernel and single values range
 over 0.02-0.94: Q-GaLore's rule would grow about three kernels of seven),
-and a tracked basis (``olr.subspace_iteration``) is aligned to the old one,
-so its first column is no singular vector at all.  It also shrinks again and bounds the interval.
+and a tracked basis (``olr.subspace_iteration``) only turns towards the
+singular vectors one QR step per refresh, so its first column need not be one
+yet.  It also shrinks again and bounds the interval.
 
 Every matrix gets its first basis at step 0 whatever its offset.  The refresh
 index that keys random parts of a basis (a randomized SVD's sketch) counts
